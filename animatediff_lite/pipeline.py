@@ -1,0 +1,232 @@
+"""Text -> video: prompt encoding, the DDIM denoising loop with classifier-free guidance, VAE decoding.
+
+The loop follows diffusers' ``AnimateDiffPipeline`` step for step (same noise draw, same guidance
+formula, same scheduler arithmetic), so given the same weights and noise the videos are equal.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from .context import context_windows, windowed
+from .scheduler import DDIM, num_steps_check
+
+# fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
+
+
+def check_device_dtype(device: str | torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    """Validate a (device, dtype) pair for sampling; ValueError naming ``dtype`` or ``device`` if unusable.
+
+    float16 is refused on the CPU (use float32 or bfloat16 there); CUDA must be available for "cuda".
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: not a torch device: {device!r}") from e
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype (torch.float32, float16, bfloat16), got {dtype!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device} requested but CUDA is not available; pass device='cpu'")
+    if device.type == "cpu" and dtype not in CPU_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported on the CPU; use torch.float32 or torch.bfloat16 there, "
+                         "or a CUDA device for float16")
+    return device, dtype
+
+
+class Pipeline:
+    """AnimateDiff text-to-video sampler over plain components.
+
+    Attributes: ``tokenizer`` (texts -> (n, 77) ids), ``text_encoder`` (ids -> (n, 77, D)), ``vae``
+    (``decode(latents (B, 4, F, h, w)) -> (B, 3, F, H, W)``), ``unet`` (``(B, 4, F, h, w), t, (B, 77, D)
+    -> (B, 4, F, h, w)``), ``scheduler`` (:class:`DDIM`), ``device``, ``dtype`` and ``decode_chunk_size``
+    (frames the VAE decodes at once: memory does not grow with the frame count).
+    Build it with :func:`animatediff_lite.load_pipeline`.
+    """
+
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, vae: torch.nn.Module, unet: torch.nn.Module,
+                 scheduler: DDIM | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, decode_chunk_size: int = 8) -> None:
+        self.device, self.dtype = check_device_dtype(device, dtype)
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.scheduler = scheduler or DDIM()
+        self.decode_chunk_size = decode_chunk_size
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+        """Move every model to ``device`` / cast to ``dtype`` (in place); returns self."""
+        self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
+        for m in (self.text_encoder, self.vae, self.unet):
+            m.to(self.device, self.dtype)
+        return self
+
+    @property
+    def max_frames(self) -> int | None:
+        """Frames one UNet call can take (the motion module's PE length), None without a motion module."""
+        motion = getattr(self.unet, "motion", None) or getattr(self.unet, "motion_config", None)
+        return getattr(motion, "max_position_len", None)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent along each side (8 for SD1.5)."""
+        return int(getattr(self.vae, "downsample_factor", 8))
+
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """n prompts -> CLIP last hidden states (n, 77, D) on ``device`` in ``dtype``."""
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        return self.text_encoder(ids).to(self.dtype)
+
+    def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+        """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D)."""
+        guided = embeds.shape[0] == 2 * x.shape[0]
+        inp = torch.cat([x, x]) if guided else x
+        timestep = torch.tensor(t, dtype=torch.long, device=x.device)
+        out = self.unet(inp, timestep, embeds)
+        if not guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, F, h, w) -> float32 CPU video (B, F, 3, H, W) in [0, 1]."""
+        video = self.vae.decode(latents, self.decode_chunk_size).float()  # (B, 3, F, H, W) in ~[-1, 1]
+        return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).contiguous().cpu()
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, num_frames: int = 16,
+                 height: int = 512, width: int = 512, steps: int = 25, guidance_scale: float = 7.5,
+                 seed: int | None = None, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
+                 context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
+                 callback: StepCallback | None = None) -> torch.Tensor:
+        """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
+
+        prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
+        means ""). Videos are ordered prompt-major: p0 v0, p0 v1, p1 v0, ...
+        Noise: ``seed=s`` draws it from ``torch.Generator("cpu").manual_seed(s)`` exactly as diffusers'
+        ``AnimateDiffPipeline`` does with that generator; ``generator`` is used as given (also for eta
+        noise); ``latents`` (B, 4, F, H/8, W/8) skips the draw. guidance_scale <= 1 skips the
+        unconditional pass. context_frames: denoise in sliding windows of that many frames overlapping by
+        context_overlap (needed when num_frames exceeds the motion module's PE length).
+        callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
+        """
+        prompts, negatives = self._check_prompts(prompt, negative_prompt)
+        windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
+                                   context_frames, context_overlap, seed, generator)
+        batch = len(prompts) * num_videos_per_prompt
+        f = self.latent_factor
+        shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
+
+        embeds = self.encode_prompt(prompts).repeat_interleave(num_videos_per_prompt, dim=0)  # (B, 77, D)
+        if guidance_scale > 1:
+            uncond = self.encode_prompt(negatives).repeat_interleave(num_videos_per_prompt, dim=0)
+            embeds = torch.cat([uncond, embeds])  # (2B, 77, D), [uncond, cond] like diffusers
+
+        if seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        x = self._initial_latents(shape, generator, latents)
+
+        sched = self.scheduler
+        for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
+            eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
+            eps = windowed(eps_fn, x, windows) if windows else eps_fn(x)
+            x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
+            if callback is not None and (replaced := callback(i, t, x)) is not None:
+                x = replaced
+        return self.decode(x)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """Latent channels the UNet takes (4 for SD1.5)."""
+        config = getattr(self.unet, "config", None)
+        return int(getattr(config, "in_channels", 4))
+
+    def _initial_latents(self, shape: tuple[int, ...], generator: torch.Generator | None,
+                         latents: torch.Tensor | None) -> torch.Tensor:
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                f = self.latent_factor
+                raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/{f}, width/{f}), "
+                                 f"got {tuple(latents.shape)}")
+            x = latents.to(self.device, self.dtype)
+        else:
+            # Like diffusers' randn_tensor: a generator on another device than ours (normally the CPU) draws
+            # there, in the sampling dtype, and the noise then moves; without a generator, the CPU global RNG.
+            draw_on = generator.device if generator is not None else torch.device("cpu")
+            x = torch.randn(shape, generator=generator, device=draw_on, dtype=self.dtype).to(self.device)
+        return x * self.scheduler.init_noise_sigma
+
+    def _check_prompts(self, prompt: str | list[str],
+                       negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+        if not prompts:
+            raise ValueError("prompt: got an empty list; pass at least one prompt")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            negatives = [negative_prompt or ""] * len(prompts)
+        elif isinstance(negative_prompt, (list, tuple)) and all(isinstance(p, str) for p in negative_prompt):
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                                 "pass one per prompt, a single string, or None")
+        else:
+            kind = type(negative_prompt).__name__
+            raise ValueError(f"negative_prompt must be a str, a list of str or None, got {kind}")
+        return list(prompts), negatives
+
+    def _check_args(self, num_frames: int, height: int, width: int, steps: int, num_videos_per_prompt: int,
+                    eta: float, context_frames: int | None, context_overlap: int, seed: int | None,
+                    generator: torch.Generator | None) -> list[list[int]] | None:
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < 8 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+            if value % self.latent_factor:
+                raise ValueError(f"{name} must be a multiple of {self.latent_factor} for this VAE, got {value}")
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        num_steps_check(steps)
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if seed is not None and generator is not None:
+            raise ValueError("seed and generator: pass one of them, not both")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        limit = self.max_frames
+        if context_frames is None:
+            if limit is not None and num_frames > limit:
+                raise ValueError(f"num_frames={num_frames} exceeds the motion module's limit of {limit} frames "
+                                 f"(its position encoding length); pass context_frames<={limit} to denoise in "
+                                 "sliding windows")
+            return None
+        if limit is not None and isinstance(context_frames, int) and context_frames > limit:
+            raise ValueError(f"context_frames={context_frames} exceeds the motion module's limit of {limit} frames")
+        return context_windows(num_frames, context_frames, context_overlap)
+
+
+def generate(prompt: str | list[str], out: str | os.PathLike | None = None, fps: float = 8,
+             **kwargs) -> torch.Tensor:
+    """One call on the embedded default model: ``load_pipeline()(prompt, **kwargs)``, saved to ``out`` if given.
+
+    kwargs are :meth:`Pipeline.__call__` arguments. Returns the video (B, F, 3, H, W) float32 in [0, 1].
+    """
+    from .loading.pipeline_load import load_pipeline  # loading builds pipelines: import here, one way
+
+    video = load_pipeline()(prompt, **kwargs)
+    if out is not None:
+        from .video import save_video
+
+        save_video(video, out, fps=fps)
+    return video
