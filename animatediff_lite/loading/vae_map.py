@@ -1,0 +1,257 @@
+"""VAE weights: diffusers and LDM key layouts, config inference and ``load_vae``.
+
+Native keys are diffusers' ``AutoencoderKL`` keys. The LDM layout (``first_stage_model.*`` in SD single
+files, bare in standalone VAE files such as ``vae-ft-mse-840000-ema-pruned``) differs in module paths,
+stores the mid-block attention projections as 1x1 convolutions and numbers the decoder's up levels
+from the highest resolution (LDM ``up.0``) where diffusers starts at the lowest (``up_blocks.0``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..config import VAEConfig
+from ..errors import CheckpointError
+from ..vae import AutoencoderKL
+from .io import StateDict, load_strict, read_state_dict
+
+# (native module path, LDM module path) for both encoder and decoder; the rest of a key (".weight",
+# ".norm1.bias", ...) follows the path unchanged except for RESNET_LEAVES.
+_SIDE_MODULES: tuple[tuple[str, str], ...] = (
+    ("conv_in", "conv_in"),
+    ("mid_block.resnets.0", "mid.block_1"),
+    ("mid_block.resnets.1", "mid.block_2"),
+    ("mid_block.attentions.0.group_norm", "mid.attn_1.norm"),
+    ("mid_block.attentions.0.to_q", "mid.attn_1.q"),
+    ("mid_block.attentions.0.to_k", "mid.attn_1.k"),
+    ("mid_block.attentions.0.to_v", "mid.attn_1.v"),
+    ("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out"),
+    ("conv_norm_out", "norm_out"),
+    ("conv_out", "conv_out"),
+)
+# {i}: diffusers level, {j}: resnet index, {r}: LDM decoder level = levels - 1 - {i}.
+VAE_LDM_MODULES: tuple[tuple[str, str], ...] = tuple(
+    (f"{side}.{native}", f"{side}.{ldm}") for side in ("encoder", "decoder") for native, ldm in _SIDE_MODULES
+) + (
+    ("encoder.down_blocks.{i}.resnets.{j}", "encoder.down.{i}.block.{j}"),
+    ("encoder.down_blocks.{i}.downsamplers.0.conv", "encoder.down.{i}.downsample.conv"),
+    ("decoder.up_blocks.{i}.resnets.{j}", "decoder.up.{r}.block.{j}"),
+    ("decoder.up_blocks.{i}.upsamplers.0.conv", "decoder.up.{r}.upsample.conv"),
+    ("quant_conv", "quant_conv"),
+    ("post_quant_conv", "post_quant_conv"),
+)
+RESNET_LEAVES: dict[str, str] = {"conv_shortcut": "nin_shortcut"}  # native -> LDM
+# Native nn.Linear weights that LDM stores as (C, C, 1, 1) convolutions.
+CONV_AS_LINEAR = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+# diffusers < 0.14 attention names -> current ones.
+OLD_DIFFUSERS_ATTENTION: dict[str, str] = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+# Where a VAE lives inside a bigger file ("" = a standalone VAE file).
+VAE_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.", "")
+VAE_ROOTS: tuple[str, ...] = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+# Training leftovers in standalone LDM VAE files (LPIPS/discriminator, EMA bookkeeping): dropped.
+DROP_PREFIXES: tuple[str, ...] = ("loss.", "model_ema.")
+DEFAULT_GROUPS = 32
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
+
+_LDM_LAYOUT = re.compile(r"^encoder\.down\.\d+\.")
+_DIFFUSERS_LAYOUT = re.compile(r"^encoder\.down_blocks\.\d+\.")
+
+
+def _compile(pattern: str) -> re.Pattern:
+    body = re.escape(pattern)
+    for name in "ijr":
+        body = body.replace(re.escape("{" + name + "}"), rf"(?P<{name}>\d+)")
+    return re.compile(rf"^{body}\.(?P<rest>.+)$")
+
+
+_NATIVE_TO_LDM = [(_compile(n), l) for n, l in VAE_LDM_MODULES]
+_LDM_TO_NATIVE = [(_compile(l), n) for n, l in VAE_LDM_MODULES]
+_LEAVES_BACK = {v: k for k, v in RESNET_LEAVES.items()}
+
+
+def _rename(key: str, table: list, leaves: dict[str, str], levels: int) -> str:
+    """One key through a (regex, template) table; unmatched keys are returned unchanged."""
+    for regex, template in table:
+        m = regex.match(key)
+        if m is None:
+            continue
+        idx = {k: int(v) for k, v in m.groupdict().items() if k != "rest" and v is not None}
+        if "r" in idx:
+            idx["i"] = levels - 1 - idx["r"]
+        elif "i" in idx:
+            idx["r"] = levels - 1 - idx["i"]
+        head, _, tail = m["rest"].partition(".")
+        rest = f"{leaves.get(head, head)}.{tail}" if tail else m["rest"]
+        return template.format(**idx) + "." + rest
+    return key
+
+
+def _count(state: Mapping[str, torch.Tensor], pattern: str) -> int:
+    """1 + the largest index captured by ``pattern`` over the keys (0 when none match)."""
+    regex = re.compile(pattern)
+    found = [int(m[1]) for k in state if (m := regex.match(k))]
+    return max(found) + 1 if found else 0
+
+
+def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
+    # (C, C, 1, 1) or (C, C, 1) -> (C, C); other shapes are left for the strict load to report.
+    return w.reshape(w.shape[:2]) if w.ndim > 2 and all(s == 1 for s in w.shape[2:]) else w
+
+
+def _split_vae(state: Mapping[str, torch.Tensor]) -> tuple[str, StateDict] | None:
+    """The VAE tensors of a file with their prefix removed, and that prefix; None if there are none."""
+    for prefix in VAE_PREFIXES:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if prefix == "":
+            sub = {k: v for k, v in sub.items() if not k.startswith(DROP_PREFIXES)}
+        if any(_LDM_LAYOUT.match(k) or _DIFFUSERS_LAYOUT.match(k) for k in sub):
+            return prefix, sub
+    return None
+
+
+def vae_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """Native (diffusers-named) VAE tensors from an LDM-layout state dict; None when it has no LDM VAE.
+
+    Accepts a whole SD single file (``first_stage_model.*``, or ``vae.*``) or a standalone VAE file
+    (bare ``encoder.down.0.block.0...``); other parts of a single file are ignored.
+    """
+    found = _split_vae(state)
+    if found is None or not any(_LDM_LAYOUT.match(k) for k in found[1]):
+        return None
+    sub = found[1]
+    levels = _count(sub, r"^decoder\.up\.(\d+)\.") or _count(sub, r"^encoder\.down\.(\d+)\.")
+    native = {}
+    for key, value in sub.items():
+        name = _rename(key, _LDM_TO_NATIVE, _LEAVES_BACK, levels)
+        native[name] = _conv_to_linear(value) if CONV_AS_LINEAR.search(name) else value
+    return native
+
+
+def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_stage_model.") -> StateDict:
+    """LDM-layout tensors (keys prefixed by ``prefix``) from native ones, attention weights as 1x1 convs."""
+    levels = _count(native, r"^decoder\.up_blocks\.(\d+)\.") or _count(native, r"^encoder\.down_blocks\.(\d+)\.")
+    out = {}
+    for key, value in native.items():
+        if CONV_AS_LINEAR.search(key) and value.ndim == 2:
+            value = value.reshape(*value.shape, 1, 1)
+        out[prefix + _rename(key, _NATIVE_TO_LDM, RESNET_LEAVES, levels)] = value
+    return out
+
+
+def vae_state_to_native(state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """Native VAE tensors from any supported layout (LDM or diffusers, prefixed or bare); None if absent.
+
+    Old diffusers attention names (query/key/value/proj_attn) are renamed and their 1x1-conv shapes
+    squeezed.
+    """
+    native = vae_state_from_ldm(state)
+    if native is not None:
+        return native
+    found = _split_vae(state)
+    if found is None:
+        return None
+    out = {}
+    for key, value in found[1].items():
+        parts = key.split(".")
+        if len(parts) >= 5 and parts[-4:-2] == ["attentions", "0"] and parts[-2] in OLD_DIFFUSERS_ATTENTION:
+            key = ".".join(parts[:-2] + [OLD_DIFFUSERS_ATTENTION[parts[-2]], parts[-1]])
+            value = _conv_to_linear(value)
+        out[key] = value
+    return out
+
+
+def vae_config_from_diffusers(cfg: Mapping) -> VAEConfig:
+    """VAEConfig from a diffusers ``vae/config.json`` dict. ValueError for options this VAE lacks."""
+    unsupported = {"use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+                   "act_fn": "silu", "shift_factor": None}
+    for name, supported in unsupported.items():
+        if cfg.get(name, supported) != supported:
+            raise ValueError(f"VAE config {name}={cfg[name]!r} is not supported (only {supported!r})")
+    for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        if any(t != kind for t in cfg.get(name, ())):
+            raise ValueError(f"VAE config {name}={cfg[name]!r} is not supported (only {kind})")
+    d = VAEConfig()
+    return VAEConfig(
+        in_channels=int(cfg.get("in_channels", d.in_channels)),
+        out_channels=int(cfg.get("out_channels", d.out_channels)),
+        latent_channels=int(cfg.get("latent_channels", d.latent_channels)),
+        block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels)),
+        layers_per_block=int(cfg.get("layers_per_block", d.layers_per_block)),
+        norm_num_groups=int(cfg.get("norm_num_groups", d.norm_num_groups)),
+        scaling_factor=float(cfg.get("scaling_factor", d.scaling_factor)),
+    )
+
+
+def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> VAEConfig:
+    """VAEConfig inferred from native tensors' shapes.
+
+    Shapes cannot tell the GroupNorm group count: it is 32 (SD's value) when 32 divides every width,
+    else the largest number below 32 that does. The scaling factor is not stored in weights either:
+    the SD1.5 default (0.18215) is used. Pass an explicit config to ``load_vae`` when these differ.
+    """
+    try:
+        levels = _count(state, r"^encoder\.down_blocks\.(\d+)\.")
+        widths = tuple(int(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in range(levels))
+        layers = _count(state, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+        in_ch = int(state["encoder.conv_in.weight"].shape[1])
+        out_ch = int(state["decoder.conv_out.weight"].shape[0])
+        latent = int(state["post_quant_conv.weight"].shape[0])
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete VAE weights, missing {e.args[0]}") from e
+    if not widths or not layers:
+        raise CheckpointError(f"{path}: no VAE encoder blocks (encoder.down_blocks.*) found")
+    g = math.gcd(*widths)
+    groups = DEFAULT_GROUPS if g % DEFAULT_GROUPS == 0 else max(d for d in range(1, DEFAULT_GROUPS + 1) if g % d == 0)
+    return VAEConfig(in_channels=in_ch, out_channels=out_ch, latent_channels=latent, block_out_channels=widths,
+                     layers_per_block=layers, norm_num_groups=groups)
+
+
+def _read_folder(folder: Path) -> tuple[Path, StateDict, VAEConfig | None]:
+    if (folder / "vae").is_dir():
+        folder = folder / "vae"
+    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: no VAE weights found, expected one of {', '.join(WEIGHT_NAMES)} "
+                              "in the folder or its vae/ subfolder")
+    state = read_state_dict(weights, "a diffusers AutoencoderKL")
+    config = None
+    cfg_path = folder / "config.json"
+    if cfg_path.is_file():
+        try:
+            config = vae_config_from_diffusers(json.loads(cfg_path.read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{cfg_path}: not a usable AutoencoderKL config: {e}") from e
+    return weights, state, config
+
+
+def load_vae(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+             config: VAEConfig | None = None) -> AutoencoderKL:
+    """Load an AutoencoderKL from a diffusers folder (root or ``vae/``), an SD single file or a VAE file.
+
+    Layout (diffusers or LDM, with or without ``first_stage_model.``) is detected from the keys. Sizes
+    come from ``vae/config.json`` when there is one, else from the tensors (see ``vae_config_from_state``);
+    ``config`` overrides both. Built on the meta device and loaded strictly: CheckpointError names the
+    file and the missing/unexpected keys. Returns the model in eval mode on ``device`` in ``dtype``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        path, state, file_config = _read_folder(path)
+    else:
+        state, file_config = read_state_dict(path, "VAE weights"), None
+    native = vae_state_to_native(state)
+    if native is None:
+        raise CheckpointError(f"{path}: contains no VAE weights (expected encoder.down*/decoder.up* keys, "
+                              "optionally under first_stage_model.)")
+    cfg = config or file_config or vae_config_from_state(native, path)
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg).to(dtype)
+    load_strict(model, native, path, f"an AutoencoderKL VAE with {cfg}")
+    return model.to(device).eval()
