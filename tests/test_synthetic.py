@@ -114,7 +114,10 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [specs[i % 3].caption for i in range(4)]
     path = tmp_path / rows[3]["page_dir"] / f"{rows[3]['videoid']}.{fmt}"
-    frames = np.stack(imageio.mimread(path)) if fmt == "gif" else np.stack(list(imageio.get_reader(path, "FFMPEG")))
+    if fmt == "gif":
+        frames = np.stack(imageio.mimread(path))
+    else:
+        frames = np.stack(list(imageio.get_reader(path, "FFMPEG").iter_data()))
     frames = frames[..., :3].astype(np.float32) / 255
     expected = S.render_clip(specs[0], 6, 32, seed=3).transpose(0, 2, 3, 1)
     err = np.abs(frames - expected).mean()
