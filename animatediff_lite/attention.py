@@ -1,7 +1,9 @@
 """The one attention entry point used by every model part.
 
-Layout (batch, heads, tokens, head_dim). On CUDA with Triton available the fused kernels of
-``animatediff_lite.kernels`` take over; everywhere else this is PyTorch's scaled_dot_product_attention.
+Layout (batch, heads, tokens, head_dim). On CUDA with Triton available the flash-attention kernel of
+``animatediff_lite.kernels.attention`` takes over (forward only: when autograd records, or for shapes the
+kernel does not take, this is PyTorch's scaled_dot_product_attention). The switch: ``backend=`` or the
+environment variable ANIMATEDIFF_LITE_BACKEND (auto | triton | torch), see kernels/_backend.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels._backend import use_triton
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v for q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D)."""
+MAX_KERNEL_HEAD_DIM = 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              backend: str | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D).
+
+    ``causal``: mask keys after the query position (needs Lq == Lk on the kernel path).
+    ``backend``: None (env var, then "auto"), "auto", "triton" or "torch".
+    """
+    why_not = None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        why_not = "shapes must be q (B, H, Lq, D), k/v (B, H, Lk, D)"
+    elif q.shape[:2] != k.shape[:2]:
+        why_not = "q and k must share (B, H)"
+    elif q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        why_not = f"head dim {q.shape[-1]} > {MAX_KERNEL_HEAD_DIM}"
+    elif causal and q.shape[2] != k.shape[2]:
+        why_not = "causal needs Lq == Lk"
+    elif q.dtype != k.dtype or q.dtype != v.dtype:
+        why_not = "q, k, v dtypes differ"
+    if use_triton(backend, q, k, v, why_not=why_not):
+        from .kernels.attention import flash_attention_op
+
+        return flash_attention_op(q, k, v, causal)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
