@@ -1,0 +1,186 @@
+"""CLIP text encoder and tokenizer: config and key maps for diffusers folders and LDM single files.
+
+Native keys are transformers' ``CLIPTextModel`` keys without ``text_model.`` (see ``clip.py``), so every
+layout differs from native by a prefix only:
+
+=========================================  =====================================================
+layout                                     key prefix
+=========================================  =====================================================
+diffusers ``text_encoder/`` (transformers  ``text_model.`` (transformers < 5) or none (>= 5)
+``CLIPTextModel.save_pretrained``)
+LDM single file (SD1.5 ``.ckpt``)          ``cond_stage_model.transformer.text_model.``, or in some
+                                           older files ``cond_stage_model.transformer.``
+=========================================  =====================================================
+
+``embeddings.position_ids`` (a persistent buffer in older transformers, so present in many files) is
+dropped: positions are always 0..L-1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..clip import TextEncoder
+from ..config import CLIPConfig
+from ..errors import CheckpointError
+from ..tokenizer import Tokenizer
+from .io import StateDict, load_strict, read_state_dict
+
+DIFFUSERS_PREFIXES = ("text_model.",)
+LDM_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
+LDM_OUT_PREFIX = "cond_stage_model.transformer.text_model."
+DROPPED = ("embeddings.position_ids",)
+POSITION_IDS = "embeddings.position_ids"
+# The CLIP convention (OpenAI and OpenCLIP text towers): 64 channels per attention head.
+HEAD_DIM = 64
+
+# transformers config.json field -> CLIPConfig field, with transformers' CLIPTextConfig default for absent fields.
+TRANSFORMERS_FIELDS: dict[str, tuple[str, object]] = {
+    "vocab_size": ("vocab_size", 49408),
+    "hidden_size": ("hidden_size", 512),
+    "intermediate_size": ("intermediate_size", 2048),
+    "num_hidden_layers": ("num_layers", 12),
+    "num_attention_heads": ("num_heads", 8),
+    "max_position_embeddings": ("max_position_embeddings", 77),
+    "layer_norm_eps": ("layer_norm_eps", 1e-5),
+    "hidden_act": ("hidden_act", "quick_gelu"),
+}
+# Weight files of a transformers model folder, in order of preference.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
+WHAT = "a CLIP text encoder"
+
+
+def clip_config_from_transformers(cfg: Mapping) -> CLIPConfig:
+    """CLIPConfig from a transformers ``text_encoder/config.json`` dict (a full CLIP config's ``text_config`` too)."""
+    if isinstance(cfg.get("text_config"), Mapping):
+        cfg = cfg["text_config"]
+    return CLIPConfig(**{ours: cfg.get(theirs, default) for theirs, (ours, default) in TRANSFORMERS_FIELDS.items()})
+
+
+def clip_config_from_state(state: Mapping[str, torch.Tensor], hidden_act: str = "quick_gelu") -> CLIPConfig:
+    """CLIPConfig inferred from native tensor shapes.
+
+    Widths, depth, vocabulary and context length come from the tensors. The head count is not stored in
+    the weights: it follows the CLIP convention of 64-wide heads (``hidden_size // 64``; 12 for SD1.5's
+    768), and a width that is not a multiple of 64 raises ValueError (pass an explicit config instead).
+    ``hidden_act`` cannot be seen in the weights either; SD1.5 uses quick_gelu. ``layer_norm_eps`` is 1e-5.
+    """
+    try:
+        vocab_size, hidden = state["embeddings.token_embedding.weight"].shape
+        max_positions = state["embeddings.position_embedding.weight"].shape[0]
+        intermediate = state["encoder.layers.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise ValueError(f"state: no {e.args[0]} tensor, so this is not {WHAT}") from None
+    if hidden % HEAD_DIM:
+        raise ValueError(f"state: hidden size {hidden} is not a multiple of {HEAD_DIM}, so the number of attention "
+                         "heads cannot be inferred; pass the text encoder config explicitly")
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+    return CLIPConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_layers=max(layers) + 1, num_heads=hidden // HEAD_DIM,
+                      max_position_embeddings=max_positions, hidden_act=hidden_act)
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], only_prefixed: bool) -> StateDict:
+    """Remove the first matching prefix of each key and the dropped keys; keep unprefixed keys unless only_prefixed."""
+    out: StateDict = {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None and only_prefixed:
+            continue
+        name = key[len(prefix):] if prefix else key
+        if name not in DROPPED:
+            out[name] = value
+    return out
+
+
+def clip_state_from_diffusers(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """transformers/diffusers ``text_encoder`` state (with or without ``text_model.``) -> native state."""
+    return _strip(state, DIFFUSERS_PREFIXES, only_prefixed=False)
+
+
+def clip_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """The text encoder part of an LDM single-file state -> native state; None when the file has none."""
+    native = _strip(state, LDM_PREFIXES, only_prefixed=True)
+    return native or None
+
+
+def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = True) -> StateDict:
+    """Native state -> SD1.5 LDM keys (``cond_stage_model.transformer.text_model.*``).
+
+    With ``position_ids`` the int64 (1, L) ``embeddings.position_ids`` buffer is written too, as in the
+    original SD1.5 checkpoints, for readers that load it strictly.
+    """
+    out = {LDM_OUT_PREFIX + k: v for k, v in native.items()}
+    if position_ids:
+        length = native["embeddings.position_embedding.weight"].shape[0]
+        out[LDM_OUT_PREFIX + POSITION_IDS] = torch.arange(length, dtype=torch.long)[None]
+    return out
+
+
+def _text_encoder_folder(folder: Path) -> Path:
+    for candidate in (folder / "text_encoder", folder):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{folder}: no text_encoder/config.json (expected a diffusers model folder or its "
+                          f"text_encoder/ folder with {WHAT})")
+
+
+def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
+    """Build the text encoder on the meta device and load it strictly from ``source``.
+
+    ``source``: a diffusers model folder (``text_encoder/config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``), a ``text_encoder`` folder itself, or an LDM single file (``.safetensors`` /
+    ``.ckpt``) whose sizes are inferred from its tensors (see :func:`clip_config_from_state`; ``config``
+    overrides that, e.g. for models narrower than 64 channels). Raises CheckpointError naming the file.
+    """
+    source = Path(source)
+    if source.is_dir():
+        folder = _text_encoder_folder(source)
+        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{folder}: no weights file, expected one of {', '.join(WEIGHT_FILES)} ({WHAT})")
+        if config is None:
+            try:
+                config = clip_config_from_transformers(json.loads((folder / "config.json").read_text()))
+            except (OSError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{folder / 'config.json'}: not a readable CLIP text config ({e})") from e
+        state = clip_state_from_diffusers(read_state_dict(weights, WHAT))
+    else:
+        weights = source
+        ldm = clip_state_from_ldm(read_state_dict(weights, f"an SD1.5 single file with {WHAT}"))
+        if ldm is None:
+            raise CheckpointError(f"{weights}: no text encoder in this file (expected keys "
+                                  f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
+        state = ldm
+        if config is None:
+            try:
+                config = clip_config_from_state(state)
+            except ValueError as e:
+                raise CheckpointError(f"{weights}: {e}") from None
+    try:
+        with torch.device("meta"):
+            model = TextEncoder(config).to(dtype)
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: unusable text encoder config ({e})") from None
+    load_strict(model, state, weights, WHAT)
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one."""
+    if source is not None:
+        source = Path(source)
+        for folder in (source / "tokenizer", source):
+            vocab, merges = folder / "vocab.json", folder / "merges.txt"
+            if source.is_dir() and vocab.is_file() and merges.is_file():
+                try:
+                    return Tokenizer.from_files(vocab, merges)
+                except (OSError, ValueError) as e:
+                    raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
+    return Tokenizer()
