@@ -218,10 +218,11 @@ class AutoencoderKL(nn.Module):
                chunk_size: int = 8) -> torch.Tensor:
         """Video (B, in, F, H, W) in [-1, 1] -> scaled latents (B, latent, F, H/f, W/f).
 
-        ``sample=True`` draws mean + std * noise with the noise of shape (B*F, latent, h, w) (frames
-        ordered batch-major) drawn on the CPU from ``generator`` (the global CPU RNG when None) and then
-        moved, so a seed gives the same latents on every device, for any ``chunk_size``, and equal to
-        diffusers' ``vae.encode(frames).latent_dist.sample(cpu_generator)`` on all B*F frames at once.
+        ``sample=True`` returns mean + std * noise, the noise (B*F, latent, h, w) (frames batch-major)
+        drawn in one call on the generator's device (the CPU for a CPU generator, the global CPU RNG
+        when None) and then moved: a CPU seed gives the same latents on every device and for any
+        ``chunk_size``, equal to diffusers' ``vae.encode(frames).latent_dist.sample(cpu_generator)``
+        on all B*F frames at once (as AnimateDiff training encodes them).
         ``sample=False`` returns the mean. Frames pass through the network ``chunk_size`` at a time.
         """
         if video.ndim != 5:
