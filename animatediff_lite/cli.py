@@ -1,0 +1,285 @@
+"""``animatediff-lite`` / ``python -m animatediff_lite``: generate, info, convert, train.
+
+A thin layer over the library: argument parsing, then one call per step. Weight and argument problems
+(CheckpointError / ValueError) print one line to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .errors import CheckpointError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def lora_spec(text: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); scale defaults to 1.0 (a colon in the path is kept if no number follows)."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="animatediff-lite", description="AnimateDiff text-to-video in pure PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="text -> video file", description="Generate videos from prompts. Without "
+                       "weights the embedded default model is used; with --preset the reference AnimateDiff configs.")
+    g.add_argument("prompt", nargs="*", help="prompt(s); several prompts are sampled as one batch, written as a grid")
+    g.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line (blank lines skipped)")
+    g.add_argument("--negative", default=None, help="negative prompt for every prompt (default: empty)")
+    g.add_argument("--base", help="Stable Diffusion 1.5: diffusers folder or LDM single file")
+    g.add_argument("--motion-module", help="motion module: original .ckpt/.safetensors or diffusers MotionAdapter")
+    g.add_argument("--motion-module-version", choices=("v1", "v2", "v3"), help="override the detected generation")
+    g.add_argument("--dreambooth", help="personalised single-file model (civitai/LDM) replacing the base weights")
+    g.add_argument("--lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
+                   help="kohya LoRA or the v3 adapter, W += scale*alpha/rank*up@down (repeatable, scale 1.0)")
+    g.add_argument("--motion-lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
+                   help="MotionLoRA, W += scale*up@down (repeatable, default scale 1.0)")
+    g.add_argument("--frames", type=int, help="number of frames (default 16)")
+    g.add_argument("--height", type=int, help="pixels, multiple of 8 (default 512)")
+    g.add_argument("--width", type=int, help="pixels, multiple of 8 (default 512)")
+    g.add_argument("--steps", type=int, help="DDIM steps (default 25)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--seed", type=int, help="noise seed (CPU generator, like diffusers); default: random, printed")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
+    g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
+    g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); "
+                   "with --preset the output folder (default samples/NAME-TIME)")
+    g.add_argument("--fps", type=float, default=8, help="frames per second of the output (default 8)")
+    g.add_argument("--preset", help="a reference config: ToonYou, Lyriel, RcnzCartoon, MajicMix, RealisticVision, "
+                   "RealisticVision_v2, ... (see `animatediff-lite presets`)")
+    g.add_argument("--models-dir", default="models", help="with --preset: folder holding StableDiffusion/, "
+                   "Motion_Module/, DreamBooth_LoRA/, MotionLoRA/ (default ./models)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
+    p.set_defaults(func=cmd_presets)
+
+    i = sub.add_parser("info", help="what a weights file or folder is", description="Describe a checkpoint: layout, "
+                       "motion-module generation (and why), parameter count, dtypes.")
+    i.add_argument("file", help="weights file or folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert weights between layouts", description="Convert weights.")
+    csub = c.add_subparsers(dest="what", required=True, metavar="WHAT")
+    cm = csub.add_parser("motion", help="motion module: original <-> diffusers MotionAdapter names",
+                         description="Convert a motion module (any supported layout) to original or diffusers keys.")
+    cm.add_argument("input")
+    cm.add_argument("output", help=".safetensors or .ckpt")
+    cm.add_argument("--to", choices=("original", "diffusers"), required=True)
+    cm.add_argument("--motion-module-version", choices=("v1", "v2", "v3"))
+    cm.set_defaults(func=cmd_convert_motion)
+    cu = csub.add_parser("unet", help="SD UNet: LDM <-> diffusers key names",
+                         description="Convert the UNet of a diffusers folder / LDM file to diffusers or LDM keys.")
+    cu.add_argument("input")
+    cu.add_argument("output", help=".safetensors or .ckpt")
+    cu.add_argument("--to", choices=("diffusers", "ldm"), required=True)
+    cu.set_defaults(func=cmd_convert_unet)
+
+    t = sub.add_parser("train", help="train a motion module", description="Train a motion module from a config.")
+    t.add_argument("config", help="training config file")
+    t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs overriding the config")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (CheckpointError, ValueError) as e:
+        print(f"animatediff-lite {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _device_dtype(args: argparse.Namespace):
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    return device, getattr(torch, dtype)
+
+
+def _pick(value, preset_value, default):
+    return value if value is not None else (preset_value if preset_value is not None else default)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .loading.pipeline_load import load_pipeline
+    from .video import save_video
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    preset = None
+    if args.preset:
+        from .presets import get_preset
+
+        preset = get_preset(args.preset)
+    elif not prompts:
+        raise ValueError("give a prompt (positional), --prompts FILE or --preset NAME")
+    device, dtype = _device_dtype(args)
+    sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, 16),
+                    height=_pick(args.height, preset and preset.height, 512),
+                    width=_pick(args.width, preset and preset.width, 512),
+                    steps=_pick(args.steps, preset and preset.steps, 25),
+                    guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, 7.5),
+                    context_frames=args.context_frames, context_overlap=args.context_overlap,
+                    progress=not args.no_progress)
+    weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
+                   motion_module_version=args.motion_module_version, device=device, dtype=dtype)
+    if preset is None:
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+        print(f"seed: {seed}", file=sys.stderr)
+        pipe = load_pipeline(motion_module=args.motion_module, **weights)
+        video = pipe(prompts, negative_prompt=args.negative or "", seed=seed, **sampling)
+        out = save_video(video, args.out or "out.gif", fps=args.fps)
+        print(out)
+        return 0
+    return _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video)
+
+
+def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video) -> int:
+    """One GIF per (motion module, prompt) plus the combined grid ``sample.gif``, as upstream's animate.py."""
+    import torch
+
+    files = preset.files(args.models_dir)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    out_dir = Path(args.out or f"samples/{preset.name}-{stamp}")
+    if prompts:  # prompts on the command line replace the preset's; seeds are paired with them as upstream
+        preset = dataclasses.replace(preset, prompts=tuple(prompts), negative_prompts=("",))
+    if args.negative is not None:
+        preset = dataclasses.replace(preset, negative_prompts=(args.negative,))
+    runs = preset.runs()
+    for key in ("base", "dreambooth", "loras", "motion_loras"):  # command-line weights win over the preset's
+        weights[key] = weights[key] or files[key]
+    motion_modules = [args.motion_module] if args.motion_module else files["motion_modules"]
+    samples, log = [], []
+    for motion_module in motion_modules:
+        pipe = load_pipeline(motion_module=motion_module, **weights)
+        for prompt, negative, seed in runs:
+            seed = args.seed if args.seed is not None else seed
+            if seed is None:
+                seed = random.SystemRandom().randrange(2**63)
+            video = pipe(prompt, negative_prompt=negative, seed=seed, **sampling)
+            name = "-".join(prompt.replace("/", "").split(" ")[:10])  # upstream's file naming
+            path = save_video(video, out_dir / "sample" / f"{len(samples)}-{name}.gif", fps=args.fps)
+            print(f"{path}  (seed {seed})")
+            samples.append(video)
+            log.append({"motion_module": str(motion_module), "prompt": prompt, "negative_prompt": negative,
+                        "seed": seed, "file": str(path)})
+    print(save_video(torch.cat(samples), out_dir / "sample.gif", fps=args.fps, n_rows=4))
+    settings = {"preset": preset.name, "source": preset.source, "samples": log,
+                **{k: v for k, v in sampling.items() if k != "progress"}}
+    (out_dir / "config.json").write_text(json.dumps(settings, indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from .presets import load_presets
+
+    for name, p in load_presets().items():
+        print(f"{name:22s} {len(p.prompts)} prompts  motion: {', '.join(Path(m).name for m in p.motion_modules)}  "
+              f"dreambooth: {Path(p.dreambooth).name if p.dreambooth else '-'}")
+    return 0
+
+
+def describe(path: str | Path) -> dict:
+    """A JSON-ready description of a weights file or folder (used by ``info``)."""
+    from .loading.detect import LAYOUTS, detect_layout
+
+    layout = detect_layout(path)
+    info: dict = {"path": str(path), "layout": layout, "kind": LAYOUTS[layout]}
+    if layout in ("original_motion_module", "diffusers_motion_adapter"):
+        from .loading.motion_load import read_motion_module
+
+        _, mi = read_motion_module(path)
+        info.update(generation=mi.version, reason=mi.reason, max_position_len=mi.max_position_len,
+                    mid_block=mi.mid_block, channels=list(mi.channels))
+    files = sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    if Path(path).is_dir() and not files:
+        files = sorted(f for f in Path(path).rglob("*") if f.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+    from .loading.io import read_state_dict
+
+    counts, dtypes, tensors = 0, Counter(), 0
+    for f in files:
+        state = read_state_dict(f)
+        tensors += len(state)
+        counts += sum(v.numel() for v in state.values())
+        dtypes.update(str(v.dtype).replace("torch.", "") for v in state.values())
+        if layout in ("kohya_lora", "motion_lora", "adapter_lora"):
+            from .loading.lora_map import parse_lora
+
+            pairs = parse_lora(state, str(f))
+            info.update(lora_modules=len(pairs), ranks=sorted({p.rank for p in pairs}),
+                        parts=sorted({p.part for p in pairs}),
+                        alphas=sorted({p.alpha for p in pairs if p.alpha is not None}))
+    info.update(tensors=tensors, parameters=counts, dtypes=dict(dtypes))
+    return info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    info = describe(args.file)
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for key, value in info.items():
+            print(f"{key:17s} {value:,}" if isinstance(value, int) and not isinstance(value, bool) else
+                  f"{key:17s} {value}")
+    return 0
+
+
+def cmd_convert_motion(args: argparse.Namespace) -> int:
+    from .loading.io import save_state_dict
+    from .loading.motion_load import read_motion_module
+    from .loading.motion_map import motion_state_to_diffusers
+
+    state, info = read_motion_module(args.input, args.motion_module_version)
+    if args.to == "diffusers":
+        state = motion_state_to_diffusers(state, max_seq_length=info.max_position_len)
+    save_state_dict(state, args.output, {"animatediff_version": info.version})
+    print(f"{args.output}: {len(state)} tensors, motion module {info.version}, {args.to} layout")
+    return 0
+
+
+def cmd_convert_unet(args: argparse.Namespace) -> int:
+    from .loading.io import save_state_dict
+    from .loading.unet_map import read_unet_source, unet_state_to_ldm
+
+    state, cfg, what = read_unet_source(args.input)
+    if args.to == "ldm":
+        state = unet_state_to_ldm(state, cfg)
+    save_state_dict(state, args.output)
+    print(f"{args.output}: {len(state)} tensors from {what}, {args.to} layout")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        from .train import main as train_main
+    except ImportError as e:
+        raise ValueError(f"training is not available in this installation ({e})") from e
+    train_main([args.config, *args.overrides])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
