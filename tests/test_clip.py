@@ -45,7 +45,7 @@ def _reference(hidden, heads, layers, inter, act, vocab, positions, seed=0) -> C
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
                          intermediate_size=inter, hidden_act=act, max_position_embeddings=positions,
-                         projection_dim=hidden)
+                         projection_dim=hidden, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=1)
     model = CLIPTextModel(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,6 +84,34 @@ def test_parity_with_transformers(spec, shape):
     n, length = shape
     ids = _ids(spec[5], n, length or spec[6])
     assert _max_diff(_ours_from(ref), _oracle(ref, ids), ids) <= ATOL
+
+
+KERNEL_ATOL = 1e-4  # the flash kernel's fp32 attention is within 2e-5 per call; two layers + LayerNorms
+
+
+def test_parity_through_attention_kernel(monkeypatch, kernel_device):
+    """The causal path of the Triton attention kernel (interpreted on CPU, compiled on CUDA) inside the encoder."""
+    import animatediff_lite.kernels.attention as kernel
+
+    calls = []
+    original = kernel.flash_attention_op
+
+    def counting(q, k, v, causal):
+        calls.append(causal)
+        return original(q, k, v, causal)
+
+    monkeypatch.setattr(kernel, "flash_attention_op", counting)
+    monkeypatch.setenv("ANIMATEDIFF_LITE_BACKEND", "triton")
+    ref = _reference(40, 2, 2, 80, "quick_gelu", 300, 77, seed=6)
+    ids = _ids(300, 1, 77)
+    expected = _oracle(ref, ids)
+    ours = _ours_from(ref).to(kernel_device)
+    with torch.no_grad():
+        out = ours(ids.to(kernel_device)).cpu()
+    assert calls == [True, True], calls
+    err = (out - expected).abs().max().item()
+    print(f"through the kernel on {kernel_device}: max abs diff {err:.3g}")
+    assert err <= KERNEL_ATOL
 
 
 def test_meta_build_allocates_nothing():
