@@ -9,6 +9,7 @@ as written.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -80,8 +81,7 @@ class Tokenizer:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (room for the start and end tokens), got {max_length}")
         if vocab is None:
-            merges = parse_merges(_read_asset(VOCAB_ASSET), limit=NUM_MERGES)
-            vocab = vocab_from_merges(merges)
+            vocab, merges = _shipped_vocab()
         for special in (BOS, EOS):
             if special not in vocab:
                 raise ValueError(f"vocab: has no {special!r} entry; expected a CLIP vocabulary")
@@ -154,5 +154,12 @@ def _build(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTokenizer
 
 
 def _read_asset(name: str) -> str:
-    data = resources.files("animatediff_lite").joinpath("assets", name).read_bytes()
+    data = resources.files("animatediff_lite").joinpath("assets").joinpath(name).read_bytes()
     return gzip.decompress(data).decode("utf-8")
+
+
+@functools.cache
+def _shipped_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    # Parsed once per process; callers only read it (_build copies into the Rust tokenizer).
+    merges = parse_merges(_read_asset(VOCAB_ASSET), limit=NUM_MERGES)
+    return vocab_from_merges(merges), merges
