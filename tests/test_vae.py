@@ -301,3 +301,55 @@ def test_bad_files_raise_checkpoint_error(tmp_path):
         load_vae(empty_dir)
     with pytest.raises(CheckpointError, match="missing.txt"):
         load_vae(tmp_path / "missing.txt")
+
+
+@torch.no_grad()
+def test_mid_block_attention_goes_through_entry_point(monkeypatch):
+    import animatediff_lite.vae as vae_module
+
+    calls = []
+
+    def spy(q, k, v, causal=False):
+        calls.append(tuple(q.shape))
+        return vae_module.F.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setattr(vae_module, "attention", spy)
+    model = AutoencoderKL(VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8))
+    model.decode_frames(model.encode_frames(torch.zeros(2, 3, 8, 12))[0])
+    assert calls == [(2, 1, 4 * 6, 32)] * 2  # (N, 1 head, h*w tokens, C) in encoder and decoder
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_error_within_2x_pytorch(monkeypatch, dtype):
+    """Kernels on the GPU (GroupNorm+SiLU, attention) vs the fp32 CPU model: error <= 2x PyTorch's own."""
+    cfg = VAEConfig(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16)
+    ref = _ref_vae(cfg)
+    ours32 = _ours(ref, cfg)
+    x = torch.rand(2, 3, 128, 192) * 2 - 1
+    z = torch.randn(2, 4, 32, 48)
+    want = (ours32.encode_frames(x)[0], ours32.decode_frames(z))
+    half = _ours(ref, cfg).to("cuda", dtype)
+    errs = {}
+    for backend in ("torch", "auto"):
+        monkeypatch.setenv("ANIMATEDIFF_LITE_BACKEND", backend)
+        got = (half.encode_frames(x.to("cuda", dtype))[0], half.decode_frames(z.to("cuda", dtype)))
+        errs[backend] = [(g.float().cpu() - w).abs().max().item() for g, w in zip(got, want, strict=True)]
+    print(f"{dtype} max abs err (encode, decode): {errs}")
+    for ours_err, torch_err in zip(errs["auto"], errs["torch"], strict=True):
+        assert ours_err <= 2 * torch_err + 1e-3
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_encode_with_cpu_generator_matches_cpu(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+    ref = _ref_vae(cfg)
+    cpu, gpu = _ours(ref, cfg), _ours(ref, cfg).to("cuda")
+    video = torch.rand(1, 3, 4, 32, 48) * 2 - 1
+    want = cpu.encode(video, generator=torch.Generator("cpu").manual_seed(3), chunk_size=3)
+    got = gpu.encode(video.cuda(), generator=torch.Generator("cpu").manual_seed(3), chunk_size=3)
+    _check("cuda vs cpu sampled encode", got.cpu(), want, atol=1e-3)
