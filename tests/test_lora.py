@@ -329,3 +329,73 @@ def test_parse_and_kind_validation():
     before = snapshot(te)
     assert not merge_lora(te, pairs, 1.0, kind="text_encoder").merged
     assert_states_equal(before, te.state_dict())
+
+
+# ---- the real modules: UNet3D (diffusers names + original motion-module names) and TextEncoder ----
+
+REAL_UNET_TARGETS = {  # native name -> kohya LDM-style flat name (TINY: 1 layer per level)
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+        "input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.0.attentions.0.proj_in": "input_blocks_1_1_proj_in",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks_2_0_op",
+    "down_blocks.1.resnets.0.conv_shortcut": "input_blocks_3_0_skip_connection",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block_1_transformer_blocks_0_attn2_to_k",
+    "mid_block.resnets.1.conv2": "middle_block_2_out_layers_3",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks_1_1_conv",
+    "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.2": "output_blocks_3_1_transformer_blocks_0_ff_net_2",
+    "up_blocks.1.resnets.0.time_emb_proj": "output_blocks_2_0_emb_layers_1",
+}
+
+
+def real_modules(dtype=torch.float32):
+    from animatediff_lite.clip import TextEncoder
+    from animatediff_lite.config import TINY, MotionConfig
+    from animatediff_lite.unet import UNet3D
+
+    torch.manual_seed(5)
+    unet = UNet3D(TINY.unet, MotionConfig.for_version("v2", TINY.unet.norm_num_groups))
+    te = TextEncoder(TINY.clip)
+    for p in list(unet.parameters()) + list(te.parameters()):  # non-zero everywhere (proj_out is zero-init)
+        p.data.normal_(0, 0.1)
+    return unet.to(dtype), te.to(dtype)
+
+
+@pytest.mark.parametrize("style", ["diffusers", "ldm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_unet3d_and_text_encoder(tmp_path, style, dtype):
+    unet, te = real_modules(dtype)
+    before_u, before_t = snapshot(unet), snapshot(te)
+    umods, tmods = dict(unet.named_modules()), dict(te.named_modules())
+    gen = torch.Generator().manual_seed(9)
+    state, expected = {}, {}
+    for i, (native, ldm) in enumerate(REAL_UNET_TARGETS.items()):
+        w = umods[native].weight
+        kernel = tuple(w.shape[2:]) if w.dim() == 4 else None
+        down, up = lora_pair(w.shape, 2 + i % 3, gen, kernel, torch.float16)
+        key = "lora_unet_" + (native.replace(".", "_") if style == "diffusers" else ldm)
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(1.0)}
+        expected[native] = (umods, before_u, down, up, 1.0 / down.shape[0])
+    for native in ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"]:
+        down, up = lora_pair(tmods[native].weight.shape, 4, gen, None, torch.float16)
+        key = "lora_te_text_model_" + native.replace(".", "_")
+        state |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}  # no alpha: ratio 1
+        expected[native] = (tmods, before_t, down, up, 1.0)
+    save_file(state, str(tmp_path / "lora.safetensors"))
+    mm = "down_blocks.1.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1"
+    motion = write_processor_lora(tmp_path / "motion.ckpt", unet, [mm, mm.replace("down_blocks.1", "mid_block")])
+    adapter = write_processor_lora(tmp_path / "adapter.ckpt", unet,
+                                   ["up_blocks.1.attentions.0.transformer_blocks.0.attn1"], seed=4)
+    pipe = types.SimpleNamespace(unet=unet, text_encoder=te)
+    handles = apply_loras(pipe, loras=[(tmp_path / "lora.safetensors", 0.7), (tmp_path / "adapter.ckpt", 1.0)],
+                          motion_loras=[(tmp_path / "motion.ckpt", 0.5)])
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    for native, (mods, before, down, up, ratio) in expected.items():
+        want = hand_update(before[f"{native}.weight"], down, up, 0.7, ratio)
+        torch.testing.assert_close(mods[native].weight, want, atol=tol, rtol=tol)
+    for entries, scale in ((motion, 0.5), (adapter, 1.0)):
+        for native, (down, up) in entries.items():
+            want = hand_update(before_u[f"{native}.weight"], down, up, scale, 1.0)
+            torch.testing.assert_close(umods[native].weight, want, atol=tol, rtol=tol)
+    unmerge(handles)
+    assert_states_equal(before_u, unet.state_dict())
+    assert_states_equal(before_t, te.state_dict())
