@@ -188,6 +188,14 @@ def test_load_ldm_single_file(tmp_path, ldm_ref, prefix, suffix):
     assert _max_diff(ours, _oracle(ldm_ref, ids), ids) <= ATOL
 
 
+@pytest.mark.parametrize("prefix", ["", "text_model."])
+def test_load_bare_transformers_weights_file(tmp_path, ldm_ref, prefix):
+    path = tmp_path / "model.safetensors"
+    save_state_dict({prefix + k: v for k, v in ldm_ref.state_dict().items()}, path)
+    ids = _ids(400, 2, 77)
+    assert _max_diff(load_text_encoder(path), _oracle(ldm_ref, ids), ids) <= ATOL
+
+
 def test_ldm_round_trip_and_config_override(tmp_path):
     ref = _reference(32, 4, 1, 64, "gelu", 100, 77, seed=5)
     native = clip_state_from_diffusers(ref.state_dict())

@@ -36,6 +36,7 @@ LDM_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.tr
 LDM_OUT_PREFIX = "cond_stage_model.transformer.text_model."
 DROPPED = ("embeddings.position_ids",)
 POSITION_IDS = "embeddings.position_ids"
+TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 # The CLIP convention (OpenAI and OpenCLIP text towers): 64 channels per attention head.
 HEAD_DIM = 64
 
@@ -136,8 +137,9 @@ def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "c
 
     ``source``: a diffusers model folder (``text_encoder/config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``), a ``text_encoder`` folder itself, or an LDM single file (``.safetensors`` /
-    ``.ckpt``) whose sizes are inferred from its tensors (see :func:`clip_config_from_state`; ``config``
-    overrides that, e.g. for models narrower than 64 channels). Raises CheckpointError naming the file.
+    ``.ckpt``; a bare transformers weights file is accepted too) whose sizes are inferred from its tensors
+    (see :func:`clip_config_from_state`; ``config`` overrides that, e.g. for models narrower than 64 channels).
+    Returns the model in eval mode on ``device`` with ``dtype``. Raises CheckpointError naming the file.
     """
     source = Path(source)
     if source.is_dir():
@@ -153,11 +155,13 @@ def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "c
         state = clip_state_from_diffusers(read_state_dict(weights, WHAT))
     else:
         weights = source
-        ldm = clip_state_from_ldm(read_state_dict(weights, f"an SD1.5 single file with {WHAT}"))
-        if ldm is None:
+        raw = read_state_dict(weights, f"an SD1.5 single file with {WHAT}")
+        state = clip_state_from_ldm(raw)
+        if state is None and TOKEN_EMBEDDING in clip_state_from_diffusers(raw):
+            state = clip_state_from_diffusers(raw)  # a bare text_encoder/model.safetensors
+        if state is None:
             raise CheckpointError(f"{weights}: no text encoder in this file (expected keys "
                                   f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
-        state = ldm
         if config is None:
             try:
                 config = clip_config_from_state(state)
