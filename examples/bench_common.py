@@ -1,0 +1,108 @@
+"""Shared helpers of the kernel benchmarks: CUDA check, timing, device ceilings, table and JSON output.
+
+Timing: triton.testing.do_bench (CUDA events, L2 flushed between runs, warm-up and repetitions in ms),
+median with p20/p80. Ceilings: datasheet numbers for known GPUs plus a measured device-to-device copy
+(bandwidth) and a large fp16 matmul (tensor-core rate); percentages use the measured ones.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+
+# Dense fp16/bf16 tensor-core TFLOP/s and HBM TB/s from the vendor datasheets (leads, not measurements).
+DATASHEET = {"H100 80GB HBM3": (989.0, 3.35), "H100 PCIe": (756.0, 2.0), "H100 NVL": (835.0, 3.9),
+             "H200": (989.0, 4.8), "A100-SXM4-80GB": (312.0, 2.04), "A100-SXM4-40GB": (312.0, 1.56),
+             "RTX 4090": (165.0, 1.01)}
+
+
+def require_cuda(name: str) -> None:
+    """Print a clear message and exit 0 when there is no GPU (the benchmarks are GPU-only)."""
+    if not torch.cuda.is_available():
+        print(f"{name}: needs CUDA (a GPU with triton); nothing to measure on this machine.")
+        sys.exit(0)
+
+
+def bench(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -> dict[str, float]:
+    """Median, p20 and p80 run time of fn in milliseconds."""
+    import triton.testing
+
+    med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": med, "p20_ms": p20, "p80_ms": p80}
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes allocated by one call of fn above what was allocated before."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Measured copy bandwidth (GB/s, bytes read + written) and fp16 matmul rate (TFLOP/s)."""
+    x = torch.empty(2**28, dtype=torch.float32, device="cuda").normal_()  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = bench(lambda: y.copy_(x))["ms"]
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    mm_ms = bench(lambda: a @ b)["ms"]
+    return {"copy_GBps": 2 * 2**30 / copy_ms / 1e6, "matmul_fp16_TFLOPs": 2 * 8192**3 / mm_ms / 1e9}
+
+
+def device_context() -> dict[str, object]:
+    """Device name, versions and ceilings recorded with every result file."""
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    name = torch.cuda.get_device_name(0)
+    sheet = next((v for k, v in DATASHEET.items() if k in name), None)
+    measured = measure_ceilings()
+    torch.cuda.empty_cache()
+    return {
+        "device": name, "capability": list(torch.cuda.get_device_capability(0)),
+        "sm_count": props.multi_processor_count, "memory_GiB": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "datasheet": {"tflops_fp16": sheet[0], "TBps": sheet[1]} if sheet else None,
+        "measured": measured,
+    }
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    """Plain fixed-width table of the given columns."""
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def write_json(name: str, context: dict, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """benchmarks/results/<name>-<device>.json with the device context and the result rows."""
+    out_dir = out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", str(context["device"]).lower()).strip("-")
+    path = out_dir / f"{name}-{slug}.json"
+    path.write_text(json.dumps({"benchmark": name, **context, "results": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -1,0 +1,112 @@
+"""Temporal attention (motion modules): the Triton kernel vs PyTorch, at the SD1.5 UNet levels.
+
+512x512 (64x64 latents), 16 frames, CFG batch 2, 8 heads: per level N = 2*h*w sequences of 16 frames with
+C = 320/640/1280/1280 channels at 64x64/32x32/16x16/8x8 (N*heads = 65,536 at the first level).
+- core: attention from the fused projections qkv (N, F, 3C) + per-frame PE bias -> (N, F, C). Memory bound:
+  GB/s over the minimum bytes (read qkv once, write the output once) and % of the measured copy bandwidth
+  (target >= 70%). Compared with the PyTorch core (PE add, head split transposes, SDPA, merge) and with SDPA
+  alone on pre-split contiguous q/k/v, for each SDPA backend. Also the kernel's block_r / num_warps choices.
+- block: the whole temporal attention block (LayerNorm, PE, projections, attention, out proj, residual),
+  ops.temporal_attention fused vs the PyTorch reference.
+Writes benchmarks/results/temporal-<device>.json. Run: python examples/bench_temporal.py [--dtype bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+import torch.nn.functional as F
+from bench_common import bench, device_context, print_table, rel_err, require_cuda, write_json
+
+FRAMES, HEADS = 16, 8
+LEVELS = [("64x64", 2 * 64 * 64, 320), ("32x32", 2 * 32 * 32, 640), ("16x16", 2 * 16 * 16, 1280),
+          ("8x8", 2 * 8 * 8, 1280)]
+
+
+def bench_core(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str, bw: float) -> list[dict]:
+    """Attention from qkv: the kernel (and its tiling choices), the PyTorch core, SDPA alone per backend."""
+    from animatediff_lite.kernels.reference import temporal_attention_core_reference as core_ref
+    from animatediff_lite.kernels.temporal_attention import temporal_attention_core
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    d = c // HEADS
+    qkv = torch.randn(n, FRAMES, 3 * c, device="cuda", dtype=dtype)
+    pe_qkv = torch.randn(FRAMES, 3 * c, device="cuda")
+    ref, ref_no_pe = core_ref(qkv.float(), pe_qkv, HEADS), core_ref(qkv.float(), None, HEADS)
+    q, k, v = (t.reshape(n, FRAMES, HEADS, d).transpose(1, 2).contiguous() for t in qkv.split(c, -1))
+    nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v + write o
+    core = {
+        "triton core": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS),
+        "triton core block_r=32": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=32),
+        "triton core block_r=128": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=128),
+        "triton core block_r=64 w8": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=64,
+                                                       num_warps=8),
+        "torch core (pe, transposes, sdpa)": functools.partial(core_ref, qkv, pe_qkv, HEADS),
+    }
+    for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                     ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)]:
+        def run(be=be, q=q, k=k, v=v):
+            with sdpa_kernel([be]):
+                return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, FRAMES, c)
+        core[f"sdpa {name} only (pre-split q/k/v, + merge)"] = run
+    rows = []
+    for name, fn in core.items():
+        row = {"level": label, "N": n, "C": c, "F": FRAMES, "dtype": dtype_name, "part": "core", "variant": name}
+        try:
+            err = rel_err(fn(), ref_no_pe if name.startswith("sdpa") else ref)
+            t = bench(fn)
+        except RuntimeError as e:
+            rows.append({**row, "error": str(e).splitlines()[0][:120]})
+            continue
+        gbps = nbytes / t["ms"] / 1e6
+        rows.append({**row, **t, "GBps": gbps, "pct_bw": 100 * gbps / bw, "rel_err": err})
+    return rows
+
+
+def bench_block(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str) -> list[dict]:
+    """The whole block: ops.temporal_attention fused vs the PyTorch reference."""
+    from animatediff_lite.kernels.reference import temporal_attention_reference
+
+    from animatediff_lite import ops
+
+    x = torch.randn(n, FRAMES, c, device="cuda", dtype=dtype)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    p = {key: (torch.randn(*shape, device="cuda", generator=g) * s).to(dtype) for key, shape, s in [
+        ("norm_weight", (c,), 1.0), ("norm_bias", (c,), 0.1), ("q_weight", (c, c), c**-0.5),
+        ("k_weight", (c, c), c**-0.5), ("v_weight", (c, c), c**-0.5), ("out_weight", (c, c), c**-0.5),
+        ("out_bias", (c,), 0.1)]}
+    pe = torch.randn(1, 32, c, device="cuda")
+    ref = temporal_attention_reference(x.float(), heads=HEADS, pe=pe, **{k: v.float() for k, v in p.items()})
+    rows = []
+    for name, backend in [("fused block (triton)", "triton"), ("torch block", "torch")]:
+        fn = functools.partial(ops.temporal_attention, x, heads=HEADS, pe=pe, backend=backend, **p)
+        with torch.no_grad():
+            err = rel_err(fn() - x, ref - x.float())
+            t = bench(fn)
+        rows.append({"level": label, "N": n, "C": c, "F": FRAMES, "dtype": dtype_name, "part": "block",
+                     "variant": name, **t, "rel_err": err})
+    return rows
+
+
+def main() -> None:
+    require_cuda("bench_temporal")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    args = parser.parse_args()
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    ctx = device_context()
+    bw = ctx["measured"]["copy_GBps"]
+    rows = []
+    for label, n, c in LEVELS:
+        rows += bench_core(label, n, c, dtype, args.dtype, bw)
+        rows += bench_block(label, n, c, dtype, args.dtype)
+        torch.cuda.empty_cache()
+    print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured copy {bw:.0f} GB/s")
+    print_table(rows, ["level", "part", "variant", "ms", "p20_ms", "p80_ms", "GBps", "pct_bw", "rel_err", "error"])
+    write_json("temporal", ctx, rows)
+
+
+if __name__ == "__main__":
+    main()
