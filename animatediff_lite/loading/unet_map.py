@@ -1,0 +1,444 @@
+"""The base (spatial) UNet: diffusers config/keys, LDM single-file keys, and strict loading into UNet3D.
+
+Native keys of :class:`~animatediff_lite.unet.UNet3D` are exactly diffusers ``UNet2DConditionModel``'s keys
+plus ``*.motion_modules.*`` in the original AnimateDiff layout. The LDM layout (``model.diffusion_model.*``,
+the CompVis/``openaimodel`` naming used by single-file SD1.5 checkpoints) is mapped with a table of
+block prefixes computed from the config, so tiny models and SD1.5 go through the same code:
+
+======================================  ==========================================
+native (diffusers)                      LDM
+======================================  ==========================================
+time_embedding.linear_1 / linear_2      time_embed.0 / time_embed.2
+conv_in                                 input_blocks.0.0
+down_blocks.i.resnets.j                 input_blocks.k.0          (k = 1 + i*(L+1) + j)
+down_blocks.i.attentions.j              input_blocks.k.1
+down_blocks.i.downsamplers.0.conv       input_blocks.k.0.op       (k = 1 + i*(L+1) + L)
+mid_block.resnets.0 / attentions.0 / resnets.1   middle_block.0 / .1 / .2
+up_blocks.i.resnets.j                   output_blocks.k.0         (k = i*(L+1) + j, j <= L)
+up_blocks.i.attentions.j                output_blocks.k.1
+up_blocks.i.upsamplers.0.conv           output_blocks.k.{1 or 2}.conv   (2 when the level has attention)
+conv_norm_out / conv_out                out.0 / out.2
+======================================  ==========================================
+
+Inside a resnet: norm1 = in_layers.0, conv1 = in_layers.2, time_emb_proj = emb_layers.1, norm2 =
+out_layers.0, conv2 = out_layers.3, conv_shortcut = skip_connection. Spatial transformers keep their
+inner names (norm, proj_in, transformer_blocks.t.attn1/attn2/norm1-3/ff.net.0.proj/ff.net.2, proj_out).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from ..config import MotionConfig, UNetConfig
+from ..errors import CheckpointError
+from .io import StateDict, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+LDM_PREFIX = "model.diffusion_model."
+MOTION_TAG = ".motion_modules."
+
+# Resnet sub-layers: native name -> LDM name (a ResBlock's Sequential indices).
+RESNET_LDM: dict[str, str] = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+RESNET_NATIVE = {v: k for k, v in RESNET_LDM.items()}
+
+# diffusers block type names (2D, 3D and the UNetMotionModel spelling) -> "has spatial transformers".
+_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnDownBlock3D": True,
+               "DownBlock3D": False, "CrossAttnDownBlockMotion": True, "DownBlockMotion": False}
+_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock3D": True, "UpBlock3D": False,
+             "CrossAttnUpBlockMotion": True, "UpBlockMotion": False}
+_MID_TYPES = {None, "UNetMidBlock2DCrossAttn", "UNetMidBlock3DCrossAttn", "UNetMidBlockCrossAttnMotion"}
+# config.json fields whose non-default values change the architecture in ways UNet3D does not model.
+_UNSUPPORTED_DEFAULTS: dict[str, object] = {
+    "center_input_sample": False, "class_embed_type": None, "addition_embed_type": None,
+    "encoder_hid_dim": None, "num_class_embeds": None, "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default", "act_fn": "silu", "only_cross_attention": False,
+    "dual_cross_attention": False, "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "time_embedding_dim": None, "timestep_post_act": None, "time_embedding_act_fn": None,
+    "attention_type": "default", "cross_attention_norm": None, "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1, "downsample_padding": 1,
+}
+
+# SD1.5-shaped models: 8 heads per spatial transformer. The head count is not visible in the tensors
+# (q/k/v are plain (C, C) matrices), so unet_config_from_state assumes it; a diffusers config.json
+# states it (as "attention_head_dim", a diffusers naming quirk).
+DEFAULT_HEADS = 8
+# Nor is the GroupNorm group count; every SD1.x/2.x UNet uses 32.
+DEFAULT_GROUPS = 32
+
+
+# ----------------------------------------------------------------------------------------------- configs
+
+def _uniform(cfg: Mapping, name: str, default: object) -> object:
+    """A config value that diffusers allows per level; UNet3D needs it equal on every level."""
+    value = cfg.get(name, default)
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"unet config {name}={list(value)}: per-level values are not supported, "
+                             f"UNet3D needs one value for every level")
+        value = value[0]
+    return value
+
+
+def unet_config_from_diffusers(cfg: Mapping) -> UNetConfig:
+    """Build a :class:`UNetConfig` from a diffusers ``unet/config.json`` dict (UNet2DConditionModel).
+
+    Raises ValueError naming the field for architectures UNet3D does not model (class/addition
+    embeddings, LCM's time_cond_proj_dim, per-level head counts, non-mirrored up blocks, ...).
+    """
+    for name, default in _UNSUPPORTED_DEFAULTS.items():
+        if name in cfg and cfg[name] != default:
+            raise ValueError(f"unet config {name}={cfg[name]!r} is not supported (only {default!r})")
+    down_types = list(cfg.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)))
+    up_types = list(cfg.get("up_block_types", ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3))
+    unknown = [t for t in down_types if t not in _DOWN_TYPES] + [t for t in up_types if t not in _UP_TYPES]
+    if unknown:
+        raise ValueError(f"unet config block types {unknown} are not supported "
+                         f"(down: {sorted(_DOWN_TYPES)}, up: {sorted(_UP_TYPES)})")
+    down = tuple(_DOWN_TYPES[t] for t in down_types)
+    up = tuple(_UP_TYPES[t] for t in up_types)
+    if up != down[::-1]:
+        raise ValueError(f"unet config up_block_types {up_types} do not mirror down_block_types {down_types}")
+    if cfg.get("mid_block_type", None) not in _MID_TYPES:
+        raise ValueError(f"unet config mid_block_type={cfg['mid_block_type']!r} is not supported")
+    channels = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    if len(channels) != len(down):
+        raise ValueError(f"unet config has {len(channels)} block_out_channels but {len(down)} down_block_types")
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)
+    heads = _uniform({"attention_head_dim": heads}, "attention_head_dim", DEFAULT_HEADS)
+    return UNetConfig(
+        in_channels=int(cfg.get("in_channels", 4)),
+        out_channels=int(cfg.get("out_channels", 4)),
+        block_out_channels=channels,
+        down_cross_attention=down,
+        layers_per_block=int(_uniform(cfg, "layers_per_block", 2)),
+        cross_attention_dim=int(_uniform(cfg, "cross_attention_dim", 1280)),
+        attention_head_dim=int(heads),
+        norm_num_groups=int(cfg.get("norm_num_groups", DEFAULT_GROUPS)),
+        norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        transformer_layers_per_block=int(_uniform(cfg, "transformer_layers_per_block", 1)),
+        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
+        freq_shift=int(cfg.get("freq_shift", 0)),
+    )
+
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
+    """The diffusers ``unet/config.json`` dict of a :class:`UNetConfig` (inverse of the above)."""
+    down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.down_cross_attention]
+    up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.down_cross_attention[::-1]]
+    return {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": cfg.layers_per_block,
+        "cross_attention_dim": cfg.cross_attention_dim, "attention_head_dim": cfg.attention_head_dim,
+        "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
+        "transformer_layers_per_block": cfg.transformer_layers_per_block,
+        "use_linear_projection": cfg.use_linear_projection, "flip_sin_to_cos": cfg.flip_sin_to_cos,
+        "freq_shift": cfg.freq_shift, "act_fn": "silu", "center_input_sample": False,
+    }
+
+
+def is_ldm_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for an LDM single-file state (``model.diffusion_model.*`` or bare ``input_blocks.*``)."""
+    return any(k.startswith(LDM_PREFIX) or k.startswith("input_blocks.") for k in state)
+
+
+def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
+    """Infer a :class:`UNetConfig` from UNet tensors in diffusers/native or LDM layout.
+
+    Widths, levels, layers per block, which levels have spatial transformers, transformer depth,
+    cross-attention width and linear-vs-conv projections come from tensor shapes. Not visible in
+    tensors and assumed: ``attention_head_dim`` = 8 heads and ``norm_num_groups`` = 32 (the SD1.x
+    values); pass a diffusers config.json for other models.
+    """
+    if is_ldm_state(state):
+        return _config_from_ldm(_strip_ldm(state)[0])
+    keys = [k for k in state if MOTION_TAG not in k]
+    try:
+        levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
+        channels = tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
+        layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
+        cross = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in range(levels))
+        conv_in, conv_out = state["conv_in.weight"], state["conv_out.weight"]
+        attn = "mid_block.attentions.0."
+        depth = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith(attn + "transformer_blocks."))
+        context = state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        linear = state[attn + "proj_in.weight"].ndim == 2
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"tensors do not look like a diffusers-layout UNet (missing {e})") from e
+    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=channels,
+                      down_cross_attention=cross, layers_per_block=layers, cross_attention_dim=context,
+                      attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS,
+                      transformer_layers_per_block=depth, use_linear_projection=linear)
+
+
+def _config_from_ldm(ldm: Mapping[str, torch.Tensor]) -> UNetConfig:
+    try:
+        blocks = 1 + max(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks."))
+        downs = sorted(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks.") and ".0.op.weight" in k)
+        # Level i holds L resnets then a downsampler: the first downsampler sits at 1 + L.
+        layers = downs[0] - 1 if downs else blocks - 1
+        levels = len(downs) + 1
+        if blocks != 1 + levels * layers + len(downs):
+            raise ValueError(f"{blocks} input blocks do not fit {levels} levels of {layers} layers")
+        first = [1 + i * (layers + 1) for i in range(levels)]
+        channels = tuple(ldm[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first)
+        cross = tuple(f"input_blocks.{k}.1.proj_in.weight" in ldm for k in first)
+        attn = "middle_block.1."
+        depth = 1 + max(int(k.split(".")[3]) for k in ldm if k.startswith(attn + "transformer_blocks."))
+        context = ldm[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        linear = ldm[attn + "proj_in.weight"].ndim == 2
+        conv_in, conv_out = ldm["input_blocks.0.0.weight"], ldm["out.2.weight"]
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"tensors do not look like an LDM UNet ({type(e).__name__}: {e})") from e
+    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=channels,
+                      down_cross_attention=cross, layers_per_block=layers, cross_attention_dim=context,
+                      attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS,
+                      transformer_layers_per_block=depth, use_linear_projection=linear)
+
+
+# ---------------------------------------------------------------------------------------------- LDM map
+
+def ldm_block_table(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
+    """Every block of the UNet as (native prefix, LDM prefix without ``model.diffusion_model.``, is_resnet)."""
+    n, layers = len(cfg.block_out_channels), cfg.layers_per_block
+    rows = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
+            ("conv_in", "input_blocks.0.0", False)]
+    k = 1
+    for i in range(n):
+        for j in range(layers):
+            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", True))
+            if cfg.down_cross_attention[i]:
+                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", False))
+            k += 1
+        if i < n - 1:
+            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{k}.0.op", False))
+            k += 1
+    rows += [("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
+             ("mid_block.resnets.1", "middle_block.2", True)]
+    k = 0
+    for i, cross in enumerate(cfg.down_cross_attention[::-1]):
+        for j in range(layers + 1):  # one more resnet per up level: it also takes the skip of the downsampler
+            rows.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", True))
+            if cross:
+                rows.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", False))
+            if i < n - 1 and j == layers:
+                rows.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{2 if cross else 1}.conv", False))
+            k += 1
+    rows += [("conv_norm_out", "out.0", False), ("conv_out", "out.2", False)]
+    return rows
+
+
+def _strip_ldm(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
+    """UNet tensors without the LDM prefix, and the keys that are not UNet tensors (VAE, CLIP, EMA...)."""
+    if any(k.startswith(LDM_PREFIX) for k in state):
+        unet = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+        return unet, [k for k in state if not k.startswith(LDM_PREFIX)]
+    return dict(state), []
+
+
+def _lookup(table: Mapping[str, tuple[str, bool]], key: str, max_parts: int) -> tuple[str, str, bool] | None:
+    """Split ``key`` into (block prefix, rest) using the longest prefix found in ``table``."""
+    parts = key.split(".")
+    for n in range(min(max_parts, len(parts) - 1), 0, -1):
+        hit = table.get(".".join(parts[:n]))
+        if hit is not None:
+            return hit[0], ".".join(parts[n:]), hit[1]
+    return None
+
+
+def _rename_inner(rest: str, is_resnet: bool, names: Mapping[str, str]) -> str | None:
+    if not is_resnet:
+        return rest
+    for src, dst in names.items():
+        if rest.startswith(src + "."):
+            return dst + rest[len(src):]
+    return None
+
+
+def _note_ignored(keys: list[str], source: str) -> None:
+    if not keys:
+        return
+    ema = [k for k in keys if k.startswith("model_ema.")]
+    parts = {k.split(".")[0] for k in keys if not k.startswith("model_ema.")}
+    if ema:
+        logger.info("%s: ignoring %d EMA keys (model_ema.*); the UNet uses model.diffusion_model.*", source, len(ema))
+    if parts:
+        logger.info("%s: ignoring %d non-UNet keys under %s", source, len(keys) - len(ema), sorted(parts))
+
+
+def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig | None = None,
+                        source: str = "<memory>") -> StateDict:
+    """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys.
+
+    Keys outside ``model.diffusion_model.`` (VAE, text encoder, ``model_ema.*``) are ignored with a log
+    note. A UNet key that the table does not cover raises CheckpointError naming ``source``.
+    ``cfg`` defaults to :func:`unet_config_from_state`.
+    """
+    ldm, ignored = _strip_ldm(state)
+    _note_ignored(ignored, source)
+    if cfg is None:
+        try:
+            cfg = _config_from_ldm(ldm)
+        except ValueError as e:
+            raise CheckpointError(f"{source}: {e}") from e
+    table = {ldm_p: (nat, res) for nat, ldm_p, res in ldm_block_table(cfg)}
+    out: StateDict = {}
+    unmapped = []
+    for key, value in ldm.items():
+        hit = _lookup(table, key, 4)
+        inner = _rename_inner(hit[1], hit[2], RESNET_NATIVE) if hit else None
+        if inner is None:
+            unmapped.append(key)
+            continue
+        out[f"{hit[0]}.{inner}"] = value
+    if unmapped:
+        raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
+                              f"(e.g. {', '.join(unmapped[:3])})")
+    return out
+
+
+def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> StateDict:
+    """Map native/diffusers UNet keys to the LDM layout (with ``model.diffusion_model.``).
+
+    Motion-module keys have no LDM place: pass only the spatial part (see :func:`split_motion`).
+    Raises ValueError naming keys that do not fit ``cfg``.
+    """
+    table = {nat: (ldm_p, res) for nat, ldm_p, res in ldm_block_table(cfg)}
+    out: StateDict = {}
+    unmapped = []
+    for key, value in native.items():
+        hit = _lookup(table, key, 5)
+        inner = _rename_inner(hit[1], hit[2], RESNET_LDM) if hit else None
+        if inner is None or MOTION_TAG in key:
+            unmapped.append(key)
+            continue
+        out[f"{LDM_PREFIX}{hit[0]}.{inner}"] = value
+    if unmapped:
+        raise ValueError(f"{len(unmapped)} UNet keys have no LDM name (e.g. {', '.join(unmapped[:3])}); "
+                         "motion-module keys must be split off first")
+    return out
+
+
+def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
+    """(spatial, motion) parts of a native UNet3D state: motion keys contain ``.motion_modules.``."""
+    spatial = {k: v for k, v in state.items() if MOTION_TAG not in k}
+    motion = {k: v for k, v in state.items() if MOTION_TAG in k}
+    return spatial, motion
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def assign_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], expected_keys: Iterable[str],
+                  source: str | os.PathLike, what: str, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> None:
+    """Assign ``state`` to the parameters/buffers ``expected_keys`` of ``module``, every one accounted for.
+
+    The module may live (partly) on the meta device. Keys of the module outside ``expected_keys`` are
+    left untouched, so the spatial UNet and its motion modules can be filled by separate, each
+    strict, loads. Raises CheckpointError naming ``source`` with missing/unexpected keys and shape
+    mismatches. Floating tensors are cast to ``dtype`` (default: keep the file's dtype).
+    """
+    model_state = module.state_dict(keep_vars=True)
+    expected = set(expected_keys)
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
+           for k in sorted(expected & set(state)) if state[k].shape != model_state[k].shape]
+    if missing or unexpected or bad:
+        parts = []
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {'; '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+        raise CheckpointError(f"{source}: does not fit {what}: " + "; ".join(parts))
+    cast = {}
+    for k in expected:
+        t = state[k]
+        target = dtype if (dtype is not None and t.is_floating_point()) else model_state[k].dtype
+        cast[k] = t.to(device=device, dtype=target) if t.is_floating_point() else t.to(device=device)
+    result = module.load_state_dict(cast, strict=False, assign=True)
+    if result.unexpected_keys:  # cannot happen after the checks above; keep the invariant loud
+        raise CheckpointError(f"{source}: unexpected keys {result.unexpected_keys[:3]} for {what}")
+
+
+def read_unet_source(source: str | os.PathLike) -> tuple[StateDict, UNetConfig, str]:
+    """Read base-UNet weights: a diffusers folder (root or ``unet/``), an LDM single file, or a
+    diffusers-layout single file. Returns (native spatial state, config, description)."""
+    path = Path(source)
+    if path.is_dir():
+        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
+        config_file = folder / "config.json"
+        if not config_file.exists():
+            raise CheckpointError(f"{path}: no unet/config.json (expected a diffusers model folder)")
+        try:
+            cfg = unet_config_from_diffusers(json.loads(config_file.read_text()))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{config_file}: {e}") from e
+        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+        weights = next((folder / n for n in names if (folder / n).exists()), None)
+        if weights is None:
+            raise CheckpointError(f"{folder}: no UNet weights (expected one of {', '.join(names)})")
+        state = read_state_dict(weights, "diffusers UNet weights")
+        spatial, motion = split_motion(state)
+        if motion:
+            logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", weights, len(motion))
+        return spatial, cfg, str(weights)
+    state = read_state_dict(path, "a Stable Diffusion UNet (LDM single file or diffusers layout)")
+    if is_ldm_state(state):
+        try:
+            cfg = unet_config_from_state(state)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        return unet_state_from_ldm(state, cfg, str(path)), cfg, str(path)
+    spatial, motion = split_motion(state)
+    if "conv_in.weight" not in spatial:
+        if motion or any(".temporal_transformer." in k or ".attn1.pos_embed" in k for k in state):
+            raise CheckpointError(f"{path}: holds a motion module, not a base UNet (expected Stable Diffusion "
+                                  "weights: LDM model.diffusion_model.* or diffusers UNet keys)")
+        raise CheckpointError(f"{path}: no UNet tensors found (expected model.diffusion_model.* or conv_in.weight, "
+                              f"got e.g. {', '.join(list(state)[:3])})")
+    if motion:
+        logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", path, len(motion))
+    try:
+        cfg = unet_config_from_state(spatial)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return spatial, cfg, str(path)
+
+
+def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, config: UNetConfig | None = None):
+    """Build a UNet3D and load its spatial (SD) weights strictly from ``source``.
+
+    source: a diffusers folder (``unet/config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``), an
+    LDM single file (``model.diffusion_model.*``; VAE/CLIP/EMA keys ignored with a note) or a diffusers-layout
+    single file. ``config`` overrides the inferred UNetConfig (e.g. head count of non-SD1.5 models).
+    With ``motion`` given, the motion-module parameters stay on the meta device: fill them with
+    :func:`animatediff_lite.loading.motion_load.load_motion_module` before use.
+    Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
+    """
+    from ..unet import UNet3D  # models are imported lazily: loading only needs them here
+
+    spatial, cfg, where = read_unet_source(source)
+    cfg = config or cfg
+    with torch.device("meta"):
+        unet = UNet3D(cfg, motion)
+    expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
+    assign_strict(unet, spatial, expected, where, "the base UNet (spatial layers)", device, dtype)
+    return unet.eval()
