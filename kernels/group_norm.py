@@ -1,8 +1,8 @@
 """GroupNorm (+ optional SiLU), per frame or jointly over the frames of a video, fp32 statistics.
 
 x (N, C, *spatial) contiguous, N = B*F when frames are folded into the batch. Two launches:
-1. stats: one program per (sample, group) reduces its C/G * HW contiguous elements to (mean, M2) with Chan's
-   parallel combination of per-chunk two-pass moments (no E[x^2] - E[x]^2 cancellation);
+1. stats: one program per (sample, group) reduces its C/G * HW contiguous elements to (mean, M2): Welford per
+   lane, then Chan's combination of the lanes (no E[x^2] - E[x]^2 cancellation);
 2. apply: one program per (sample, group, chunk) combines the (mean, M2) of the FRAMES samples of its video
    (FRAMES = 1: per frame) and writes (x - mean) * rstd * w + b, then SiLU, in one pass.
 Joint statistics (AnimateDiff v1) thus need no (B, C, F, H, W) transpose copies, and the per-frame partials
@@ -27,23 +27,24 @@ def _gn_stats_kernel(X, MEAN, M2, group_numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # = sample * G + group; groups are contiguous in NCHW
     base = X + pid * group_numel
     offs = tl.arange(0, BLOCK)
-    mean = 0.0
-    m2 = 0.0
-    count = 0.0
+    # Welford per lane (no cross-lane reduction inside the loop), Chan's combination of the lanes at the end.
+    mean = tl.zeros([BLOCK], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, group_numel, BLOCK):
         mask = start + offs < group_numel
         x = tl.load(base + start + offs, mask=mask, other=0.0).to(tl.float32)
-        n_b = tl.minimum(group_numel - start, BLOCK).to(tl.float32)
-        mean_b = tl.sum(x, 0) / n_b
-        d = tl.where(mask, x - mean_b, 0.0)
-        m2_b = tl.sum(d * d, 0)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
-    tl.store(MEAN + pid, mean)
-    tl.store(M2 + pid, m2)
+        new_count = count + mask.to(tl.float32)
+        delta = x - mean
+        mean = tl.where(mask, mean + delta / tl.maximum(new_count, 1.0), mean)
+        m2 = tl.where(mask, m2 + delta * (x - mean), m2)
+        count = new_count
+    total = tl.sum(count, 0)
+    g_mean = tl.sum(count * mean, 0) / total
+    dm = mean - g_mean
+    g_m2 = tl.sum(m2, 0) + tl.sum(count * dm * dm, 0)
+    tl.store(MEAN + pid, g_mean)
+    tl.store(M2 + pid, g_m2)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     group_numel = cpg * hw
     interp = is_interpreted(_gn_apply_kernel)
     block = block or (256 if interp else min(4096, max(512, next_pow2(group_numel))))
-    stats_block = 256 if interp else 2048
+    stats_block = 256 if interp else 2048  # 8 warps: 16-byte loads for 16-bit types
     mean = torch.empty(n * num_groups, device=x.device, dtype=torch.float32)
     m2 = torch.empty_like(mean)
     warps = num_warps or (4 if block <= 1024 else 8)
