@@ -116,7 +116,7 @@ class UNet3D(nn.Module):
     def _timesteps(self, timestep: int | float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
         if not torch.is_tensor(timestep):
             return torch.full((batch,), float(timestep), device=device)
-        if timestep.dim() == 0:
+        if timestep.dim() == 0 or timestep.shape == (1,):
             return timestep.reshape(1).to(device).expand(batch)
         if timestep.shape != (batch,):
             raise ValueError(f"timestep must be a number, a 0-d tensor or shape ({batch},), "

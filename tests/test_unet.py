@@ -167,6 +167,20 @@ def test_v1_joint_groupnorm() -> None:
     assert gap > 1e-2
 
 
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_motion_adapter_keys_map_exactly(version: str) -> None:
+    """A diffusers MotionAdapter's state maps onto exactly the motion keys of UNet3D (PE buffers dropped)."""
+    config = CONFIGS["three_levels"]
+    adapter = diffusers.MotionAdapter(
+        block_out_channels=config.block_out_channels, motion_layers_per_block=config.layers_per_block,
+        motion_num_attention_heads=2, motion_norm_num_groups=8, use_motion_mid_block=version == "v2")
+    native = motion_state_from_diffusers(adapter.state_dict())
+    with torch.device("meta"):
+        ours = UNet3D(config, MotionConfig.for_version(version, norm_num_groups=8))
+    expected = {k: v.shape for k, v in ours.state_dict().items() if ".motion_modules." in k}
+    assert {k: v.shape for k, v in native.items()} == expected
+
+
 def test_text_per_frame_and_errors() -> None:
     config = TINY.unet
     torch.manual_seed(0)
@@ -182,6 +196,8 @@ def test_text_per_frame_and_errors() -> None:
         ours(sample, 10, text[:1])
     with pytest.raises(ValueError, match="sample"):
         ours(sample[:, :3], 10, text)
+    with pytest.raises(ValueError, match="timestep"):
+        ours(sample, torch.tensor([1, 2, 3]), text)
 
 
 def test_gradient_checkpointing_same_grads() -> None:
