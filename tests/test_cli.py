@@ -6,11 +6,22 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from animatediff_lite.cli import build_parser, lora_spec, main
 from animatediff_lite.config import TINY, MotionConfig
 from animatediff_lite.presets import PRESETS_FILE, get_preset, load_presets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny CPU models: with other processes busy on the cores, several intra-op threads are ~50x slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 REFERENCE = ["ToonYou", "Lyriel", "RcnzCartoon", "MajicMix", "RealisticVision", "RealisticVision_v2"]
 
@@ -139,3 +150,76 @@ def test_convert_motion_roundtrip(tmp_path, capsys):
     back, info = read_motion_module(tmp_path / "back.safetensors", "v3")
     assert info.version == "v3"
     assert set(back) == set(motion) and all(torch.equal(back[k], motion[k]) for k in motion)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny SD folder saved by diffusers/transformers plus an original-layout v2 motion module, laid out
+    like upstream's models/ folder (StableDiffusion/, Motion_Module/)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from animatediff_lite.unet import UNet3D
+
+    root = tmp_path_factory.mktemp("models")
+    sd = root / "StableDiffusion" / "stable-diffusion-v1-5"
+    torch.manual_seed(0)
+    u = TINY.unet
+    diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=u.cross_attention_dim, attention_head_dim=u.attention_head_dim,
+        norm_num_groups=u.norm_num_groups).save_pretrained(sd / "unet")
+    diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
+                            latent_channels=4).save_pretrained(sd / "vae")
+    c = TINY.clip
+    transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, max_position_embeddings=77,
+    )).save_pretrained(sd / "text_encoder")
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                     "unet": ["diffusers", "UNet2DConditionModel"],
+                                                     "vae": ["diffusers", "AutoencoderKL"],
+                                                     "text_encoder": ["transformers", "CLIPTextModel"]}))
+    unet = UNet3D(u, MotionConfig.for_version("v2", u.norm_num_groups))
+    motion = {k: torch.randn_like(v) * 0.05 for k, v in unet.state_dict().items()
+              if "motion_modules." in k and not k.endswith(".pe")}
+    (root / "Motion_Module").mkdir()
+    torch.save({"state_dict": motion}, root / "Motion_Module" / "mm_tiny_v2.ckpt")
+    return root
+
+
+@pytest.mark.parametrize("with_motion", [False, True])
+def test_generate_end_to_end_gif(tiny_models, tmp_path, with_motion):
+    from animatediff_lite.video import load_video_frames
+
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    mm = ["--motion-module", str(tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt")] if with_motion else []
+    common = ["--base", str(sd), *mm, "--frames", "3", "--height", "16", "--width", "16",
+              "--steps", "2", "--seed", "7", "--device", "cpu", "--no-progress"]
+    assert main(["generate", "a corgi", "a cat", *common, "-o", str(tmp_path / "a.gif")]) == 0
+    a = load_video_frames(tmp_path / "a.gif")
+    assert a.shape == (3, 3, 16 + 4, 2 * 18 + 2)  # two videos side by side, 2 pixels of padding
+    assert main(["generate", "a corgi", "a cat", *common, "-o", str(tmp_path / "b.gif")]) == 0
+    assert torch.equal(a, load_video_frames(tmp_path / "b.gif"))  # same seed, same file
+    with Image.open(tmp_path / "a.gif") as im:
+        assert im.n_frames == 3 and im.info["loop"] == 0
+
+
+def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, monkeypatch):
+    import animatediff_lite.presets as presets_mod
+
+    text = ('[defaults]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\n'
+            'fps = 8\nsteps = 1\nguidance_scale = 7.5\nlora_scale = 0.8\n\n[Tiny]\n'
+            'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt"]\ndreambooth = ""\n'
+            'seeds = ["18339859844376517918", "5"]\nprompts = ["a/b c", "d"]\nnegative_prompts = [""]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    out = tmp_path / "samples"
+    assert main(["generate", "--preset", "Tiny", "--models-dir", str(tiny_models), "-o", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["0-ab-c.gif", "1-d.gif"]
+    with Image.open(out / "sample.gif") as im:
+        assert im.n_frames == 2 and im.size == (2 * 18 + 2, 16 + 4)  # n_rows=4 grid of the two samples
+    log = json.loads((out / "config.json").read_text())
+    assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
