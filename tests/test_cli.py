@@ -223,3 +223,22 @@ def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, m
         assert im.n_frames == 2 and im.size == (2 * 18 + 2, 16 + 4)  # n_rows=4 grid of the two samples
     log = json.loads((out / "config.json").read_text())
     assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
+
+
+def test_convert_unet_ldm_roundtrip_and_info_folder(tiny_models, tmp_path, capsys):
+    from animatediff_lite.loading.io import read_state_dict
+
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    assert main(["convert", "unet", str(sd), str(tmp_path / "ldm.safetensors"), "--to", "ldm"]) == 0
+    ldm = read_state_dict(tmp_path / "ldm.safetensors")
+    assert all(k.startswith("model.diffusion_model.") for k in ldm)
+    assert main(["convert", "unet", str(tmp_path / "ldm.safetensors"), str(tmp_path / "back.safetensors"),
+                 "--to", "diffusers"]) == 0
+    back = read_state_dict(tmp_path / "back.safetensors")
+    original = read_state_dict(sd / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    capsys.readouterr()
+    assert main(["info", str(sd), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "diffusers_folder" and info["parameters"] > 0
+    assert info["dtypes"] == {"float32": info["tensors"]}
