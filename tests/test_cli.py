@@ -242,3 +242,29 @@ def test_convert_unet_ldm_roundtrip_and_info_folder(tiny_models, tmp_path, capsy
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "diffusers_folder" and info["parameters"] > 0
     assert info["dtypes"] == {"float32": info["tensors"]}
+
+
+def test_generate_with_lora_and_motion_lora(tiny_models, tmp_path):
+    from animatediff_lite.video import load_video_frames
+
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    mm = tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt"
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(tmp_path / "l.safetensors"))
+    mkey = ("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
+            ".processor.to_v_lora")
+    torch.save({f"{mkey}.down.weight": torch.randn(4, 32, generator=g),
+                f"{mkey}.up.weight": torch.randn(32, 4, generator=g)}, tmp_path / "ml.ckpt")
+    common = ["a corgi", "--base", str(sd), "--motion-module", str(mm), "--frames", "2", "--height", "16",
+              "--width", "16", "--steps", "1", "--seed", "3", "--device", "cpu", "--no-progress", "-o"]
+    videos = {}
+    for name, extra in [("plain", []), ("zero", ["--lora", f"{tmp_path / 'l.safetensors'}:0",
+                                                 "--motion-lora", f"{tmp_path / 'ml.ckpt'}:0"]),
+                        ("lora", ["--lora", f"{tmp_path / 'l.safetensors'}:2"]),
+                        ("motion", ["--motion-lora", f"{tmp_path / 'ml.ckpt'}:2"])]:
+        assert main(["generate", *common, str(tmp_path / f"{name}.gif"), *extra]) == 0
+        videos[name] = load_video_frames(tmp_path / f"{name}.gif")
+    assert torch.equal(videos["plain"], videos["zero"])  # scale 0 merges nothing
+    assert not torch.equal(videos["plain"], videos["lora"]) and not torch.equal(videos["plain"], videos["motion"])
