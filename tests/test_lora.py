@@ -399,3 +399,26 @@ def test_real_unet3d_and_text_encoder(tmp_path, style, dtype):
     unmerge(handles)
     assert_states_equal(before_u, unet.state_dict())
     assert_states_equal(before_t, te.state_dict())
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_merge_matches_cpu_and_unmerges_exactly(tmp_path):
+    unet, te = real_modules(torch.float16)
+    write_kohya_real = {}
+    gen = torch.Generator().manual_seed(1)
+    for native in REAL_UNET_TARGETS:
+        w = dict(unet.named_modules())[native].weight
+        down, up = lora_pair(w.shape, 4, gen, tuple(w.shape[2:]) if w.dim() == 4 else None, torch.float16)
+        key = "lora_unet_" + native.replace(".", "_")
+        write_kohya_real |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+                             f"{key}.alpha": torch.tensor(2.0, dtype=torch.float16)}
+    save_file(write_kohya_real, str(tmp_path / "l.safetensors"))
+    gpu = copy.deepcopy(unet).cuda()
+    before = snapshot(gpu)
+    apply_loras(types.SimpleNamespace(unet=unet, text_encoder=te), loras=[(tmp_path / "l.safetensors", 0.8)])
+    handles = apply_loras(types.SimpleNamespace(unet=gpu, text_encoder=None), loras=[(tmp_path / "l.safetensors", 0.8)])
+    cpu_state = unet.state_dict()
+    for k, v in gpu.state_dict().items():  # fp32 math on either device, one fp16 rounding: at most 1 ulp apart
+        torch.testing.assert_close(v.cpu(), cpu_state[k], atol=1e-3, rtol=1e-3)
+    unmerge(handles)
+    assert_states_equal(before, gpu.state_dict())
