@@ -37,7 +37,7 @@ import torch
 
 from ..config import MotionConfig, UNetConfig
 from ..errors import CheckpointError
-from .io import StateDict, read_state_dict
+from .io import StateDict, atomic_write, read_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -442,3 +442,19 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
     assign_strict(unet, spatial, expected, where, "the base UNet (spatial layers)", device, dtype)
     return unet.eval()
+
+
+def save_unet_diffusers(native: Mapping[str, torch.Tensor], cfg: UNetConfig, folder: str | os.PathLike) -> None:
+    """Write a diffusers ``unet/`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (atomic).
+
+    ``native``: spatial UNet tensors in native/diffusers names (motion keys are refused: they have no
+    place in a UNet2DConditionModel folder).
+    """
+    spatial, motion = split_motion(native)
+    if motion:
+        raise ValueError(f"{len(motion)} motion-module keys in a base UNet state; save them with "
+                         "motion_load.save_motion_module instead")
+    folder = Path(folder)
+    text = json.dumps(unet_config_to_diffusers(cfg), indent=2) + "\n"
+    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
+    save_state_dict(spatial, folder / "diffusion_pytorch_model.safetensors")
