@@ -25,8 +25,9 @@ SHAPES = [
 
 
 def _variants() -> dict:
-    from animatediff_lite.kernels.attention import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from animatediff_lite.kernels.attention import flash_attention
 
     variants = {
         "triton split-D": lambda q, k, v: flash_attention(q, k, v, head_split=True),

@@ -21,9 +21,8 @@ FRAMES = 16
 
 
 def bench_group_norm(label: str, c: int, hw: int, dtype: torch.dtype, dtype_name: str, bw: float) -> list[dict]:
-    from animatediff_lite.kernels.reference import group_norm_reference
-
     from animatediff_lite import ops
+    from animatediff_lite.kernels.reference import group_norm_reference
 
     x = torch.randn(2 * FRAMES, c, hw, hw, device="cuda", dtype=dtype)
     w = torch.randn(c, device="cuda", dtype=dtype)
@@ -49,9 +48,8 @@ def _geglu_fwd_bwd(x: torch.Tensor, dy: torch.Tensor, backend: str) -> torch.Ten
 
 
 def bench_geglu(label: str, c: int, hw: int, dtype: torch.dtype, dtype_name: str, bw: float) -> list[dict]:
-    from animatediff_lite.kernels.reference import geglu_reference
-
     from animatediff_lite import ops
+    from animatediff_lite.kernels.reference import geglu_reference
 
     rows_n = 2 * hw * hw * FRAMES
     x = torch.randn(rows_n, 8 * c, device="cuda", dtype=dtype)

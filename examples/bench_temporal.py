@@ -27,9 +27,10 @@ LEVELS = [("64x64", 2 * 64 * 64, 320), ("32x32", 2 * 32 * 32, 640), ("16x16", 2 
 
 def bench_core(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str, bw: float) -> list[dict]:
     """Attention from qkv: the kernel (and its tiling choices), the PyTorch core, SDPA alone per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from animatediff_lite.kernels.reference import temporal_attention_core_reference as core_ref
     from animatediff_lite.kernels.temporal_attention import temporal_attention_core
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     d = c // HEADS
     qkv = torch.randn(n, FRAMES, 3 * c, device="cuda", dtype=dtype)
@@ -67,9 +68,8 @@ def bench_core(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str, 
 
 def bench_block(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str) -> list[dict]:
     """The whole block: ops.temporal_attention fused vs the PyTorch reference."""
-    from animatediff_lite.kernels.reference import temporal_attention_reference
-
     from animatediff_lite import ops
+    from animatediff_lite.kernels.reference import temporal_attention_reference
 
     x = torch.randn(n, FRAMES, c, device="cuda", dtype=dtype)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -13,6 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test models are tiny: one intra-op thread avoids oversubscription (seen 10-15x slower with 2 threads on a
+# busy 2-core machine) and keeps CPU results independent of the core count.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from animatediff_lite.kernels.reference import geglu_reference, group_norm_reference
 
 from animatediff_lite import ops
+from animatediff_lite.kernels.reference import geglu_reference, group_norm_reference
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 4e-3, 4e-3)]
 FP16_EPS = 2.0**-11

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from animatediff_lite.kernels.reference import temporal_attention_core_reference, temporal_attention_reference
 
 from animatediff_lite import ops
+from animatediff_lite.kernels.reference import temporal_attention_core_reference, temporal_attention_reference
 
 DTYPES = [(torch.float32, 2e-5, 1e-5), (torch.float16, 5e-3, 5e-3)]
 FP16_EPS = 2.0**-11
