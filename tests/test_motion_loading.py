@@ -4,6 +4,7 @@ and full-size key coverage of the published SD1.5 motion modules on the meta dev
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -359,3 +360,25 @@ def test_native_metadata_is_json(tmp_path):
 
     meta = read_safetensors_metadata(out)
     assert json.loads(meta["motion_config"])["version"] == "v2"
+
+
+def test_heads_stated_by_file_must_match(tmp_path):
+    _tiny_adapter(mid=False, max_len=32).save_pretrained(tmp_path / "adapter")  # states 2 heads
+    with torch.device("meta"):
+        unet = UNet3D(TINY.unet, MotionConfig.for_version("v3", GROUPS))  # 8 heads
+    with pytest.raises(CheckpointError, match=r"adapter.*says 2 attention heads .* built with 8"):
+        load_motion_module(unet, tmp_path / "adapter")
+
+
+def test_full_training_checkpoint_keeps_only_motion_keys(tmp_path, caplog):
+    """The original training script saves the whole UNet ({"state_dict": ..., "global_step": n}, DDP
+    ``module.`` prefixes): the motion part is read, the spatial keys are ignored with a note."""
+    original = tiny_original("v2")
+    spatial = {"conv_in.weight": torch.zeros(32, 4, 3, 3), "down_blocks.0.resnets.0.norm1.weight": torch.zeros(32)}
+    path = tmp_path / "checkpoint-epoch-3.ckpt"
+    write(original | spatial, path, wrapper=True, prefix=True)
+    with caplog.at_level(logging.INFO, logger="animatediff_lite.loading.motion_load"):
+        native, info = read_motion_module(path)
+    assert "ignoring 2 non-motion keys" in caplog.text
+    assert info.version == "v2" and info.num_heads is None
+    assert_same(native, strip_pe(original))

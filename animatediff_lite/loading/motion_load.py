@@ -56,7 +56,8 @@ class MotionInfo:
     max_position_len: rows of the stored PE table, or the generation's default when none is stored.
     stored_pe_len: rows of the stored table (None when the file has none).
     layout: "original", "diffusers" or "native". dtype: the file's floating dtype, e.g. "float16".
-    reason: a sentence saying how ``version`` was decided.
+    reason: a sentence saying how ``version`` was decided. num_heads: as stated by the file, None when
+    it states none (original checkpoints; every published module uses 8).
     """
 
     path: str
@@ -69,12 +70,12 @@ class MotionInfo:
     dtype: str
     reason: str
     stored_pe_len: int | None = None
-    num_heads: int = 8
+    num_heads: int | None = None  # only when the file states it (diffusers config.json, native metadata)
 
     def motion_config(self, norm_num_groups: int = 32) -> MotionConfig:
         """The MotionConfig a UNet3D needs for this file (PE length as stored, heads as configured)."""
         base = MotionConfig.for_version(self.version, norm_num_groups=norm_num_groups)
-        return replace(base, max_position_len=self.max_position_len, num_heads=self.num_heads)
+        return replace(base, max_position_len=self.max_position_len, num_heads=self.num_heads or base.num_heads)
 
     def summary(self) -> str:
         """One line for logs and the CLI ``info`` command."""
@@ -283,7 +284,8 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
         native = motion_state_from_diffusers(weights)
     channels, mid = _structure(native, where)
     adapter, ours = adapter_config or {}, native_config or {}
-    heads = int(adapter.get("motion_num_attention_heads") or ours.get("num_heads") or 8)
+    stated = adapter.get("motion_num_attention_heads") or ours.get("num_heads")
+    heads = int(stated) if stated else None  # original files do not store it (8 in every published module)
     if stored is None:
         stored = int(adapter.get("motion_max_seq_length") or ours.get("max_position_len") or 0) or None
     ver, reason = _decide(version, mid, stored, name, ours, where, layout)
@@ -307,11 +309,21 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
     by default those of the spatial weights (``conv_in``). Returns the MotionInfo (``reason`` says how the
     version was decided). Raises CheckpointError naming the file on any mismatch.
     """
+    if getattr(unet, "motion", None) is None:
+        raise ValueError("unet was built without motion modules (motion=None); build it with "
+                         "MotionConfig.for_version(...) to load a motion module")
+    native, info = read_motion_module(path, version)
+    return assign_motion_state(unet, native, info, device, dtype)
+
+
+def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionInfo,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MotionInfo:
+    """The second half of :func:`load_motion_module`, for a module already read with :func:`read_motion_module`
+    (so a caller that needs ``info`` to build the UNet reads the file once)."""
     built = getattr(unet, "motion", None)
     if built is None:
         raise ValueError("unet was built without motion modules (motion=None); build it with "
                          "MotionConfig.for_version(...) to load a motion module")
-    native, info = read_motion_module(path, version)
     if info.version != built.version:
         raise CheckpointError(f"{info.path}: is a {info.version} motion module ({info.reason}) but the UNet was built "
                               f"for {built.version}; build it with MotionConfig.for_version({info.version!r}) "
@@ -320,6 +332,9 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
     if info.channels != widths:
         raise CheckpointError(f"{info.path}: motion module channels {list(info.channels)} do not fit the base UNet's "
                               f"block_out_channels {list(widths)} (a motion module for another base model?)")
+    if info.num_heads is not None and info.num_heads != built.num_heads:
+        raise CheckpointError(f"{info.path}: the file's config says {info.num_heads} attention heads but the UNet's "
+                              f"motion modules were built with {built.num_heads}")
     if info.stored_pe_len is not None and built.max_position_len > info.stored_pe_len:
         logger.warning("%s: UNet built for %d frames but the module was trained with a %d-row position table",
                        info.path, built.max_position_len, info.stored_pe_len)
