@@ -180,11 +180,15 @@ def test_seeded_batch_with_guidance_matches_diffusers(ours, seeded_reference) ->
     assert (got[0] - got[1]).abs().max() > 1e-3  # the two videos of a prompt got different noise
 
 
-def test_motion_module_from_original_checkpoint(models, seeded_reference) -> None:
+def test_motion_module_from_original_checkpoint(models, ours) -> None:
     pipe = load_pipeline(models.sd, motion_module=models.mm_original)
-    assert pipe.unet.motion.version == "v2" and pipe.max_frames == 32
-    got = _sample(pipe, PROMPTS, negative_prompt=NEGATIVES, num_videos_per_prompt=2, guidance_scale=7.5, seed=0)
-    _check("original-format motion module", got, seeded_reference)
+    assert pipe.unet.motion == ours.unet.motion and pipe.unet.motion.version == "v2" and pipe.max_frames == 32
+    # Same tensors as the diffusers-format load (whose output matches diffusers above), so the same videos.
+    state, reference = pipe.unet.state_dict(), ours.unet.state_dict()
+    assert sorted(state) == sorted(reference)
+    assert all(torch.equal(state[k], reference[k]) for k in state)
+    kwargs = dict(guidance_scale=7.5, seed=0, num_frames=2)
+    assert torch.equal(_sample(pipe, **kwargs), _sample(ours, **kwargs))
 
 
 def test_given_latents_without_guidance_match_diffusers(ours, oracle) -> None:
@@ -223,9 +227,9 @@ def test_context_window_over_all_frames_equals_plain_path(ours) -> None:
 
 
 def test_smaller_context_windows_cover_every_frame_deterministically(ours) -> None:
-    kwargs = dict(num_frames=6, guidance_scale=7.5, seed=2, context_frames=4, context_overlap=2)
-    first, second = _sample(ours, **kwargs), _sample(ours, **kwargs)
-    plain = _sample(ours, num_frames=6, guidance_scale=7.5, seed=2)
+    kwargs = dict(num_frames=6, guidance_scale=1.0, seed=2, steps=1)
+    first, second = (_sample(ours, context_frames=4, context_overlap=2, **kwargs) for _ in range(2))
+    plain = _sample(ours, **kwargs)
     assert first.shape == (1, 6, 3, H, W) and torch.isfinite(first).all()
     assert torch.equal(first, second)
     assert (first - plain).abs().max() > 1e-4  # windows of 4 frames do change the motion module's view
