@@ -21,6 +21,7 @@ from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.clip_map import clip_state_to_ldm
 from animatediff_lite.loading.detect import detect_layout, layout_of_keys
 from animatediff_lite.loading.io import save_state_dict
+from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module
 from animatediff_lite.loading.motion_map import motion_state_from_diffusers
 from animatediff_lite.loading.pipeline_load import load_pipeline
 from animatediff_lite.loading.unet_map import unet_config_from_diffusers, unet_state_to_ldm
@@ -187,7 +188,7 @@ def test_motion_module_from_original_checkpoint(models, ours) -> None:
     state, reference = pipe.unet.state_dict(), ours.unet.state_dict()
     assert sorted(state) == sorted(reference)
     assert all(torch.equal(state[k], reference[k]) for k in state)
-    kwargs = dict(guidance_scale=7.5, seed=0, num_frames=2)
+    kwargs = dict(guidance_scale=7.5, seed=0, num_frames=2, steps=1)
     assert torch.equal(_sample(pipe, **kwargs), _sample(ours, **kwargs))
 
 
@@ -285,6 +286,12 @@ def test_bad_weights_are_checkpoint_errors(models, tmp_path) -> None:
         load_pipeline(models.sd, motion_module=models.mm, dreambooth=models.mm_original)
     with pytest.raises(CheckpointError, match="no embedded default model"):
         generate("a cat")
+    torch.manual_seed(0)
+    narrow = diffusers.MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1,
+                                     motion_norm_num_groups=8, use_motion_mid_block=True)
+    narrow.save_pretrained(str(tmp_path / "narrow_mm"))
+    with pytest.raises(CheckpointError, match="channels"):  # a motion module for another base model
+        load_pipeline(models.sd, motion_module=tmp_path / "narrow_mm")
 
 
 # ------------------------------------------------------------------------------------------ layouts
@@ -297,6 +304,9 @@ def test_detect_layout(models, tmp_path: Path) -> None:
     assert detect_layout(models.dreambooth) == "ldm_single_file"
     assert detect_layout(models.sd / "unet" / "diffusion_pytorch_model.safetensors") == "diffusers_unet"
     assert detect_layout(models.sd / "vae" / "diffusion_pytorch_model.safetensors") == "diffusers_vae"
+    native, info = read_motion_module(models.mm_original)
+    save_motion_module(native, tmp_path / "native_mm.safetensors", info.motion_config(8))
+    assert detect_layout(tmp_path / "native_mm.safetensors") == "native_motion_module"
     w = torch.zeros(2, 2)
     kohya = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": w,
              "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)}

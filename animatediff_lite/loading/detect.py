@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .io import SAFETENSORS_SUFFIXES, _looks_like_safetensors, read_state_dict
+from .io import SAFETENSORS_SUFFIXES, _looks_like_safetensors, read_safetensors_metadata, read_state_dict
+from .motion_load import NATIVE_FORMAT as NATIVE_MOTION_FORMAT
 
 LAYOUTS: dict[str, str] = {
     "diffusers_folder": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)",
@@ -20,6 +21,7 @@ LAYOUTS: dict[str, str] = {
     "ldm_single_file": "an LDM / civitai single-file model (model.diffusion_model.*, first_stage_model.*, ...)",
     "original_motion_module": "an original AnimateDiff motion module (...motion_modules.N.temporal_transformer...)",
     "native": "an animatediff-lite video UNet (UNet keys plus original-layout motion modules)",
+    "native_motion_module": "an animatediff-lite motion module (original keys, MotionConfig in the metadata)",
     "diffusers_motion_unet": "a diffusers UNetMotionModel (UNet keys plus diffusers motion modules)",
     "kohya_lora": "a kohya LoRA (lora_unet_* / lora_te_* with lora_down/lora_up/alpha)",
     "motion_lora": "an AnimateDiff MotionLoRA (...motion_modules...processor.to_q_lora.down/up)",
@@ -47,14 +49,17 @@ def detect_layout(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{path}: no such file or folder (expected model weights)")
     if path.is_dir():
         return _folder_layout(path)
-    return layout_of_keys(read_keys(path), path)
+    layout = layout_of_keys(read_keys(path), path)
+    if layout == "original_motion_module" and _is_safetensors(path):
+        if read_safetensors_metadata(path).get("format") == NATIVE_MOTION_FORMAT:
+            return "native_motion_module"
+    return layout
 
 
 def read_keys(path: str | os.PathLike) -> list[str]:
     """Tensor names of a weights file (wrappers and a ``module.`` prefix removed)."""
     path = Path(path)
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES or (path.is_file() and path.stat().st_size >= 9
-                                                         and _looks_like_safetensors(path)):
+    if _is_safetensors(path):
         try:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
@@ -68,6 +73,11 @@ def read_keys(path: str | os.PathLike) -> list[str]:
             keys = [k[len("module."):] for k in keys]
         return keys
     return list(read_state_dict(path, "model weights"))
+
+
+def _is_safetensors(path: Path) -> bool:
+    return path.suffix.lower() in SAFETENSORS_SUFFIXES or (path.is_file() and path.stat().st_size >= 9
+                                                           and _looks_like_safetensors(path))
 
 
 def layout_of_keys(keys: Iterable[str], path: str | os.PathLike = "<memory>") -> str:

@@ -20,7 +20,7 @@ from ..scheduler import DDIM, DDIMConfig
 from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
 from .detect import LAYOUTS, detect_layout
 from .io import read_state_dict
-from .motion_load import load_motion_module, read_motion_module
+from .motion_load import assign_motion_state, read_motion_module
 from .unet_map import MOTION_TAG, assign_strict, read_unet_source, unet_state_from_ldm
 from .vae_map import load_vae, vae_state_from_ldm
 
@@ -108,18 +108,17 @@ def _load_video_unet(base: str | os.PathLike, motion_module: str | os.PathLike |
     """
     from ..unet import UNet3D  # models are imported lazily: loading only needs them here
 
-    motion_config = None
+    native, info, motion_config = None, None, None
     if motion_module is not None:
-        _, info = read_motion_module(motion_module, version)
-        version = info.version
+        native, info = read_motion_module(motion_module, version)  # read once: info sizes the UNet
     spatial, config, where = read_unet_source(base)
-    if motion_module is not None:
+    if info is not None:
         motion_config = info.motion_config(norm_num_groups=config.norm_num_groups)
     with torch.device("meta"):
         unet = UNet3D(config, motion_config)
     expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
     assign_strict(unet, spatial, expected, where, "the base UNet (spatial layers)", device, dtype)
-    if motion_module is not None:
-        load_motion_module(unet, motion_module, version, device, dtype)  # strict; resets the PE buffers
+    if info is not None:
+        assign_motion_state(unet, native, info, device, dtype)  # strict, with version/width checks
     unet.reset_buffers()  # position tables follow the weights' device
     return unet.eval()
