@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Convert a motion module (any supported layout) to original or diffusers keys.")
     cm.add_argument("input")
     cm.add_argument("output", help=".safetensors or .ckpt")
-    cm.add_argument("--to", choices=("original", "diffusers"), required=True)
+    cm.add_argument("--to", choices=("original", "diffusers", "native"), required=True,
+                    help="original AnimateDiff keys (with PE tables), diffusers MotionAdapter keys, or native "
+                         "safetensors with the motion config in its metadata")
     cm.add_argument("--motion-module-version", choices=("v1", "v2", "v3"))
     cm.set_defaults(func=cmd_convert_motion)
     cu = csub.add_parser("unet", help="SD UNet: LDM <-> diffusers key names",
@@ -249,14 +251,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_convert_motion(args: argparse.Namespace) -> int:
     from .loading.io import save_state_dict
-    from .loading.motion_load import read_motion_module
+    from .loading.motion_load import read_motion_module, save_motion_module, save_motion_module_original
     from .loading.motion_map import motion_state_to_diffusers
 
     state, info = read_motion_module(args.input, args.motion_module_version)
     if args.to == "diffusers":
-        state = motion_state_to_diffusers(state, max_seq_length=info.max_position_len)
-    save_state_dict(state, args.output, {"animatediff_version": info.version})
-    print(f"{args.output}: {len(state)} tensors, motion module {info.version}, {args.to} layout")
+        save_state_dict(motion_state_to_diffusers(state, max_seq_length=info.max_position_len), args.output)
+    elif args.to == "native":
+        save_motion_module(state, args.output, info.motion_config())
+    else:
+        save_motion_module_original(state, args.output, max_len=info.max_position_len)
+    print(f"{args.output}: motion module {info.version} ({info.reason}), {args.to} layout")
     return 0
 
 

@@ -152,6 +152,24 @@ def test_convert_motion_roundtrip(tmp_path, capsys):
     assert set(back) == set(motion) and all(torch.equal(back[k], motion[k]) for k in motion)
 
 
+def test_convert_motion_keeps_v1_pe_length_and_native_config(tmp_path):
+    from animatediff_lite.loading.io import read_state_dict
+    from animatediff_lite.loading.motion_load import read_motion_module
+    from animatediff_lite.unet import UNet3D
+
+    unet = UNet3D(TINY.unet, MotionConfig.for_version("v1", TINY.unet.norm_num_groups))
+    motion = {k: v for k, v in unet.state_dict().items() if "motion_modules." in k}
+    torch.save({"state_dict": motion}, tmp_path / "mm_sd_v15.ckpt")
+    assert main(["convert", "motion", str(tmp_path / "mm_sd_v15.ckpt"), str(tmp_path / "orig.ckpt"),
+                 "--to", "original", "--motion-module-version", "v1"]) == 0
+    pe = [v for k, v in read_state_dict(tmp_path / "orig.ckpt").items() if k.endswith("pos_encoder.pe")]
+    assert pe and all(t.shape[1] == 24 for t in pe)  # v1 tables written back at their own length
+    assert read_motion_module(tmp_path / "orig.ckpt")[1].version == "v1"  # detected from the PE length alone
+    assert main(["convert", "motion", str(tmp_path / "orig.ckpt"), str(tmp_path / "mm.safetensors"),
+                 "--to", "native"]) == 0
+    assert read_motion_module(tmp_path / "mm.safetensors")[1].version == "v1"  # from the native metadata
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny SD folder saved by diffusers/transformers plus an original-layout v2 motion module, laid out
