@@ -9,6 +9,7 @@ callbacks, argument errors, layout detection.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from animatediff_lite.loading.clip_map import clip_state_to_ldm
 from animatediff_lite.loading.detect import detect_layout, layout_of_keys
 from animatediff_lite.loading.io import save_state_dict
 from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module
-from animatediff_lite.loading.motion_map import motion_state_from_diffusers
+from animatediff_lite.loading.motion_map import motion_key_to_diffusers, motion_state_from_diffusers
 from animatediff_lite.loading.pipeline_load import load_pipeline
 from animatediff_lite.loading.unet_map import unet_config_from_diffusers, unet_state_to_ldm
 from animatediff_lite.loading.vae_map import vae_state_to_ldm
@@ -214,6 +215,44 @@ def test_dreambooth_single_file_replaces_base_weights(models) -> None:
     _check("DreamBooth LDM single file", got, expected)
 
 
+def test_kohya_lora_and_motion_lora_match_hand_merged_diffusers(models, tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(9)
+    unet_key, rank = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 2  # (32, 32) cross-attn key
+    te_key = "encoder.layers.1.self_attn.out_proj"
+    mm_key = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.1.to_v"
+    d = {name: (torch.randn(rank, 32, generator=g) * 0.3, torch.randn(32, rank, generator=g) * 0.3)
+         for name in ("unet", "te", "mm")}
+    kohya = {}
+    for prefix, key, name in (("lora_unet_", unet_key, "unet"), ("lora_te_text_model_", te_key, "te")):
+        flat = prefix + key.replace(".", "_")
+        kohya[f"{flat}.lora_down.weight"], kohya[f"{flat}.lora_up.weight"] = d[name]
+        kohya[f"{flat}.alpha"] = torch.tensor(1.0)  # alpha / rank = 0.5
+    mm_lora = {f"{mm_key.rsplit('.', 1)[0]}.processor.to_v_lora.down.weight": d["mm"][0],
+               f"{mm_key.rsplit('.', 1)[0]}.processor.to_v_lora.up.weight": d["mm"][1]}
+    save_state_dict(kohya, tmp_path / "style.safetensors")
+    save_state_dict(mm_lora, tmp_path / "v2_lora_ZoomIn.ckpt")
+    pipe = load_pipeline(models.sd, motion_module=models.mm, loras=[(tmp_path / "style.safetensors", 0.8)],
+                         motion_loras=[(tmp_path / "v2_lora_ZoomIn.ckpt", 0.6)])
+
+    # oracle: copies of the diffusers modules with W += scale * (alpha / rank) * up @ down applied by hand
+    parts = SimpleNamespace(unet=copy.deepcopy(models.base.unet), vae=models.base.vae,
+                            text=copy.deepcopy(models.base.text))
+    oracle = _oracle(parts, models)
+    with torch.no_grad():
+        # transformers 5 keeps CLIP under text_model. or not, depending on the version: find the layer by suffix
+        te_name = next(n for n, _ in oracle.text_encoder.named_modules() if n.endswith(te_key))
+        updates = ((oracle.unet, unet_key, 0.8 * 0.5, "unet"), (oracle.text_encoder, te_name, 0.8 * 0.5, "te"),
+                   (oracle.unet, motion_key_to_diffusers(mm_key), 0.6, "mm"))
+        for module, key, factor, name in updates:
+            down, up = d[name]
+            module.get_submodule(key).weight += factor * (up @ down)
+    expected = _run_oracle(oracle, prompt=PROMPTS[0], guidance_scale=7.5, generator=torch.Generator().manual_seed(6))
+    got = _sample(pipe, PROMPTS[0], guidance_scale=7.5, seed=6)
+    _check("kohya LoRA 0.8 + MotionLoRA 0.6", got, expected)
+    plain = _sample(load_pipeline(models.sd, motion_module=models.mm), PROMPTS[0], guidance_scale=7.5, seed=6)
+    assert (got - plain).abs().max() > 1e-4  # the LoRAs did change the video
+
+
 def test_scheduler_is_animatediff_ddim_not_the_folders(ours) -> None:
     assert ours.scheduler.config == DDIMConfig()
     assert ours.scheduler.timesteps(25)[0].item() == 961
@@ -247,6 +286,14 @@ def test_callback_sees_every_step_and_can_replace_latents(ours) -> None:
     assert [(i, t) for i, t, _ in seen] == list(enumerate(ours.scheduler.timesteps(STEPS).tolist()))
     assert seen[0][2] == (1, 4, FRAMES, H // 2, W // 2)
     assert torch.equal(got, ours.decode(torch.zeros(1, 4, FRAMES, H // 2, W // 2)))
+
+
+def test_bfloat16_on_cpu_follows_float32(models, ours) -> None:
+    pipe = load_pipeline(models.sd, motion_module=models.mm, dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.post_quant_conv.weight.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: a loose bound (measured 0.05 on this random model)
+    _check("bf16 on CPU vs fp32", _sample(pipe, guidance_scale=7.5, seed=0), _sample(ours, guidance_scale=7.5, seed=0),
+           atol=0.1)
 
 
 # ------------------------------------------------------------------------------------------ errors
