@@ -202,8 +202,8 @@ class Pipeline:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if seed is not None and generator is not None:
             raise ValueError("seed and generator: pass one of them, not both")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be an int, got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch's seed range), got {seed!r}")
         limit = self.max_frames
         if context_frames is None:
             if limit is not None and num_frames > limit:

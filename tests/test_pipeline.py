@@ -303,7 +303,8 @@ BAD_ARGS = [
     ({"num_frames": 0}, "num_frames"), ({"steps": 0}, "steps"), ({"prompt": []}, "prompt"),
     ({"prompt": ["a", 3]}, "prompt"), ({"negative_prompt": ["x", "y"]}, "negative_prompt"),
     ({"num_videos_per_prompt": 0}, "num_videos_per_prompt"), ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents"),
-    ({"seed": 1, "generator": torch.Generator()}, "seed"), ({"eta": -0.5}, "eta"),
+    ({"seed": 1, "generator": torch.Generator()}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": "7"}, "seed"),
+    ({"eta": -0.5}, "eta"),
     ({"num_frames": 40}, "context_frames"), ({"context_frames": 4, "context_overlap": 4}, "context_overlap"),
     ({"context_frames": 33, "num_frames": 40}, "context_frames"),
 ]
