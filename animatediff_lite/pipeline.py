@@ -73,8 +73,7 @@ class Pipeline:
     @property
     def max_frames(self) -> int | None:
         """Frames one UNet call can take (the motion module's PE length), None without a motion module."""
-        motion = getattr(self.unet, "motion", None) or getattr(self.unet, "motion_config", None)
-        return getattr(motion, "max_position_len", None)
+        return getattr(self.unet, "max_frames", None)
 
     @property
     def latent_factor(self) -> int:
@@ -142,7 +141,7 @@ class Pipeline:
             eps = windowed(eps_fn, x, windows) if windows else eps_fn(x)
             x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
             if callback is not None and (replaced := callback(i, t, x)) is not None:
-                x = replaced
+                x = replaced.to(x.device, x.dtype)
         return self.decode(x)
 
     @property
