@@ -51,29 +51,33 @@ def _randomize(module: torch.nn.Module, seed: int, scale: float = 0.15) -> None:
             p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
-def _components(seed: int) -> SimpleNamespace:
+def _components(seed: int, sd_conventions: bool = False) -> SimpleNamespace:
+    """Tiny random parts. ``sd_conventions``: the settings an LDM single file cannot store and readers assume
+    (SD1.5's 8 UNet heads, 32 GroupNorm groups, 64-wide CLIP heads), so the file alone describes the model."""
     torch.manual_seed(seed)
+    groups, heads, width = (32, 8, 64) if sd_conventions else (8, 2, 32)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1, cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+        layers_per_block=1, cross_attention_dim=width, attention_head_dim=heads, norm_num_groups=groups)
     vae = diffusers.AutoencoderKL(
         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8, latent_channels=4)
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=groups, latent_channels=4)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408,
-        max_position_embeddings=77))
+        hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=width // 64 if sd_conventions else 4, vocab_size=49408, max_position_embeddings=77))
     for m in (unet, vae, text):
         _randomize(m, seed, 0.02)
     return SimpleNamespace(unet=unet.eval(), vae=vae.eval(), text=text.eval())
 
 
-def _adapter(seed: int):
+def _adapter(seed: int, groups: int = 8):
     torch.manual_seed(seed)
     # 8 heads: the original format stores no head count and AnimateDiff always uses 8.
     adapter = diffusers.MotionAdapter(
         block_out_channels=(32, 64), motion_layers_per_block=1, motion_mid_block_layers_per_block=1,
-        motion_num_attention_heads=8, motion_norm_num_groups=8, motion_max_seq_length=32, use_motion_mid_block=True)
+        motion_num_attention_heads=8, motion_norm_num_groups=groups, motion_max_seq_length=32,
+        use_motion_mid_block=True)
     _randomize(adapter, seed)
     return adapter.eval()
 
@@ -251,6 +255,18 @@ def test_kohya_lora_and_motion_lora_match_hand_merged_diffusers(models, tmp_path
     _check("kohya LoRA 0.8 + MotionLoRA 0.6", got, expected)
     plain = _sample(load_pipeline(models.sd, motion_module=models.mm), PROMPTS[0], guidance_scale=7.5, seed=6)
     assert (got - plain).abs().max() > 1e-4  # the LoRAs did change the video
+
+
+def test_ldm_single_file_as_base(models, tmp_path: Path) -> None:
+    parts, adapter = _components(3, sd_conventions=True), _adapter(4, groups=32)
+    ldm = {**unet_state_to_ldm(parts.unet.state_dict(), unet_config_from_diffusers(dict(parts.unet.config))),
+           **vae_state_to_ldm(parts.vae.state_dict()), **clip_state_to_ldm(_native_clip(parts.text))}
+    save_state_dict(ldm, tmp_path / "model.safetensors")
+    adapter.save_pretrained(str(tmp_path / "mm"))
+    pipe = load_pipeline(tmp_path / "model.safetensors", motion_module=tmp_path / "mm")
+    expected = _run_oracle(_oracle(parts, SimpleNamespace(tokenizer=models.tokenizer, adapter=adapter)),
+                           prompt=PROMPTS[1], guidance_scale=7.5, generator=torch.Generator().manual_seed(8))
+    _check("LDM single file as base", _sample(pipe, PROMPTS[1], guidance_scale=7.5, seed=8), expected)
 
 
 def test_scheduler_is_animatediff_ddim_not_the_folders(ours) -> None:
