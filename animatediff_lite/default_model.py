@@ -1,0 +1,220 @@
+"""The embedded default model: a tiny text-to-video model of the AnimateDiff architecture, shipped in the package.
+
+It has every part of the real thing (the real CLIP tokenizer, a CLIP text encoder, an AutoencoderKL, a UNet3D
+with v2-style motion modules, DDIM sampling) at toy sizes, trained from scratch by
+``examples/train_tiny_default.py`` on the procedural clips of :mod:`animatediff_lite.synthetic` (coloured
+circles, squares and triangles moving, growing, shrinking or rotating on grey backgrounds). It knows the
+words of those captions and makes 32x32, 8-frame clips; see ``docs/default_model.md``.
+
+File format (``assets/default_model.safetensors``): native state-dict keys of the three parts behind the
+prefixes ``text_encoder.``, ``vae.`` and ``unet.`` (motion modules included), stored as float16; the
+safetensors metadata holds ``config`` (JSON of :class:`~animatediff_lite.config.ModelConfig`), ``sample``
+(JSON of the sampling defaults) and ``recipe`` / ``training`` (how the file was made).
+
+    from animatediff_lite.default_model import load_default_pipeline
+    pipe = load_default_pipeline()
+    video = pipe("a blue square moving right", **pipe_defaults())   # (1, 8, 3, 32, 32) in [0, 1]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from .errors import CheckpointError
+
+FORMAT = "animatediff-lite-default-model/1"
+PARTS = ("text_encoder", "vae", "unet")
+ASSET = "default_model.safetensors"
+
+# Sizes of the default model. The VAE has three levels (4x downsampling: 32x32 frames -> 8x8 latents);
+# its scaling_factor here is a placeholder, the trained value (1 / std of the latents) is in the file.
+DEFAULT_CONFIG = ModelConfig(
+    clip=CLIPConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4),
+    vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0),
+    unet=UNetConfig(
+        block_out_channels=(32, 64),
+        down_cross_attention=(False, True),  # text enters at 4x4 and in the mid block: colour and motion are global
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ),
+    motion=MotionConfig(version="v2", num_heads=4, max_position_len=32, mid_block=True, norm_num_groups=8),
+)
+
+# What the model was trained for; load_pipeline()/generate() should use these when the caller gives none.
+DEFAULT_SAMPLE: dict[str, float | int] = {"num_frames": 8, "height": 32, "width": 32, "steps": 20,
+                                          "guidance_scale": 4.0}
+
+
+def default_weights_path() -> Path:
+    """Path of the shipped weights file inside the installed package."""
+    return Path(str(resources.files("animatediff_lite").joinpath("assets").joinpath(ASSET)))
+
+
+def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module,
+                       config: ModelConfig, sample: Mapping | None = None, extra: Mapping[str, str] | None = None,
+                       dtype: torch.dtype = torch.float16) -> None:
+    """Write the three parts as one safetensors file in the default-model format (atomically).
+
+    ``config`` must be the config the parts were built from; ``sample`` the sampling defaults (default
+    :data:`DEFAULT_SAMPLE`); ``extra`` more metadata strings (the recipe command, a training summary).
+    """
+    from .loading.io import save_state_dict
+
+    state = {}
+    for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True):
+        for key, value in module.state_dict().items():
+            state[f"{prefix}.{key}"] = value.detach().to(dtype)
+    metadata = {"format": FORMAT, "config": json.dumps(to_dict(config)),
+                "sample": json.dumps(dict(sample or DEFAULT_SAMPLE)), **dict(extra or {})}
+    save_state_dict(state, path, metadata)
+
+
+def read_default_model(path: str | os.PathLike | None = None) -> tuple[dict[str, dict[str, torch.Tensor]],
+                                                                       ModelConfig, dict[str, str]]:
+    """Read a default-model file: ({part: native state dict}, model config, raw metadata).
+
+    Raises CheckpointError naming the file when it is missing, unreadable or not in this format.
+    """
+    from .loading.io import read_safetensors_metadata, read_state_dict
+
+    path = Path(path) if path is not None else default_weights_path()
+    what = "the embedded default model (text_encoder./vae./unet. tensors + config metadata)"
+    state = read_state_dict(path, what)
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r} "
+                              f"with a 'config' entry ({what})")
+    try:
+        config = from_dict(ModelConfig, json.loads(metadata["config"]))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the 'config' metadata is not a model config ({e})") from e
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
+    for key, value in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in parts:
+            raise CheckpointError(f"{path}: unexpected key {key!r}; keys must start with one of {PARTS} ({what})")
+        parts[prefix][rest] = value
+    return parts, config, metadata
+
+
+def sample_defaults(metadata: Mapping[str, str] | None = None) -> dict[str, float | int]:
+    """Sampling defaults (num_frames, height, width, steps, guidance_scale) of a file's metadata."""
+    if metadata is None or "sample" not in metadata:
+        return dict(DEFAULT_SAMPLE)
+    return {**DEFAULT_SAMPLE, **json.loads(metadata["sample"])}
+
+
+def load_default_parts(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                       dtype: torch.dtype = torch.float32):
+    """(tokenizer, text_encoder, vae, unet, config, metadata) of the default model, in eval mode.
+
+    Each part is built on the meta device from the file's config and loaded strictly (CheckpointError
+    naming the file and the keys otherwise), then moved to ``device`` / ``dtype``.
+    """
+    from .clip import TextEncoder
+    from .loading.io import load_strict
+    from .tokenizer import Tokenizer
+    from .unet import UNet3D
+    from .vae import AutoencoderKL
+
+    path = Path(path) if path is not None else default_weights_path()
+    parts, config, metadata = read_default_model(path)
+    with torch.device("meta"):
+        modules = {"text_encoder": TextEncoder(config.clip), "vae": AutoencoderKL(config.vae),
+                   "unet": UNet3D(config.unet, config.motion)}
+    for name, module in modules.items():
+        # fp16 on disk: restore in fp32 (load_strict casts to the parameter dtype), then cast once.
+        load_strict(module, parts[name], path, f"the default {name}")
+    modules["unet"].reset_buffers()  # the motion modules' position tables, still on the meta device
+    for module in modules.values():
+        module.to(device=device, dtype=dtype).eval()
+    return Tokenizer(), modules["text_encoder"], modules["vae"], modules["unet"], config, metadata
+
+
+def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                          path: str | os.PathLike | None = None):
+    """The embedded default model as a ready :class:`~animatediff_lite.pipeline.Pipeline` (AnimateDiff's DDIM).
+
+    ``pipe.sample_defaults`` holds the sizes it was trained for (8 frames of 32x32); pass them to
+    ``pipe(...)`` (``pipe(prompt, **pipe.sample_defaults)``) unless you want something else.
+    """
+    from .pipeline import Pipeline, check_device_dtype
+
+    device, dtype = check_device_dtype(device, dtype)
+    tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
+    pipe = Pipeline(tokenizer, text_encoder, vae, unet, device=device, dtype=dtype)
+    pipe.sample_defaults = sample_defaults(metadata)
+    return pipe
+
+
+# ------------------------------------------------------------------ semantic checks of generated clips
+# Used by the tests and the evaluation script: the synthetic clips have one saturated shape on a grey
+# background, so saturation separates the shape from the background.
+
+def shape_mask(video: np.ndarray | torch.Tensor, threshold: float = 0.25) -> np.ndarray:
+    """Per-pixel weight of "shape" (F, H, W): saturation (max - min over RGB) above ``threshold``, else 0.
+
+    video: (F, 3, H, W) in [0, 1].
+    """
+    v = np.asarray(video, dtype=np.float32)
+    sat = v.max(axis=1) - v.min(axis=1)
+    return np.where(sat > threshold, sat, 0.0)
+
+
+def dominant_colour(video: np.ndarray | torch.Tensor) -> str | None:
+    """Name of the synthetic colour (:data:`synthetic.COLOURS`) nearest to the saturated pixels' mean, or None.
+
+    video: (F, 3, H, W) in [0, 1]. None when no pixel is saturated.
+    """
+    from .synthetic import COLOURS
+
+    v = np.asarray(video, dtype=np.float32)
+    w = shape_mask(v)
+    if w.sum() <= 0:
+        return None
+    mean = (v * w[:, None]).sum(axis=(0, 2, 3)) / w.sum()  # (3,)
+    return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - mean) ** 2)))
+
+
+def centroid_shift(video: np.ndarray | torch.Tensor, edge_frames: int = 2) -> np.ndarray | None:
+    """(dx, dy) in pixels of the shape's centroid from the first to the last ``edge_frames`` frames, or None.
+
+    video: (F, 3, H, W) in [0, 1]; y grows downwards. None when some frame has no saturated pixel.
+    """
+    w = shape_mask(video)
+    mass = w.sum(axis=(1, 2))  # (F,)
+    if np.any(mass <= 0):
+        return None
+    ys, xs = np.mgrid[0:w.shape[1], 0:w.shape[2]]
+    cx = (w * xs).sum(axis=(1, 2)) / mass
+    cy = (w * ys).sum(axis=(1, 2)) / mass
+    k = min(edge_frames, len(mass) // 2) or 1
+    return np.array([cx[-k:].mean() - cx[:k].mean(), cy[-k:].mean() - cy[:k].mean()])
+
+
+def motion_direction(video: np.ndarray | torch.Tensor, min_fraction: float = 0.15) -> str | None:
+    """The synthetic direction ("moving left", ...) the shape's centroid moves in, or None.
+
+    The shift must be along that direction's axis more than along the other one and at least
+    ``min_fraction`` of the frame size (the synthetic clips travel 40-55% of it).
+    """
+    from .synthetic import DIRECTIONS
+
+    shift = centroid_shift(video)
+    if shift is None:
+        return None
+    size = min(np.asarray(video).shape[-2:])
+    best = max(DIRECTIONS, key=lambda name: float(np.dot(DIRECTIONS[name], shift)))
+    along = float(np.dot(DIRECTIONS[best], shift))
+    return best if along >= min_fraction * size else None

@@ -1,0 +1,263 @@
+"""Train the embedded default model from scratch on procedural clips (the recipe behind the shipped weights).
+
+    python examples/train_tiny_default.py --out animatediff_lite/assets/default_model.safetensors
+
+Model: ``animatediff_lite.default_model.DEFAULT_CONFIG`` (CLIP text encoder 64 wide x 2 layers, 3-level
+AutoencoderKL 32x32 -> 8x8 latents, 2-level UNet3D 32/64 wide with v2 motion modules), random init.
+Data: :func:`animatediff_lite.synthetic.render_clip` clips of the *training* combinations of
+:func:`animatediff_lite.synthetic.split_specs` (the held-out combinations are never seen), 8 frames of 32x32.
+
+Stage 1, autoencoder: frames -> posterior sample -> reconstruction; L1 + MSE + a small KL, Adam.
+          The latent scaling factor is then set to 1 / std of the latent means (SD's 0.18215 is the same idea).
+Stage 2, text encoder + UNet + motion modules together, the VAE frozen: epsilon-prediction MSE on latents
+          noised with AnimateDiff's linear-beta schedule (``DDIM.add_noise``), uniform timesteps, captions
+          dropped to "" with probability 0.1 (for classifier-free guidance), AdamW with warm-up and cosine
+          decay, gradient clipping, an EMA of the weights (the EMA is what ships). The token-embedding table
+          has no weight decay, so only the rows of caption words move (the other 49k rows keep their init).
+Then: the held-out prompts are sampled through the library's Pipeline and scored (colour + direction), and
+the weights are written in fp16 with the config in the safetensors metadata.
+
+The library's trainer (``animatediff_lite.train``) trains from video files with a frozen, given VAE; here
+the VAE itself must be trained first and the clips are made in memory, so this script runs its own short
+loop over the same parts (modules, ``DDIM.add_noise``, Pipeline). Everything is seeded: the same command on
+the same torch build gives the same file. Logs (JSON lines) go to ``--work``/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from animatediff_lite.clip import TextEncoder
+from animatediff_lite.config import to_dict
+from animatediff_lite.default_model import (
+    DEFAULT_CONFIG,
+    DEFAULT_SAMPLE,
+    dominant_colour,
+    motion_direction,
+    save_default_model,
+)
+from animatediff_lite.pipeline import Pipeline
+from animatediff_lite.scheduler import DDIM
+from animatediff_lite.synthetic import render_clip, split_specs
+from animatediff_lite.tokenizer import Tokenizer
+from animatediff_lite.unet import UNet3D
+from animatediff_lite.vae import AutoencoderKL
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="animatediff_lite/assets/default_model.safetensors")
+    p.add_argument("--work", default="runs/default_model", help="logs, stage-1 VAE, snapshots")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a shared machine)")
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch", type=int, default=16, help="images per VAE step (one random frame per clip)")
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=1e-5)
+    p.add_argument("--vae-from", default="", help="reuse a stage-1 VAE (work/vae.safetensors) instead of training")
+    p.add_argument("--pool", type=int, default=3000, help="training clips encoded once for stage 2")
+    p.add_argument("--steps", type=int, default=3000, help="stage-2 optimiser steps")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.998)
+    p.add_argument("--snapshot-every", type=int, default=250, help="write the EMA weights to work/snapshot")
+    p.add_argument("--eval-steps", type=int, default=int(DEFAULT_SAMPLE["steps"]))
+    p.add_argument("--guidance", type=float, default=float(DEFAULT_SAMPLE["guidance_scale"]))
+    return p.parse_args(argv)
+
+
+class Log:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a")
+        self.t0 = time.time()
+
+    def __call__(self, **row) -> None:
+        row = {"time_s": round(time.time() - self.t0, 1), **row}
+        line = json.dumps(row)
+        self.f.write(line + "\n")
+        self.f.flush()
+        print(line, flush=True)
+
+
+def clip_batch(specs, n: int, rng: np.random.Generator, frames: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """n random clips of ``specs``: video (n, 3, F, H, W) in [-1, 1] and captions."""
+    videos, captions = [], []
+    for _ in range(n):
+        spec = specs[int(rng.integers(len(specs)))]
+        videos.append(render_clip(spec, frames, size, seed=int(rng.integers(2**31))))
+        captions.append(spec.caption)
+    video = torch.from_numpy(np.stack(videos)).transpose(1, 2) * 2 - 1  # (n, 3, F, H, W)
+    return video, captions
+
+
+def train_vae(args, specs, log: Log) -> AutoencoderKL:
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(DEFAULT_CONFIG.vae)
+    if args.vae_from:
+        from animatediff_lite.loading.io import load_strict, read_state_dict
+        load_strict(vae, read_state_dict(args.vae_from), args.vae_from, "the stage-1 VAE")
+        return vae.eval()
+    opt = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
+    rng = np.random.default_rng([args.seed, 1])
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    vae.train()
+    for step in range(1, args.vae_steps + 1):
+        lr = args.vae_lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.vae_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        video, _ = clip_batch(specs, args.vae_batch, rng, args.frames, args.size)
+        frame = torch.from_numpy(rng.integers(args.frames, size=args.vae_batch))
+        x = video[torch.arange(args.vae_batch), :, frame]  # (n, 3, H, W): one frame of each clip
+        mean, logvar = vae.encode_frames(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
+        rec = vae.decode_frames(z)
+        l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = l1 + l2 + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == args.vae_steps:
+            log(stage="vae", step=step, loss=round(loss.item(), 5), l1=round(l1.item(), 5), kl=round(kl.item(), 3),
+                lr=round(lr, 6))
+    from animatediff_lite.loading.io import save_state_dict
+    save_state_dict(vae.state_dict(), Path(args.work) / "vae.safetensors")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(args, vae: AutoencoderKL, specs, log: Log) -> tuple[torch.Tensor, list[str], float]:
+    """Encode ``args.pool`` clips to latent means; returns (scaled latents (P, 4, F, h, w), captions, scale)."""
+    rng = np.random.default_rng([args.seed, 2])
+    latents, captions = [], []
+    for start in range(0, args.pool, 16):
+        video, caps = clip_batch(specs, min(16, args.pool - start), rng, args.frames, args.size)
+        latents.append(vae.encode(video, sample=False, chunk_size=128))  # scaling_factor is 1.0 here
+        captions += caps
+    latents = torch.cat(latents)
+    scale = float(1.0 / latents.std())
+    # Reconstruction error of the pool's first clips, as a check of stage 1.
+    video, _ = clip_batch(specs, 8, np.random.default_rng([args.seed, 3]), args.frames, args.size)
+    rec = vae.decode(vae.encode(video, sample=False)).clamp(-1, 1)
+    log(stage="pool", clips=len(captions), latent_std=round(1 / scale, 4), scaling_factor=round(scale, 5),
+        recon_l1_01=round(float((rec - video).abs().mean() / 2), 5))
+    return latents * scale, captions, scale
+
+
+def param_groups(text_encoder: TextEncoder, unet: UNet3D, weight_decay: float) -> list[dict]:
+    emb = text_encoder.embeddings.token_embedding.weight
+    rest = [p for p in list(text_encoder.parameters()) + list(unet.parameters()) if p is not emb]
+    return [{"params": rest, "weight_decay": weight_decay}, {"params": [emb], "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(pipe: Pipeline, specs, args, seed: int = 0) -> dict:
+    """Sample every spec's caption once; fraction with the right dominant colour and direction."""
+    video = pipe([s.caption for s in specs], num_frames=args.frames, height=args.size, width=args.size,
+                 steps=args.eval_steps, guidance_scale=args.guidance, seed=seed, progress=False)
+    colour = [dominant_colour(v) == s.colour for v, s in zip(video, specs, strict=True)]
+    motion = [motion_direction(v) == s.motion for v, s in zip(video, specs, strict=True)]
+    both = [a and b for a, b in zip(colour, motion, strict=True)]
+    return {"colour": float(np.mean(colour)), "direction": float(np.mean(motion)), "both": float(np.mean(both))}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    log = Log(work / "log.jsonl")
+    log(stage="start", argv=sys.argv, args=vars(args), torch=torch.__version__)
+    train_specs, held_out = split_specs()
+    cfg = DEFAULT_CONFIG
+
+    vae = train_vae(args, train_specs, log)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    latents, captions, scale = encode_pool(args, vae, train_specs, log)
+    import dataclasses
+    cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale))
+    vae.config = cfg.vae  # same weights; the pipeline divides by this factor before decoding
+
+    torch.manual_seed(args.seed + 10)
+    text_encoder, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
+    tokenizer = Tokenizer()
+    ids_all = tokenizer(captions)  # (P, 77)
+    ids_empty = tokenizer([""])[0]
+    ema = {k: v.detach().clone() for k, v in {**_prefixed(text_encoder, unet)}.items()}
+    opt = torch.optim.AdamW(param_groups(text_encoder, unet, args.weight_decay), lr=args.lr)
+    sched = DDIM()
+    gen = torch.Generator().manual_seed(args.seed + 20)
+    text_encoder.train()
+    unet.train()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    losses = []
+    for step in range(1, args.steps + 1):
+        warm = min(1.0, step / max(args.warmup, 1))
+        lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
+        x0 = latents[idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
+        ids[drop] = ids_empty
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        noisy = sched.add_noise(x0, noise, t)
+        pred = unet(noisy, t, text_encoder(ids))
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in _prefixed(text_encoder, unet).items():
+                ema[k].lerp_(v.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 25 == 0 or step == args.steps:
+            log(stage="unet", step=step, loss=round(float(np.mean(losses[-25:])), 5), lr=round(lr, 6),
+                grad_norm=round(float(grad_norm), 3))
+        if step % args.snapshot_every == 0 or step == args.steps:
+            te_ema, unet_ema = _ema_models(cfg, ema)
+            pipe = Pipeline(tokenizer, te_ema, vae, unet_ema)
+            scores = evaluate(pipe, held_out, args)
+            log(stage="eval", step=step, held_out=scores)
+            path = work / "snapshot.safetensors" if step < args.steps else Path(args.out)
+            extra = {"recipe": " ".join(["python", *sys.argv]),
+                     "training": json.dumps({"stage2_steps": step, "final_loss": float(np.mean(losses[-100:])),
+                                             "held_out": scores, "torch": torch.__version__})}
+            save_default_model(path, te_ema, vae, unet_ema, cfg, DEFAULT_SAMPLE, extra)
+    log(stage="done", out=str(args.out), config=to_dict(cfg))
+
+
+def _prefixed(text_encoder, unet) -> dict[str, torch.Tensor]:
+    return {**{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()},
+            **{f"unet.{k}": v for k, v in unet.state_dict().items()}}
+
+
+def _ema_models(cfg, ema: dict[str, torch.Tensor]):
+    te, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
+    te.load_state_dict({k[len("text_encoder."):]: v for k, v in ema.items() if k.startswith("text_encoder.")})
+    unet.load_state_dict({k[len("unet."):]: v for k, v in ema.items() if k.startswith("unet.")})
+    return te.eval(), unet.eval()
+
+
+if __name__ == "__main__":
+    main()
