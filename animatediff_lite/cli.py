@@ -48,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kohya LoRA or the v3 adapter, W += scale*alpha/rank*up@down (repeatable, scale 1.0)")
     g.add_argument("--motion-lora", action="append", default=[], type=lora_spec, metavar="PATH[:SCALE]",
                    help="MotionLoRA, W += scale*up@down (repeatable, default scale 1.0)")
-    g.add_argument("--frames", type=int, help="number of frames (default 16)")
-    g.add_argument("--height", type=int, help="pixels, multiple of 8 (default 512)")
-    g.add_argument("--width", type=int, help="pixels, multiple of 8 (default 512)")
-    g.add_argument("--steps", type=int, help="DDIM steps (default 25)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--frames", type=int, help="number of frames (default: the model's, 16 for SD1.5)")
+    g.add_argument("--height", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
+    g.add_argument("--width", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
+    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 25 for SD1.5)")
+    g.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 7.5 for SD1.5)")
     g.add_argument("--seed", type=int, help="noise seed (CPU generator, like diffusers); default: random, printed")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
@@ -139,11 +139,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif not prompts:
         raise ValueError("give a prompt (positional), --prompts FILE or --preset NAME")
     device, dtype = _device_dtype(args)
-    sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, 16),
-                    height=_pick(args.height, preset and preset.height, 512),
-                    width=_pick(args.width, preset and preset.width, 512),
-                    steps=_pick(args.steps, preset and preset.steps, 25),
-                    guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, 7.5),
+    sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, None),
+                    height=_pick(args.height, preset and preset.height, None),
+                    width=_pick(args.width, preset and preset.width, None),
+                    steps=_pick(args.steps, preset and preset.steps, None),
+                    guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
                     progress=not args.no_progress)
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,

@@ -42,6 +42,10 @@ def check_device_dtype(device: str | torch.device, dtype: torch.dtype) -> tuple[
     return device, dtype
 
 
+SAMPLE_DEFAULTS: dict[str, float | int] = {"num_frames": 16, "height": 512, "width": 512, "steps": 25,
+                                           "guidance_scale": 7.5}
+
+
 class Pipeline:
     """AnimateDiff text-to-video sampler over plain components.
 
@@ -62,6 +66,9 @@ class Pipeline:
         self.unet = unet
         self.scheduler = scheduler or DDIM()
         self.decode_chunk_size = decode_chunk_size
+        # What __call__ uses for arguments left as None: AnimateDiff's settings, or what a model was trained
+        # for (the embedded default model makes 8 frames of 32x32).
+        self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move every model to ``device`` / cast to ``dtype`` (in place); returns self."""
@@ -102,8 +109,9 @@ class Pipeline:
         return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).contiguous().cpu()
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, num_frames: int = 16,
-                 height: int = 512, width: int = 512, steps: int = 25, guidance_scale: float = 7.5,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
@@ -118,7 +126,15 @@ class Pipeline:
         unconditional pass. context_frames: denoise in sliding windows of that many frames overlapping by
         context_overlap (needed when num_frames exceeds the motion module's PE length).
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
+        num_frames, height, width, steps, guidance_scale left as None come from ``self.sample_defaults``
+        (16 frames, 512x512, 25 steps, guidance 7.5 unless the model says otherwise).
         """
+        d = {**SAMPLE_DEFAULTS, **self.sample_defaults}
+        num_frames = int(d["num_frames"]) if num_frames is None else num_frames
+        height = int(d["height"]) if height is None else height
+        width = int(d["width"]) if width is None else width
+        steps = int(d["steps"]) if steps is None else steps
+        guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)

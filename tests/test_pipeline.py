@@ -27,7 +27,7 @@ from animatediff_lite.loading.motion_map import motion_key_to_diffusers, motion_
 from animatediff_lite.loading.pipeline_load import load_pipeline
 from animatediff_lite.loading.unet_map import unet_config_from_diffusers, unet_state_to_ldm
 from animatediff_lite.loading.vae_map import vae_state_to_ldm
-from animatediff_lite.pipeline import Pipeline, generate
+from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIMConfig
 from animatediff_lite.tokenizer import NUM_MERGES, VOCAB_ASSET, _read_asset, parse_merges, vocab_from_merges
 
@@ -291,6 +291,18 @@ def test_smaller_context_windows_cover_every_frame_deterministically(ours) -> No
     assert (first - plain).abs().max() > 1e-4  # windows of 4 frames do change the motion module's view
 
 
+def test_arguments_left_out_come_from_sample_defaults(ours) -> None:
+    steps: list[int] = []
+    saved = ours.sample_defaults
+    ours.sample_defaults = {"num_frames": 3, "height": H, "width": W, "steps": 2, "guidance_scale": 1.0}
+    try:
+        got = ours("a cat", seed=1, progress=False, callback=lambda i, t, x: steps.append(i))
+    finally:
+        ours.sample_defaults = saved
+    assert got.shape == (1, 3, 3, H, W) and steps == [0, 1]
+    assert torch.equal(got, _sample(ours, "a cat", num_frames=3, steps=2, guidance_scale=1.0, seed=1))
+
+
 def test_callback_sees_every_step_and_can_replace_latents(ours) -> None:
     seen: list[tuple[int, int, tuple[int, ...]]] = []
 
@@ -348,8 +360,8 @@ def test_bad_weights_are_checkpoint_errors(models, tmp_path) -> None:
         load_pipeline(models.mm_original)  # a motion module passed as the base model
     with pytest.raises(CheckpointError, match="dreambooth"):
         load_pipeline(models.sd, motion_module=models.mm, dreambooth=models.mm_original)
-    with pytest.raises(CheckpointError, match="no embedded default model"):
-        generate("a cat")
+    with pytest.raises(ValueError, match="motion_module given without base"):
+        load_pipeline(motion_module=models.mm)
     torch.manual_seed(0)
     narrow = diffusers.MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1,
                                      motion_norm_num_groups=8, use_motion_mid_block=True)

@@ -43,12 +43,19 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     VAE / text-encoder weights (whichever it has) replace the base ones. loras / motion_loras: ``(path,
     scale)`` pairs merged into the weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see
     :mod:`animatediff_lite.lora`. scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`).
+    With no weights at all it returns the embedded default model (:mod:`animatediff_lite.default_model`).
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
     if base is None:
-        raise CheckpointError("base: no embedded default model yet; pass base= a diffusers Stable Diffusion "
-                              "folder or an SD1.5 single file (.safetensors / .ckpt)")
+        given = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
+                                      ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without base=: the embedded default model takes no other "
+                             "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
+        from ..default_model import load_default_pipeline
+
+        return load_default_pipeline(device, dtype)
     layout = detect_layout(base)
     if layout not in BASE_LAYOUTS:
         raise CheckpointError(f"{base}: holds {LAYOUTS[layout]}; base must be a diffusers Stable Diffusion folder "
