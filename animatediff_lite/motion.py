@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import attention
 from .config import MotionConfig
-from .ops import geglu, group_norm
+from .ops import geglu, group_norm, temporal_attention
 
 
 def sinusoidal_table(length: int, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -66,6 +66,11 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # ".0" in the key names, as in the checkpoints
         self.pos_encoder = PositionEncoding(dim, max_len)
 
+    def has_hooks(self) -> bool:
+        """True when a forward hook sits on a projection, so the fused op (which reads weights) cannot be used."""
+        projs = (self.to_q, self.to_k, self.to_v, self.to_out[0])
+        return any(p._forward_hooks or p._forward_pre_hooks for p in projs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, f, c = x.shape
         x = x + self.pos_encoder.pe[:, :f].to(x.dtype)  # the PE feeds q, k and v (not the residual)
@@ -103,7 +108,12 @@ class TemporalTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for attn, norm in zip(self.attention_blocks, self.norms, strict=True):
-            x = attn(norm(x)) + x
+            if attn.has_hooks():  # e.g. MotionLoRA training adapters: they live on the projection modules
+                x = attn(norm(x)) + x
+            else:  # LayerNorm + PE + attention + out proj + residual as one op (fused kernel on CUDA)
+                x = temporal_attention(x, norm.weight, norm.bias, attn.to_q.weight, attn.to_k.weight,
+                                       attn.to_v.weight, attn.to_out[0].weight, attn.to_out[0].bias,
+                                       attn.num_heads, pe=attn.pos_encoder.pe, eps=norm.eps)
         return self.ff(self.ff_norm(x)) + x
 
 
