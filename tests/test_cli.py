@@ -13,16 +13,6 @@ from animatediff_lite.cli import build_parser, lora_spec, main
 from animatediff_lite.config import TINY, MotionConfig
 from animatediff_lite.presets import PRESETS_FILE, get_preset, load_presets
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny CPU models: with other processes busy on the cores, several intra-op threads are ~50x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 REFERENCE = ["ToonYou", "Lyriel", "RcnzCartoon", "MajicMix", "RealisticVision", "RealisticVision_v2"]
 
 

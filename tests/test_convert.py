@@ -25,15 +25,6 @@ SCRIPTS = ("motion_to_native", "motion_to_original", "ldm_to_diffusers", "diffus
 UNET = TINY.unet.__class__(**{**TINY.unet.__dict__, "attention_head_dim": 8, "norm_num_groups": 32})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors, and a CPU shared with other jobs (threads only contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def script(name: str):
     spec = importlib.util.spec_from_file_location(f"convert_{name}", ROOT / "weights" / "convert" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

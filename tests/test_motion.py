@@ -16,15 +16,6 @@ from animatediff_lite.motion import MotionModule
 diffusers_motion = pytest.importorskip("diffusers.models.unets.unet_motion_model")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny ops run fastest on one thread; the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PerFrameGroupNorm(nn.GroupNorm):
     """GroupNorm over (C/G, H, W) of each frame for a (B, C, F, H, W) input, as the original AnimateDiff does.
 

@@ -27,16 +27,6 @@ from animatediff_lite.loading.motion_map import motion_state_to_diffusers
 from animatediff_lite.unet import UNet3D
 from tests.keylists import MOTION_FILES, PE_LEN, count, ldm_unet_shapes, meta_state, original_motion_shapes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors, and a CPU shared with other jobs (threads only contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY_CH = TINY.unet.block_out_channels
 TINY_LAYERS = TINY.unet.layers_per_block
 GROUPS = TINY.unet.norm_num_groups

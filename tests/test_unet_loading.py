@@ -32,16 +32,6 @@ from tests.keylists import (
     original_motion_shapes,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors, and a CPU shared with other jobs (threads only contend)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # Tiny configs that exercise every branch of the block table: attention on some levels only, a level
 # without attention first, three levels, two layers per level, transformer depth 2, linear projections.
 TINY_CONFIGS = {

@@ -63,15 +63,6 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, atol: float = ATOL)
     assert bad.numel() == 0, f"{name}: {bad.shape[0]} mismatches, first at {bad[:5].tolist()}"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These convolutions are tiny: intra-op threads only add overhead (15x on a shared 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(params=CONFIGS, ids=IDS)
 def pair(request):
     channels, layers, groups, size = request.param
