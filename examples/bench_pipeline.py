@@ -262,38 +262,50 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class PeakMemory:
-    """Peak memory over a block: CUDA max_memory_allocated, or the growth of the CPU peak RSS above its start."""
+class Memory:
+    """Memory of one pipeline in this process, over the bytes in use before it was loaded (the baseline).
+
+    CUDA: ``memory_allocated`` / ``max_memory_allocated``. CPU: the resident set (``VmRSS``), its peak
+    (``VmHWM``) reset once the pipeline is loaded, so the peak is the generation's, weights included. Resident
+    rather than allocated bytes on purpose: weights mapped from a safetensors file count once touched, like
+    weights copied into the heap.
+    """
 
     def __init__(self, device: str) -> None:
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
+        self.cuda = device.startswith("cuda")
+        self.proc = not self.cuda and _proc_status("VmRSS") is not None and _reset_peak_rss()
+        self.method = ("cuda max_memory_allocated" if self.cuda else
+                       "VmHWM (peak RSS, reset after loading)" if self.proc else "ru_maxrss (process-wide peak)")
         gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-            self.method = "cuda max_memory_allocated"
-        else:
-            self.start = _proc_status("VmRSS")
-            if self.start is not None and _reset_peak_rss():
-                self.method = "VmHWM growth (peak RSS reset before the runs)"
-            else:  # process-wide peak since start: honest only in a fresh process (the default)
-                self.start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                self.method = "ru_maxrss growth"
-        return self
+        self.base = self._now()
 
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
+    def _now(self) -> int:
+        if self.cuda:
             torch.cuda.synchronize()
-            self.peak_total = torch.cuda.max_memory_allocated()
-            self.reserved = torch.cuda.max_memory_reserved()
-        elif self.method.startswith("VmHWM"):
-            self.peak_total = _proc_status("VmHWM")
+            return torch.cuda.memory_allocated()
+        if self.proc:
+            return _proc_status("VmRSS")
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def loaded(self) -> None:
+        """Call once the pipeline is loaded: records its resident bytes and starts the peak."""
+        gc.collect()
+        self.after_load = self._now() - self.base
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif self.proc:
+            _reset_peak_rss()
+
+    def peak(self) -> dict[str, int]:
+        """peak_bytes (over the baseline, weights included) and the bytes resident after loading."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            extra = {"peak_reserved_bytes": torch.cuda.max_memory_reserved()}
         else:
-            self.peak_total = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        self.growth = max(0, self.peak_total - self.start)
+            peak = _proc_status("VmHWM") if self.proc else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            extra = {}
+        return {"peak_bytes": peak - self.base, "after_load_bytes": self.after_load, **extra}
 
 
 def _weights_bytes(modules) -> int:
@@ -313,49 +325,58 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
     spec, device, dtype = SIZES[args.size], args.device, _dtype(args)
     side, compiled = variant.split("+")[0], variant.endswith("+compile")
     _import_side(side)  # load_s counts loading, not the first import of a library
+    mem = Memory(device)
     t0 = time.perf_counter()
     pipe = load_ours(folder, device, dtype) if side == "ours" else load_diffusers(folder, device, dtype)
     _sync(device)
     load_s = time.perf_counter() - t0
+    # Every model the pipeline holds (diffusers also keeps the MotionAdapter it copied into its UNet).
     modules = [pipe.unet, pipe.vae, pipe.text_encoder]
+    if side == "diffusers":
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     weights = _weights_bytes(modules)
     if compiled:
         pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
     latents = latents.to(device, dtype)
 
     times, step_times = [], []
-    with PeakMemory(device) as mem:
+    mem.loaded()
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        video, _ = generate(side, pipe, latents, spec, device)
+    warmup_s = time.perf_counter() - t0
+    for _ in range(spec.runs):
         t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            video, _ = generate(side, pipe, latents, spec, device)
-        warmup_s = time.perf_counter() - t0
-        for _ in range(spec.runs):
-            t0 = time.perf_counter()
-            video, stamps = generate(side, pipe, latents, spec, device)
-            times.append(time.perf_counter() - t0)
-            if len(stamps) > 1:  # steps 1..n-1: the first one would include text encoding
-                step_times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        video, stamps = generate(side, pipe, latents, spec, device)
+        times.append(time.perf_counter() - t0)
+        if len(stamps) > 1:  # steps 1..n-1: the first one would include text encoding
+            step_times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+    memory = mem.peak()
     videos = {variant: video}
-    if device.startswith("cuda"):
-        peak = mem.peak_total  # weights + everything generation allocates
-        extra = {"peak_run_bytes": mem.peak_total - mem.start, "peak_reserved_bytes": mem.reserved}
-    else:
-        peak = weights + mem.growth
-        extra = {"peak_run_bytes": mem.growth, "rss_after_load_bytes": mem.start}
     if variant == "diffusers":  # the agreement oracle: same run with per-frame motion GroupNorm (untimed)
         per_frame_motion_norms(pipe)
         videos["diffusers_per_frame_norm"], _ = generate(side, pipe, latents, spec, device)
 
-    step_s = statistics.median(step_times) if step_times else None
-    row = {"variant": variant, "total_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-           "runs_s": times, "step_s": step_s, "it_per_s": 1 / step_s if step_s else None,
-           "warmup_s": warmup_s, "load_s": load_s, "peak_bytes": int(peak), "weights_bytes": weights,
-           "memory_method": mem.method, **extra}
+    row = {"variant": variant, "runs_s": times, "step_runs_s": step_times, "warmup_s": warmup_s,
+           "load_s": load_s, "weights_bytes": weights, "memory_method": mem.method, **memory}
     del pipe, modules
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return row, videos
+    return summarise([row]), videos
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """One row from the rows of one variant's rounds: all timed runs pooled, the largest peak."""
+    times = [t for r in rounds for t in r["runs_s"]]
+    steps = [t for r in rounds for t in r["step_runs_s"]]
+    step_s = statistics.median(steps) if steps else None
+    row = {**rounds[-1], "runs_s": times, "step_runs_s": steps, "rounds": len(rounds)}
+    row.update(total_s=statistics.median(times), min_s=min(times), max_s=max(times), step_s=step_s,
+               it_per_s=1 / step_s if step_s else None, load_s=statistics.median(r["load_s"] for r in rounds),
+               peak_bytes=max(r["peak_bytes"] for r in rounds),
+               after_load_bytes=max(r["after_load_bytes"] for r in rounds))
+    return row
 
 
 def _dtype(args: argparse.Namespace) -> torch.dtype:
@@ -417,6 +438,7 @@ def _ratios(rows: dict[str, dict]) -> dict:
             if ours in rows and theirs in rows:
                 key = f"{ours} vs {theirs}"
                 out[key] = {"speedup": rows[theirs]["total_s"] / rows[ours]["total_s"],
+                            "speedup_min": rows[theirs]["min_s"] / rows[ours]["min_s"],
                             "memory_ratio": rows[ours]["peak_bytes"] / rows[theirs]["peak_bytes"]}
                 if rows[ours]["step_s"] and rows[theirs]["step_s"]:
                     out[key]["step_speedup"] = rows[theirs]["step_s"] / rows[ours]["step_s"]
@@ -444,6 +466,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--runs", type=int, default=None, help="timed runs (default: the size's)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=1, help="repeat all variants this many times, alternating")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also time both pipelines with torch.compile'd UNets")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
@@ -506,24 +529,28 @@ def main(argv: list[str] | None = None) -> dict:
     latents = _latents(spec)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    rows: dict[str, dict] = {}
+    rounds: dict[str, list[dict]] = {v: [] for v in variants}
     videos: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as work:
         work = Path(work)
         torch.save(latents, work / "latents.pt")
-        for variant in variants:
-            print(f"running {variant} ...", flush=True)
-            if args.in_process:
-                row, vids = run_variant(variant, folder, latents, args)
-            else:
-                cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant, "--folder",
-                       str(folder), "--work", str(work)]
-                subprocess.run(cmd, check=True)
-                row = json.loads((work / f"{variant}.json").read_text())
-                vids = torch.load(work / f"{variant}.pt")
-            rows[variant] = row
-            videos.update(vids)
-            print(f"  {variant}: median {row['total_s']:.3f} s, peak {row['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+        # Rounds alternate the variants, so a burst of load from other processes does not land on one of them.
+        for r in range(args.rounds):
+            for variant in variants:
+                print(f"running {variant} (round {r + 1}/{args.rounds}) ...", flush=True)
+                if args.in_process:
+                    row, vids = run_variant(variant, folder, latents, args)
+                else:
+                    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", variant, "--folder",
+                           str(folder), "--work", str(work)]
+                    subprocess.run(cmd, check=True)
+                    row = json.loads((work / f"{variant}.json").read_text())
+                    vids = torch.load(work / f"{variant}.pt")
+                rounds[variant].append(row)
+                videos.update(vids)
+                print(f"  {variant}: median {row['total_s']:.3f} s, min {row['min_s']:.3f} s, "
+                      f"peak {row['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+    rows = {v: summarise(rs) for v, rs in rounds.items()}
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     ours = videos.get("ours")
@@ -537,14 +564,15 @@ def main(argv: list[str] | None = None) -> dict:
     ratios = _ratios(rows)
 
     table = [{"variant": v, "median_s": r["total_s"], "min_s": r["min_s"], "it/s": r["it_per_s"] or "",
-              "load_s": r["load_s"], "peak_MiB": r["peak_bytes"] / 2**20, "run_MiB": r["peak_run_bytes"] / 2**20,
+              "load_s": r["load_s"], "peak_MiB": r["peak_bytes"] / 2**20, "loaded_MiB": r["after_load_bytes"] / 2**20,
               "weights_MiB": r["weights_bytes"] / 2**20} for v, r in rows.items()]
     print(f"\n{args.size}: {spec.frames} frames {spec.height}x{spec.width}, {spec.steps} DDIM steps, "
-          f"guidance {spec.guidance}, {dtype}, {args.device}, {spec.runs} timed runs")
-    print_table(table, ["variant", "median_s", "min_s", "it/s", "load_s", "peak_MiB", "run_MiB", "weights_MiB"])
+          f"guidance {spec.guidance}, {dtype}, {args.device}, {spec.runs} timed runs x {args.rounds} rounds, "
+          f"{torch.get_num_threads()} threads")
+    print_table(table, ["variant", "median_s", "min_s", "it/s", "load_s", "peak_MiB", "loaded_MiB", "weights_MiB"])
     for key, r in ratios.items():
-        print(f"{key}: speed-up {r['speedup']:.3f}x (denoising steps {r.get('step_speedup', float('nan')):.3f}x), "
-              f"peak memory ratio {r['memory_ratio']:.3f}")
+        print(f"{key}: speed-up {r['speedup']:.3f}x median, {r['speedup_min']:.3f}x best run, denoising steps "
+              f"{r.get('step_speedup', float('nan')):.3f}x; peak memory ratio {r['memory_ratio']:.3f}")
     for key, d in agreement.items():
         print(f"max abs diff {key}: {d:.3g}")
 
@@ -558,11 +586,14 @@ def main(argv: list[str] | None = None) -> dict:
                    "guidance_scale": spec.guidance, "cfg_batch": 2 if spec.guidance > 1 else 1,
                    "latents": [1, 4, spec.frames, spec.height // f, spec.width // f]},
         "models": {"unet": spec.unet, "vae": spec.vae, "clip": spec.clip, "adapter": spec.adapter},
-        "runs": spec.runs, "warmup": args.warmup,
-        "notes": "total_s: whole call (text encoding, denoising loop, VAE decode) median over the timed runs; "
-                 "it_per_s: denoising steps per second from per-step callbacks; peak_bytes: CUDA "
-                 "max_memory_allocated (weights included) or on the CPU weights + peak RSS growth over the runs; "
-                 "VAE decode chunk: diffusers 16 frames (its default), ours 8.",
+        "runs": spec.runs, "rounds": args.rounds, "warmup": args.warmup,
+        "notes": "total_s / min_s: whole call (text encoding, denoising loop, VAE decode), median / best of the "
+                 "timed runs of all rounds; it_per_s: denoising steps per second (median step time from per-step "
+                 "callbacks); peak_bytes: peak over warm-up and timed runs above the bytes in use before loading, "
+                 "weights included (CUDA max_memory_allocated; CPU peak resident set, VmHWM); after_load_bytes: "
+                 "resident after loading (our safetensors weights are memory-mapped and become resident when first "
+                 "used); weights_bytes: parameters + buffers the pipeline holds (diffusers keeps the MotionAdapter "
+                 "beside the UNet it copied it into); VAE decode chunk: diffusers 16 frames (its default), ours 8.",
         "results": list(rows.values()), "ratios": ratios, "max_abs_diff": agreement,
         "video_stats": _video_stats(ours) if ours is not None else None,
     }
