@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..config import MOTION_VERSIONS, SD15, TINY, ModelConfig, to_dict
 from ..loading.io import atomic_write, save_state_dict
+from ..loading.motion_load import motion_state_to_original
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
@@ -243,7 +244,11 @@ def build_dataset(cfg: TrainConfig, vae: nn.Module, d: Dist):
 # ------------------------------------------------------------------------------------------------ loop
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run described by ``cfg``; returns a summary dict (rank 0's view)."""
+    """Run (or resume) a training run described by ``cfg``.
+
+    Returns a summary: ``steps``, ``losses`` (all-reduced, one per step of this process's run), ``last`` (the
+    last log record), ``output`` (the folder) and the models (``unet``, ``text_encoder``, ``vae``, ``tokenizer``).
+    """
     cfg.validate()
     d = setup_distributed(cfg.train.device)
     out = Path(cfg.output.dir)
@@ -384,7 +389,9 @@ def train(cfg: TrainConfig) -> dict:
         pbar.close()
     if lora is not None:
         lora.remove()
-    summary = {"steps": step, "losses": losses, "last": last, "output": str(out)}
+    # The models come back too, so scripts (the default-model recipe, tests) can use them in-process.
+    summary = {"steps": step, "losses": losses, "last": last, "output": str(out), "unet": unet,
+               "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
     if d.world > 1:
         dist.barrier()
     return summary
@@ -428,20 +435,11 @@ def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, l
     if cfg.train.modules == "motion_lora":
         return {"motion_lora.safetensors": lora.original_state()}
     motion = {k: v for k, v in unet.state_dict().items() if MOTION_TAG in f".{k}"}
-    weights = {"motion_module.safetensors": motion_state_to_original(motion)}
+    weights = {"motion_module.safetensors": motion_state_to_original(motion, max_len=unet.motion.max_position_len)}
     if cfg.train.modules == "all":
         weights["unet.safetensors"] = unet.state_dict()
         weights["text_encoder.safetensors"] = text_encoder.state_dict()
     return weights
-
-
-def motion_state_to_original(native: dict) -> dict:
-    """Native motion-module tensors in the original AnimateDiff layout (ours uses the original names)."""
-    try:
-        from ..loading.motion_load import motion_state_to_original as convert
-    except ImportError:  # the native names are the original ones
-        return dict(native)
-    return convert(native)
 
 
 def _save_base(out: Path, model_cfg: ModelConfig, unet, text_encoder, vae) -> None:
