@@ -193,3 +193,39 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(toml, ["--train.modules", "motion_lora"])
     with pytest.raises(ValueError, match="exactly one of model.preset"):
         load_config(toml, ["--model.base", "/x"])
+
+
+def test_grad_accumulation_matches_the_larger_batch(tmp_path, clips):
+    big = train(config(tmp_path / "big", clips[0], train__max_steps=2, output__save_every=2, optim__eps=1e-4))
+    acc = train(config(tmp_path / "acc", clips[0], train__max_steps=2, output__save_every=2, optim__eps=1e-4,
+                       train__batch_size=1, train__grad_accum=2))
+    torch.testing.assert_close(torch.tensor(big["losses"]), torch.tensor(acc["losses"]), atol=1e-6, rtol=1e-5)
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_whole_model_bf16_checkpointing_latent_cache_validation(tmp_path, clips):
+    cfg = config(tmp_path, clips[0], train__modules="all", train__precision="bf16", train__gradient_checkpointing=True,
+                 train__max_steps=2, output__save_every=1, output__keep_last=1, data__latent_cache=tmp_path / "cache",
+                 validation__every=2, validation__prompts="a red square moving right", validation__frames=FRAMES,
+                 validation__steps=2)
+    res = train(cfg)
+    assert res["steps"] == 2 and all(torch.isfinite(torch.tensor(res["losses"])))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002"]  # keep_last = 1
+    for name in ("unet.safetensors", "text_encoder.safetensors", "motion_module.safetensors"):
+        assert (tmp_path / name).is_file()
+    unet_file = read_state_dict(tmp_path / "unet.safetensors")
+    _, te0, vae0, unet0, _ = build_preset(cfg)
+    assert not torch.equal(unet_file["conv_in.weight"], unet0.state_dict()["conv_in.weight"])  # spatial trained
+    te_file = read_state_dict(tmp_path / "text_encoder.safetensors")
+    assert any(not torch.equal(te_file[k], v) for k, v in te0.state_dict().items())
+    assert all(torch.equal(res["vae"].state_dict()[k], v) for k, v in vae0.state_dict().items())  # VAE frozen
+    assert (tmp_path / "cache" / "index.json").is_file()
+    assert (tmp_path / "validation" / "step_00000002.gif").stat().st_size > 0
+
+
+def test_example_config_parses():
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_config.toml")
+    cfg = load_config(path, ["--train.max_steps", "10"])
+    assert cfg.train.max_steps == 10 and cfg.data.frames == 16 and cfg.data.stride == 4 and cfg.data.size == 256
+    assert cfg.optim.lr == 1e-4 and cfg.optim.weight_decay == 1e-2 and cfg.train.caption_dropout == 0.1
