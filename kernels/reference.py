@@ -56,6 +56,10 @@ def group_norm_reference(x: torch.Tensor, num_groups: int, weight: torch.Tensor 
     ``frames``: x is (B*F, C, ...) with frames folded into the batch and the statistics are taken jointly over
     the F frames of each video, i.e. over (C/G, F, ...) (AnimateDiff v1's "inflated" GroupNorm).
     """
+    if x.device.type == "cpu" and not x.is_contiguous():
+        # torch 2.13's CPU GroupNorm backward segfaults on channels-last inputs that do not require grad while
+        # the weight does (the motion modules' input when only they train); a contiguous copy avoids that kernel.
+        x = x.contiguous()
     if frames is not None and frames > 1:
         n, c = x.shape[:2]
         # (B*F, C, ...) -> (B, C, F, ...): one sample per video.

@@ -151,3 +151,14 @@ def test_gpu_geglu_and_compile(dtype):
                       fullgraph=True)
     y = x.reshape(-1)[:32 * 320 * 8 * 8].reshape(32, 320, 8, 8)
     torch.testing.assert_close(g(y), ops.group_norm(y, 32, None, None, 1e-5, silu=True, frames=16, backend="triton"))
+
+
+def test_reference_backward_on_channels_last_cpu_input():
+    """torch 2.13's CPU GroupNorm backward crashes on this layout; the reference must take a safe path."""
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 6, 5, 16).permute(0, 3, 1, 2)  # channels-last strides, like the motion modules' input
+    w = torch.randn(16, requires_grad=True)
+    ops.group_norm(x, 4, w, None, 1e-6, silu=True).sum().backward()
+    expected = torch.autograd.grad(F.silu(F.group_norm(x.contiguous(), 4, w, None, 1e-6)).sum(), w)[0]
+    torch.testing.assert_close(w.grad, expected)

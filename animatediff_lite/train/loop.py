@@ -341,10 +341,6 @@ def train(cfg: TrainConfig) -> dict:
             with ctx:
                 with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     noisy = noise_sched.add_noise(latents, noise, t)
-                    # torch 2.13 CPU segfaults in GroupNorm backward for a channels-last input that does not
-                    # require grad while the norm's weight does (the first motion module's input when only
-                    # motion modules train); a grad-requiring input avoids that path for a small extra cost.
-                    noisy.requires_grad_(d.device.type == "cpu")
                     loss = model(noisy, t, ids, noise)
                 scaler.scale(loss / cfg.train.grad_accum).backward()
             micro_losses.append(loss.detach())
