@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models-dir", default="models", help="with --preset: folder holding StableDiffusion/, "
                    "Motion_Module/, DreamBooth_LoRA/, MotionLoRA/ (default ./models)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--per-prompt", action="store_true",
+                   help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
+                        "implied under torchrun, where the prompts are split over the ranks")
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
@@ -148,6 +152,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     progress=not args.no_progress)
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype)
+    rank, world = _ranks()
+    if preset is None and (args.per_prompt or world > 1):
+        if args.seed is None:
+            raise ValueError("--seed is required with --per-prompt / torchrun, so every rank draws the same seeds")
+        if world > 1 and device.startswith("cuda"):
+            weights["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        pipe = load_pipeline(motion_module=args.motion_module, **weights)
+        out_dir = Path(args.out or "samples")
+        for i in range(rank, len(prompts), world):  # rank r takes prompts r, r+world, ...
+            video = pipe(prompts[i], negative_prompt=args.negative or "", seed=args.seed + i, **sampling)
+            name = "-".join(prompts[i].replace("/", "").split(" ")[:10])
+            print(save_video(video, out_dir / f"{i:04d}-{name}.gif", fps=args.fps))
+        return 0
     if preset is None:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
         print(f"seed: {seed}", file=sys.stderr)
@@ -157,6 +174,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(out)
         return 0
     return _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video)
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) under torchrun (its RANK / WORLD_SIZE variables), (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video) -> int:

@@ -1,6 +1,7 @@
 """The command line: help everywhere, argument errors, info/convert on tiny files, presets, generate end to end."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -212,6 +213,36 @@ def test_generate_end_to_end_gif(tiny_models, tmp_path, with_motion):
     assert torch.equal(a, load_video_frames(tmp_path / "b.gif"))  # same seed, same file
     with Image.open(tmp_path / "a.gif") as im:
         assert im.n_frames == 3 and im.info["loop"] == 0
+
+
+def test_generate_prompts_split_over_torchrun_ranks(tiny_models, tmp_path):
+    """torchrun ... generate --prompts FILE: each rank writes its share; files equal a 1-process --per-prompt run."""
+    import subprocess
+    import sys
+
+    from animatediff_lite.video import load_video_frames
+
+    prompts = ["a corgi", "a cat", "a red car", "a boat at sea", "a tree"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = ["generate", "--prompts", str(tmp_path / "prompts.txt"), "--base",
+              str(tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"), "--motion-module",
+              str(tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt"), "--frames", "2", "--height", "16",
+              "--width", "16", "--steps", "2", "--seed", "3", "--device", "cpu", "--no-progress"]
+    assert main([*common, "--per-prompt", "-o", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "animatediff_lite", *common, "-o", str(tmp_path / "two")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == len(prompts)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(load_video_frames(a), load_video_frames(b)), a.name
+
+
+def test_per_prompt_needs_a_seed(tiny_models, tmp_path, capsys):
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    assert main(["generate", "a cat", "--base", str(sd), "--per-prompt", "-o", str(tmp_path / "x")]) == 2
+    assert "--seed is required" in capsys.readouterr().err
 
 
 def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, monkeypatch):
