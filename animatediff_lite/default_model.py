@@ -42,7 +42,7 @@ DEFAULT_CONFIG = ModelConfig(
     vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8, scaling_factor=1.0),
     unet=UNetConfig(
         block_out_channels=(32, 64),
-        down_cross_attention=(False, True),  # text enters at 4x4 and in the mid block: colour and motion are global
+        down_cross_attention=(True, True),
         layers_per_block=1,
         cross_attention_dim=64,
         attention_head_dim=4,

@@ -2,6 +2,11 @@
 
     python examples/train_tiny_default.py --out animatediff_lite/assets/default_model.safetensors
 
+or in two commands (how the shipped file was made, see docs/default_model.md):
+
+    python examples/train_tiny_default.py --work runs/default_model --vae-only
+    python examples/train_tiny_default.py --vae-from runs/default_model/vae.safetensors
+
 Model: ``animatediff_lite.default_model.DEFAULT_CONFIG`` (CLIP text encoder 64 wide x 2 layers, 3-level
 AutoencoderKL 32x32 -> 8x8 latents, 2-level UNet3D 32/64 wide with v2 motion modules), random init.
 Data: :func:`animatediff_lite.synthetic.render_clip` clips of the *training* combinations of
@@ -10,7 +15,8 @@ Data: :func:`animatediff_lite.synthetic.render_clip` clips of the *training* com
 Stage 1, autoencoder: frames -> posterior sample -> reconstruction; L1 + MSE + a small KL, Adam.
           The latent scaling factor is then set to 1 / std of the latent means (SD's 0.18215 is the same idea).
 Stage 2, text encoder + UNet + motion modules together, the VAE frozen: epsilon-prediction MSE on latents
-          noised with AnimateDiff's linear-beta schedule (``DDIM.add_noise``), uniform timesteps, captions
+          noised with AnimateDiff's linear-beta schedule (``DDIM.add_noise``), half the timesteps from the
+          noisier half (where layout and motion are decided), 75% of the clips moving in a direction, captions
           dropped to "" with probability 0.1 (for classifier-free guidance), AdamW with warm-up and cosine
           decay, gradient clipping, an EMA of the weights (the EMA is what ships). The token-embedding table
           has no weight decay, so only the rows of caption words move (the other 49k rows keep their init).
@@ -47,7 +53,7 @@ from animatediff_lite.default_model import (
 )
 from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIM
-from animatediff_lite.synthetic import render_clip, split_specs
+from animatediff_lite.synthetic import DIRECTIONS, render_clip, split_specs
 from animatediff_lite.tokenizer import Tokenizer
 from animatediff_lite.unet import UNet3D
 from animatediff_lite.vae import AutoencoderKL
@@ -61,13 +67,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (use 1 on a shared machine)")
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--vae-batch", type=int, default=16, help="images per VAE step (one random frame per clip)")
-    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--shape-weight", type=float, default=10.0,
+                   help="extra reconstruction weight on saturated (shape) pixels, so colours come out right")
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--vae-from", default="", help="reuse a stage-1 VAE (work/vae.safetensors) instead of training")
+    p.add_argument("--vae-only", action="store_true", help="stop after stage 1 (writes work/vae.safetensors)")
     p.add_argument("--pool", type=int, default=3000, help="training clips encoded once for stage 2")
-    p.add_argument("--steps", type=int, default=3000, help="stage-2 optimiser steps")
+    p.add_argument("--direction-share", type=float, default=0.75,
+                   help="share of the stage-2 pool with moving left/right/up/down (the rest grow, shrink, rotate)")
+    p.add_argument("--high-t-share", type=float, default=0.5,
+                   help="share of timesteps drawn from the noisier half, where layout and motion are decided")
+    p.add_argument("--steps", type=int, default=2400, help="stage-2 optimiser steps")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="end after this many steps of the --steps schedule (0: all); the EMA at that step is written")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
@@ -126,7 +141,10 @@ def train_vae(args, specs, log: Log) -> AutoencoderKL:
         mean, logvar = vae.encode_frames(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen)
         rec = vae.decode_frames(z)
-        l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        # The grey background is most of every frame: weight the shape's pixels up so its colour is exact.
+        sat = x.amax(dim=1, keepdim=True) - x.amin(dim=1, keepdim=True)  # (n, 1, H, W), 0 on grey
+        weight = 1 + args.shape_weight * (sat / 2).clamp(0, 1)
+        l1, l2 = ((rec - x).abs() * weight).mean(), ((rec - x).pow(2) * weight).mean()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = l1 + l2 + args.kl_weight * kl
         opt.zero_grad(set_to_none=True)
@@ -145,9 +163,12 @@ def train_vae(args, specs, log: Log) -> AutoencoderKL:
 def encode_pool(args, vae: AutoencoderKL, specs, log: Log) -> tuple[torch.Tensor, list[str], float]:
     """Encode ``args.pool`` clips to latent means; returns (scaled latents (P, 4, F, h, w), captions, scale)."""
     rng = np.random.default_rng([args.seed, 2])
+    moving = [s for s in specs if s.motion in DIRECTIONS]
+    other = [s for s in specs if s.motion not in DIRECTIONS]
     latents, captions = [], []
     for start in range(0, args.pool, 16):
-        video, caps = clip_batch(specs, min(16, args.pool - start), rng, args.frames, args.size)
+        group = moving if start < args.direction_share * args.pool else other
+        video, caps = clip_batch(group, min(16, args.pool - start), rng, args.frames, args.size)
         latents.append(vae.encode(video, sample=False, chunk_size=128))  # scaling_factor is 1.0 here
         captions += caps
     latents = torch.cat(latents)
@@ -187,6 +208,8 @@ def main(argv=None) -> None:
     cfg = DEFAULT_CONFIG
 
     vae = train_vae(args, train_specs, log)
+    if args.vae_only:
+        return
     for p in vae.parameters():
         p.requires_grad_(False)
     latents, captions, scale = encode_pool(args, vae, train_specs, log)
@@ -207,7 +230,8 @@ def main(argv=None) -> None:
     unet.train()
     params = [p for g in opt.param_groups for p in g["params"]]
     losses = []
-    for step in range(1, args.steps + 1):
+    last = min(args.stop_at or args.steps, args.steps)
+    for step in range(1, last + 1):
         warm = min(1.0, step / max(args.warmup, 1))
         lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps)))
         for g in opt.param_groups:
@@ -217,7 +241,10 @@ def main(argv=None) -> None:
         ids = ids_all[idx].clone()
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         ids[drop] = ids_empty
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        n_t = sched.config.num_train_timesteps
+        t = torch.randint(0, n_t, (args.batch,), generator=gen)
+        high = torch.rand(args.batch, generator=gen) < args.high_t_share
+        t = torch.where(high, n_t // 2 + t // 2, t)  # the noisier half, uniformly
         noise = torch.randn(x0.shape, generator=gen)
         noisy = sched.add_noise(x0, noise, t)
         pred = unet(noisy, t, text_encoder(ids))
@@ -231,15 +258,15 @@ def main(argv=None) -> None:
             for k, v in _prefixed(text_encoder, unet).items():
                 ema[k].lerp_(v.detach(), 1 - decay)
         losses.append(loss.item())
-        if step % 25 == 0 or step == args.steps:
+        if step % 25 == 0 or step == last:
             log(stage="unet", step=step, loss=round(float(np.mean(losses[-25:])), 5), lr=round(lr, 6),
                 grad_norm=round(float(grad_norm), 3))
-        if step % args.snapshot_every == 0 or step == args.steps:
+        if step % args.snapshot_every == 0 or step == last:
             te_ema, unet_ema = _ema_models(cfg, ema)
             pipe = Pipeline(tokenizer, te_ema, vae, unet_ema)
             scores = evaluate(pipe, held_out, args)
             log(stage="eval", step=step, held_out=scores)
-            path = work / "snapshot.safetensors" if step < args.steps else Path(args.out)
+            path = work / "snapshot.safetensors" if step < last else Path(args.out)
             extra = {"recipe": " ".join(["python", *sys.argv]),
                      "training": json.dumps({"stage2_steps": step, "final_loss": float(np.mean(losses[-100:])),
                                              "held_out": scores, "torch": torch.__version__})}
