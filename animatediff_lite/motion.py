@@ -45,7 +45,9 @@ class PositionEncoding(nn.Module):
     def __init__(self, dim: int, max_len: int) -> None:
         super().__init__()
         self.dim, self.max_len = dim, max_len
-        self.register_buffer("pe", sinusoidal_table(max_len, dim), persistent=False)
+        # Built on the CPU even inside a meta-device build: a float arange on meta pulls in torch's symbolic
+        # machinery (2 s, ~150 MB per process); loaders call reset() to move it where the weights are.
+        self.register_buffer("pe", sinusoidal_table(max_len, dim, device="cpu"), persistent=False)
 
     def reset(self, device: torch.device | str) -> None:
         """Recompute the table on ``device`` (replaces a meta buffer after a meta-device build)."""

@@ -15,7 +15,6 @@ Autograd: kernels without a backward are used only when no input requires grad (
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -26,10 +25,14 @@ BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@functools.cache
+# Looked up once at import (cheap: no import of triton); a module constant keeps torch.compile from tracing
+# through a cached function on every call.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
     """True when the triton package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def interpreter_enabled() -> bool:

@@ -14,7 +14,7 @@ from animatediff_lite.loading.motion_map import motion_state_from_diffusers
 from animatediff_lite.unet import UNet3D
 
 diffusers = pytest.importorskip("diffusers")
-from test_motion import per_frame_norms, randomize, single_thread  # noqa: E402, F401  (fixture used by name)
+from test_motion import per_frame_norms, randomize  # noqa: E402
 
 CONFIGS = {
     "tiny": TINY.unet,
