@@ -16,7 +16,8 @@ Stage 1, autoencoder: frames -> posterior sample -> reconstruction; L1 + MSE + a
           The latent scaling factor is then set to 1 / std of the latent means (SD's 0.18215 is the same idea).
 Stage 2, text encoder + UNet + motion modules together, the VAE frozen: epsilon-prediction MSE on latents
           noised with AnimateDiff's linear-beta schedule (``DDIM.add_noise``), half the timesteps from the
-          noisier half (where layout and motion are decided), 75% of the clips moving in a direction, captions
+          noisier half (where layout and motion are decided), 85% of the clips moving in a direction, half of
+          the samples played backwards with the motion word reversed ("moving left" <-> "moving right"), captions
           dropped to "" with probability 0.1 (for classifier-free guidance), AdamW with warm-up and cosine
           decay, gradient clipping, an EMA of the weights (the EMA is what ships). The token-embedding table
           has no weight decay, so only the rows of caption words move (the other 49k rows keep their init).
@@ -76,11 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-from", default="", help="reuse a stage-1 VAE (work/vae.safetensors) instead of training")
     p.add_argument("--vae-only", action="store_true", help="stop after stage 1 (writes work/vae.safetensors)")
     p.add_argument("--pool", type=int, default=3000, help="training clips encoded once for stage 2")
-    p.add_argument("--direction-share", type=float, default=0.75,
+    p.add_argument("--direction-share", type=float, default=0.85,
                    help="share of the stage-2 pool with moving left/right/up/down (the rest grow, shrink, rotate)")
+    p.add_argument("--reverse-share", type=float, default=0.5,
+                   help="share of stage-2 samples played backwards with the motion word reversed (left <-> right, "
+                        "growing <-> shrinking), when the reversed combination is a training one")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of timesteps drawn from the noisier half, where layout and motion are decided")
-    p.add_argument("--steps", type=int, default=2400, help="stage-2 optimiser steps")
+    p.add_argument("--steps", type=int, default=8000, help="stage-2 optimiser steps")
     p.add_argument("--stop-at", type=int, default=0,
                    help="end after this many steps of the --steps schedule (0: all); the EMA at that step is written")
     p.add_argument("--batch", type=int, default=8)
@@ -89,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--ema", type=float, default=0.998)
-    p.add_argument("--snapshot-every", type=int, default=250, help="write the EMA weights to work/snapshot")
+    p.add_argument("--snapshot-every", type=int, default=500,
+                   help="evaluate the EMA weights and write them to work/snapshot_STEP.safetensors")
     p.add_argument("--eval-steps", type=int, default=int(DEFAULT_SAMPLE["steps"]))
     p.add_argument("--guidance", type=float, default=float(DEFAULT_SAMPLE["guidance_scale"]))
     return p.parse_args(argv)
@@ -222,6 +227,13 @@ def main(argv=None) -> None:
     tokenizer = Tokenizer()
     ids_all = tokenizer(captions)  # (P, 77)
     ids_empty = tokenizer([""])[0]
+    # Time reversal: the same frames backwards with the opposite motion word. It doubles the pool and gives
+    # pairs that differ only in the direction word and frame order. A reversal that would make a held-out
+    # combination is not used (train_specs only).
+    train_captions = {s.caption: s for s in train_specs}
+    back = [train_captions[c].time_reversed() for c in captions]
+    can_reverse = torch.tensor([b in train_captions.values() for b in back])
+    ids_back = tokenizer([b.caption for b in back])
     ema = {k: v.detach().clone() for k, v in {**_prefixed(text_encoder, unet)}.items()}
     opt = torch.optim.AdamW(param_groups(text_encoder, unet, args.weight_decay), lr=args.lr)
     sched = DDIM()
@@ -239,6 +251,9 @@ def main(argv=None) -> None:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = latents[idx]
         ids = ids_all[idx].clone()
+        rev = (torch.rand(args.batch, generator=gen) < args.reverse_share) & can_reverse[idx]
+        x0 = torch.where(rev[:, None, None, None, None], x0.flip(2), x0)  # (B, C, F, h, w): dim 2 is time
+        ids[rev] = ids_back[idx][rev]
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         ids[drop] = ids_empty
         n_t = sched.config.num_train_timesteps
@@ -266,7 +281,7 @@ def main(argv=None) -> None:
             pipe = Pipeline(tokenizer, te_ema, vae, unet_ema)
             scores = evaluate(pipe, held_out, args)
             log(stage="eval", step=step, held_out=scores)
-            path = work / "snapshot.safetensors" if step < last else Path(args.out)
+            path = work / f"snapshot_{step}.safetensors" if step < last else Path(args.out)
             extra = {"recipe": " ".join(["python", *sys.argv]),
                      "training": json.dumps({"stage2_steps": step, "final_loss": float(np.mean(losses[-100:])),
                                              "held_out": scores, "torch": torch.__version__})}

@@ -126,3 +126,17 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
 
     folder = S.write_dataset(tmp_path / "f", specs, frames=2, size=16, fmt=fmt, layout="folder")
     assert sorted(p.read_text().strip() for p in folder.glob("*.txt")) == sorted(s.caption for s in specs)
+
+
+@pytest.mark.parametrize("motion", list(S.DIRECTIONS))
+def test_time_reversed_clip_shows_the_reversed_motion(motion):
+    from animatediff_lite.default_model import motion_direction
+
+    spec = S.ClipSpec("square", "green", motion)
+    back = spec.time_reversed()
+    assert back.motion != motion and back.time_reversed() == spec
+    video = S.render_clip(spec, 8, 32, seed=2)
+    assert motion_direction(video) == motion
+    assert motion_direction(video[::-1].copy()) == back.motion
+    assert S.ClipSpec("circle", "red", "growing").time_reversed().motion == "shrinking"
+    assert S.ClipSpec("square", "red", "rotating").time_reversed().motion == "rotating"
