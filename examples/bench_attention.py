@@ -8,12 +8,11 @@ rate; writes benchmarks/results/attention-<device>.json. Run: python examples/be
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 import torch.nn.functional as F
-from bench_common import bench, device_context, print_table, rel_err, require_cuda, write_json
+from bench_common import bench, rel_err, run_benchmark
 
 # (name, B, H, Lq, Lk, D)
 SHAPES = [
@@ -65,22 +64,9 @@ def bench_shape(label: str, B: int, H: int, Lq: int, Lk: int, D: int, dtype: tor
 
 
 def main() -> None:
-    require_cuda("bench_attention")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    parser.add_argument("--quick", action="store_true", help="only the two largest shapes")
-    args = parser.parse_args()
-    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    ctx = device_context()
-    peak = ctx["measured"]["matmul_fp16_TFLOPs"]
-    rows = []
-    for shape in SHAPES[:2] if args.quick else SHAPES:
-        rows += bench_shape(*shape, dtype, args.dtype, peak)
-        torch.cuda.empty_cache()
-    print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured fp16 matmul {peak:.0f} TFLOP/s")
-    print_table(rows, ["shape", "D", "Lk", "variant", "ms", "p20_ms", "p80_ms", "TFLOPs", "pct_peak", "rel_err",
-                       "error"])
-    write_json("attention", ctx, rows)
+    run_benchmark("attention", __doc__.splitlines()[0], SHAPES, [bench_shape],
+                  ["shape", "D", "Lk", "variant", "ms", "p20_ms", "p80_ms", "TFLOPs", "pct_peak", "rel_err", "error"],
+                  ceiling="matmul_fp16_TFLOPs", quick=2)
 
 
 if __name__ == "__main__":

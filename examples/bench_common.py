@@ -106,3 +106,32 @@ def write_json(name: str, context: dict, rows: list[dict], out_dir: Path | None 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp32."""
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def run_benchmark(name: str, description: str, shapes: list[tuple], benches: list[Callable[..., list[dict]]],
+                  columns: list[str], ceiling: str, quick: int = 0) -> Path | None:
+    """The shared main of the kernel benchmarks: ``--dtype`` (and ``--quick``), device ceilings, then every
+    bench over every shape as ``bench(*shape, dtype, dtype_name, ceiling_value)``; prints and saves the table.
+
+    ``ceiling`` is the key of ``device_context()["measured"]`` the percentages refer to; ``quick`` > 0 adds
+    ``--quick`` (only the first ``quick`` shapes).
+    """
+    import argparse
+
+    require_cuda(f"bench_{name}")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=f"only the first {quick} shapes")
+    args = parser.parse_args()
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
+    ctx = device_context()
+    peak = ctx["measured"][ceiling]
+    rows = []
+    for shape in shapes[:quick] if quick and args.quick else shapes:
+        for fn in benches:
+            rows += fn(*shape, dtype, args.dtype, peak)
+        torch.cuda.empty_cache()
+    print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured {ceiling} {peak:.0f}")
+    print_table(rows, columns)
+    return write_json(name, ctx, rows)

@@ -10,11 +10,10 @@ Run: python examples/bench_norm.py [--dtype bf16]
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
-from bench_common import bench, device_context, print_table, rel_err, require_cuda, write_json
+from bench_common import bench, rel_err, run_benchmark
 
 GN_SHAPES = [("64x64", 320, 64), ("32x32", 640, 32), ("16x16", 1280, 16), ("8x8", 1280, 8)]
 FRAMES = 16
@@ -72,21 +71,9 @@ def bench_geglu(label: str, c: int, hw: int, dtype: torch.dtype, dtype_name: str
 
 
 def main() -> None:
-    require_cuda("bench_norm")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16")
-    args = parser.parse_args()
-    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
-    ctx = device_context()
-    bw = ctx["measured"]["copy_GBps"]
-    rows = []
-    for label, c, hw in GN_SHAPES:
-        rows += bench_group_norm(label, c, hw, dtype, args.dtype, bw)
-        rows += bench_geglu(label, c, hw, dtype, args.dtype, bw)
-        torch.cuda.empty_cache()
-    print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured copy {bw:.0f} GB/s")
-    print_table(rows, ["op", "shape", "stats", "variant", "ms", "p20_ms", "p80_ms", "GBps", "pct_bw", "rel_err"])
-    write_json("norm", ctx, rows)
+    run_benchmark("norm", __doc__.splitlines()[0], GN_SHAPES, [bench_group_norm, bench_geglu],
+                  ["op", "shape", "stats", "variant", "ms", "p20_ms", "p80_ms", "GBps", "pct_bw", "rel_err"],
+                  ceiling="copy_GBps")
 
 
 if __name__ == "__main__":
