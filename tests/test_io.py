@@ -57,3 +57,17 @@ def test_load_strict_names_keys():
         load_strict(m, {"weight": torch.zeros(3, 3), "bias": torch.zeros(2)}, "f", "a Linear")
     load_strict(m, {"weight": torch.ones(2, 3, dtype=torch.float16), "bias": torch.zeros(2)}, "f", "a Linear")
     assert m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+
+
+def test_cast_floating_only_touches_floats():
+    from animatediff_lite.loading.io import cast_floating
+
+    state = {"w": torch.randn(3), "steps": torch.arange(3), "h": torch.randn(2, dtype=torch.float16)}
+    half = cast_floating(state, "fp16")
+    assert half["w"].dtype == torch.float16 and half["h"].dtype == torch.float16
+    assert half["steps"].dtype == torch.int64 and torch.equal(half["steps"], state["steps"])
+    assert cast_floating(state, torch.bfloat16)["w"].dtype == torch.bfloat16
+    kept = cast_floating(state, "keep")
+    assert kept == state and kept is not state
+    with pytest.raises(KeyError):
+        cast_floating(state, "fp8")

@@ -109,6 +109,19 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike,
         atomic_write(path, lambda tmp: torch.save({"state_dict": tensors}, tmp))
 
 
+# --dtype choices of the converter scripts: "keep" leaves tensors as stored.
+CAST_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float32, "fp16": torch.float16,
+                                              "bf16": torch.bfloat16}
+
+
+def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | None) -> StateDict:
+    """Cast the floating-point tensors of ``state`` (a name of :data:`CAST_DTYPES` or a dtype; None keeps all)."""
+    dtype = CAST_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if dtype is None:
+        return dict(state)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a partial file."""
     path = Path(path)

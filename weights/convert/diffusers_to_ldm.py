@@ -9,15 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.clip_map import WEIGHT_FILES, clip_state_from_diffusers, clip_state_to_ldm
-from animatediff_lite.loading.io import read_state_dict, save_state_dict
+from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, read_state_dict, save_state_dict
 from animatediff_lite.loading.unet_map import read_unet_source, unet_state_to_ldm
 from animatediff_lite.loading.vae_map import WEIGHT_NAMES, vae_state_to_ldm, vae_state_to_native
-
-DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
@@ -29,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", help="diffusers model folder (with unet/config.json)")
     parser.add_argument("output", help="output .safetensors (or .ckpt) single file")
     parser.add_argument("--unet-only", action="store_true", help="convert only the UNet")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors")
+    parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     args = parser.parse_args(argv)
     root = Path(args.source)
     unet, cfg, where = read_unet_source(root)
@@ -47,9 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         if text_file is not None:
             out |= clip_state_to_ldm(clip_state_from_diffusers(read_state_dict(text_file, "a CLIP text encoder")))
             parts.append(f"text encoder ({text_file})")
-    dtype = DTYPES[args.dtype]
-    if dtype is not None:
-        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    out = cast_floating(out, args.dtype)
     save_state_dict(out, args.output)
     print(f"wrote {args.output}: {len(out)} tensors from " + ", ".join(parts))
 

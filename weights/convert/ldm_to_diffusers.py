@@ -10,15 +10,11 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.clip_map import clip_config_from_state, clip_state_from_ldm
-from animatediff_lite.loading.io import atomic_write, read_state_dict, save_state_dict
+from animatediff_lite.loading.io import CAST_DTYPES, atomic_write, cast_floating, read_state_dict, save_state_dict
 from animatediff_lite.loading.unet_map import save_unet_diffusers, unet_config_from_state, unet_state_from_ldm
 from animatediff_lite.loading.vae_map import vae_config_from_state, vae_state_from_ldm
-
-DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -26,21 +22,17 @@ def _write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _cast(state: dict, dtype: torch.dtype | None) -> dict:
-    return state if dtype is None else {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] + " " + __doc__.splitlines()[1])
     parser.add_argument("source", help="LDM single file (.safetensors or .ckpt)")
     parser.add_argument("output", help="output folder")
     parser.add_argument("--unet-only", action="store_true", help="convert only the UNet")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors")
+    parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     args = parser.parse_args(argv)
-    out, dtype = Path(args.output), DTYPES[args.dtype]
+    out, dtype = Path(args.output), args.dtype
     raw = read_state_dict(args.source, "a Stable Diffusion LDM single file")
     cfg = unet_config_from_state(raw)
-    save_unet_diffusers(_cast(unet_state_from_ldm(raw, cfg, args.source), dtype), cfg, out / "unet")
+    save_unet_diffusers(cast_floating(unet_state_from_ldm(raw, cfg, args.source), dtype), cfg, out / "unet")
     written = ["unet"]
     vae = None if args.unet_only else vae_state_from_ldm(raw)
     if vae is not None:
@@ -52,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "layers_per_block": v.layers_per_block, "norm_num_groups": v.norm_num_groups, "act_fn": "silu",
             "scaling_factor": v.scaling_factor})
-        save_state_dict(_cast(vae, dtype), out / "vae" / "diffusion_pytorch_model.safetensors")
+        save_state_dict(cast_floating(vae, dtype), out / "vae" / "diffusion_pytorch_model.safetensors")
         written.append("vae")
     text = None if args.unet_only else clip_state_from_ldm(raw)
     if text is not None:
@@ -65,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_position_embeddings": c.max_position_embeddings, "hidden_act": c.hidden_act,
             "layer_norm_eps": c.layer_norm_eps, "projection_dim": c.hidden_size,
             "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1})
-        save_state_dict(_cast({"text_model." + k: v for k, v in text.items()}, dtype),
+        save_state_dict(cast_floating({"text_model." + k: v for k, v in text.items()}, dtype),
                         out / "text_encoder" / "model.safetensors")
         written.append("text_encoder")
     print(f"wrote {out}: {', '.join(written)} (UNet {cfg.block_out_channels}, "

@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.io import CAST_DTYPES, cast_floating
 from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module
-
-DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,13 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", help="output .safetensors file")
     parser.add_argument("--version", choices=["v1", "v2", "v3"], default=None,
                         help="override the detected generation (v1: mm_sd_v14/v15, v2: mm_sd_v15_v2, v3: v3_sd15_mm)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors")
+    parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     parser.add_argument("--norm-groups", type=int, default=32, help="GroupNorm groups of the base UNet (32 for SD1.5)")
     args = parser.parse_args(argv)
     native, info = read_motion_module(args.source, version=args.version)
-    dtype = DTYPES[args.dtype]
-    if dtype is not None:
-        native = {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}
+    native = cast_floating(native, args.dtype)
     save_motion_module(native, args.output, info.motion_config(args.norm_groups))
     print(info.summary())
     print(f"wrote {args.output}")

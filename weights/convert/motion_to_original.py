@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.io import CAST_DTYPES, cast_floating
 from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module_original
-
-DTYPES = {"keep": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,12 +21,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="rows of the written PE tables (default: the module's, 24 for v1, 32 for v2/v3)")
     parser.add_argument("--no-pe", action="store_true", help="do not write pos_encoder.pe tables")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep", help="cast floating tensors")
+    parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     args = parser.parse_args(argv)
     native, info = read_motion_module(args.source, version=args.version)
-    dtype = DTYPES[args.dtype]
-    if dtype is not None:
-        native = {k: v.to(dtype) if v.is_floating_point() else v for k, v in native.items()}
+    native = cast_floating(native, args.dtype)
     save_motion_module_original(native, args.output, max_len=args.max_len or info.max_position_len,
                                 with_pe=not args.no_pe)
     print(info.summary())
