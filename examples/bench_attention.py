@@ -3,7 +3,7 @@
 SD1.5 shapes at 512x512 (64x64 latents), 16 frames, CFG batch 2 -> B*F = 32 images, 8 heads:
 self-attention over 4096/1024/256/64 tokens with head dims 40/80/160/160, cross-attention over 77 text
 tokens. Prints time (median, p20-p80), TFLOP/s (4*B*H*Lq*Lk*D flops) and % of the measured fp16 matmul
-rate; writes benchmarks/results/attention-<device>.json. Run: python examples/bench_attention.py [--dtype bf16]
+rate; writes benchmarks/results/attention-<dtype>-<device>.json. Run: python examples/bench_attention.py [--dtype bf16]
 """
 
 from __future__ import annotations

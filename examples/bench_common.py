@@ -111,7 +111,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def run_benchmark(name: str, description: str, shapes: list[tuple], benches: list[Callable[..., list[dict]]],
                   columns: list[str], ceiling: str, quick: int = 0) -> Path | None:
     """The shared main of the kernel benchmarks: ``--dtype`` (and ``--quick``), device ceilings, then every
-    bench over every shape as ``bench(*shape, dtype, dtype_name, ceiling_value)``; prints and saves the table.
+    bench over every shape as ``bench(*shape, dtype, dtype_name, ceiling_value)``; prints the table and saves it
+    as ``benchmarks/results/<name>-<dtype>-<device>.json``.
 
     ``ceiling`` is the key of ``device_context()["measured"]`` the percentages refer to; ``quick`` > 0 adds
     ``--quick`` (only the first ``quick`` shapes).
@@ -134,4 +135,4 @@ def run_benchmark(name: str, description: str, shapes: list[tuple], benches: lis
         torch.cuda.empty_cache()
     print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured {ceiling} {peak:.0f}")
     print_table(rows, columns)
-    return write_json(name, ctx, rows)
+    return write_json(f"{name}-{args.dtype}", ctx, rows)

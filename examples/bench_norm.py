@@ -4,7 +4,7 @@ SD1.5 resnet GroupNorms at 512x512 / 16 frames / CFG: x (B*F = 32, C, h, w) for 
 (1280, 16x16), (1280, 8x8), 32 groups, SiLU; per frame (v2/v3) and joint over 16 frames (v1). GEGLU of the
 motion-module feed-forward: (N*F, 2*4C) -> (N*F, 4C) at each level, forward and forward+backward.
 GB/s over the minimum bytes (one read of the input, one write of the output; the backward: x and dy read,
-dx written) and % of the measured copy bandwidth. Writes benchmarks/results/norm-<device>.json.
+dx written) and % of the measured copy bandwidth. Writes benchmarks/results/norm-<dtype>-<device>.json.
 Run: python examples/bench_norm.py [--dtype bf16]
 """
 

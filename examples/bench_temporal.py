@@ -8,7 +8,7 @@ C = 320/640/1280/1280 channels at 64x64/32x32/16x16/8x8 (N*heads = 65,536 at the
   alone on pre-split contiguous q/k/v, for each SDPA backend. Also the kernel's block_r / num_warps choices.
 - block: the whole temporal attention block (LayerNorm, PE, projections, attention, out proj, residual),
   ops.temporal_attention fused vs the PyTorch reference.
-Writes benchmarks/results/temporal-<device>.json. Run: python examples/bench_temporal.py [--dtype bf16]
+Writes benchmarks/results/temporal-<dtype>-<device>.json. Run: python examples/bench_temporal.py [--dtype bf16]
 """
 
 from __future__ import annotations
