@@ -88,13 +88,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--latent-std", type=float, default=0.3,
                    help="std of the scaled latents (sets the VAE scaling_factor); < 1 hides the clip at the noisiest "
                         "steps")
+    p.add_argument("--zero-init-motion", type=int, default=0,
+                   help="1: motion modules start as the identity (AnimateDiff's zero-initialised proj_out, right when "
+                        "adding them to a trained UNet); 0: proj_out gets torch's default init, so that when training "
+                        "from scratch the temporal attention takes part (and learns frame order) from the first step")
     p.add_argument("--weight-cap", type=float, default=25.0,
                    help="weight each clip's epsilon MSE by min(1 / alpha_bar_t, cap), the v-prediction loss truncated, "
                         "so the noisiest steps (where only the text can say where the shape is in each frame) count; "
                         "1 gives the plain epsilon MSE")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of timesteps drawn from the noisier half, where layout and motion are decided")
-    p.add_argument("--steps", type=int, default=6000, help="stage-2 optimiser steps")
+    p.add_argument("--steps", type=int, default=3500, help="stage-2 optimiser steps")
     p.add_argument("--stop-at", type=int, default=0,
                    help="end after this many steps of the --steps schedule (0: all); the EMA at that step is written")
     p.add_argument("--batch", type=int, default=8)
@@ -239,6 +243,10 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed + 10)
     text_encoder, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
+    if not args.zero_init_motion:
+        for name, module in unet.named_modules():
+            if name.endswith("temporal_transformer.proj_out"):
+                module.reset_parameters()
     tokenizer = Tokenizer()
     ids_all = tokenizer(captions)  # (P, 77)
     ids_empty = tokenizer([""])[0]
@@ -266,9 +274,10 @@ def main(argv=None) -> None:
         idx = torch.randint(0, len(captions), (args.batch,), generator=gen)
         x0 = latents[idx]
         ids = ids_all[idx].clone()
-        rev = (torch.rand(args.batch, generator=gen) < args.reverse_share) & can_reverse[idx]
-        x0 = torch.where(rev[:, None, None, None, None], x0.flip(2), x0)  # (B, C, F, h, w): dim 2 is time
-        ids[rev] = ids_back[idx][rev]
+        if args.reverse_share > 0:  # (no draw otherwise, so runs without reversal keep their random stream)
+            rev = (torch.rand(args.batch, generator=gen) < args.reverse_share) & can_reverse[idx]
+            x0 = torch.where(rev[:, None, None, None, None], x0.flip(2), x0)  # (B, C, F, h, w): dim 2 is time
+            ids[rev] = ids_back[idx][rev]
         drop = torch.rand(args.batch, generator=gen) < args.caption_dropout
         ids[drop] = ids_empty
         n_t = sched.config.num_train_timesteps
@@ -280,9 +289,12 @@ def main(argv=None) -> None:
         pred = unet(noisy, t, text_encoder(ids))
         # Epsilon MSE weights an error in the predicted clean clip by the SNR, ~0.005 at t = 900: there the
         # model could ignore the direction word at no cost, and sampling would take the direction from the noise.
-        weight = (1 / sched.alphas_cumprod[t]).clamp(max=args.weight_cap)
-        per_clip = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
-        loss = (weight * per_clip).sum() / weight.sum()
+        if args.weight_cap > 1:
+            weight = (1 / sched.alphas_cumprod[t]).clamp(max=args.weight_cap)
+            per_clip = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
+            loss = (weight * per_clip).sum() / weight.sum()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
