@@ -55,6 +55,7 @@ from animatediff_lite.default_model import (
     motion_direction,
     save_default_model,
 )
+from animatediff_lite.motion import TemporalAttention
 from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIM
 from animatediff_lite.synthetic import DIRECTIONS, render_clip, split_specs
@@ -92,13 +93,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="1: motion modules start as the identity (AnimateDiff's zero-initialised proj_out, right when "
                         "adding them to a trained UNet); 0: proj_out gets torch's default init, so that when training "
                         "from scratch the temporal attention takes part (and learns frame order) from the first step")
+    p.add_argument("--motion-qk-init", type=float, default=2.0,
+                   help="> 0: the temporal attention's to_q and to_k start as this multiple of the identity, so each "
+                        "frame first attends to itself through its position encoding and the frame index reaches the "
+                        "residual stream at once (with torch's init, attention over frames starts uniform, the output "
+                        "is the same for every frame, and the model stayed a set function of frames); 0: torch's init")
     p.add_argument("--weight-cap", type=float, default=25.0,
                    help="weight each clip's epsilon MSE by min(1 / alpha_bar_t, cap), the v-prediction loss truncated, "
                         "so the noisiest steps (where only the text can say where the shape is in each frame) count; "
                         "1 gives the plain epsilon MSE")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of timesteps drawn from the noisier half, where layout and motion are decided")
-    p.add_argument("--steps", type=int, default=3500, help="stage-2 optimiser steps")
+    p.add_argument("--steps", type=int, default=2500, help="stage-2 optimiser steps")
     p.add_argument("--stop-at", type=int, default=0,
                    help="end after this many steps of the --steps schedule (0: all); the EMA at that step is written")
     p.add_argument("--batch", type=int, default=8)
@@ -243,10 +249,14 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed + 10)
     text_encoder, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
-    if not args.zero_init_motion:
-        for name, module in unet.named_modules():
-            if name.endswith("temporal_transformer.proj_out"):
-                module.reset_parameters()
+    for name, module in unet.named_modules():
+        if name.endswith("temporal_transformer.proj_out") and not args.zero_init_motion:
+            module.reset_parameters()
+        if isinstance(module, TemporalAttention) and args.motion_qk_init > 0:
+            with torch.no_grad():
+                eye = torch.eye(module.to_q.weight.shape[0]) * args.motion_qk_init
+                module.to_q.weight.copy_(eye)
+                module.to_k.weight.copy_(eye)
     tokenizer = Tokenizer()
     ids_all = tokenizer(captions)  # (P, 77)
     ids_empty = tokenizer([""])[0]
