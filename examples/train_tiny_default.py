@@ -200,11 +200,12 @@ def encode_pool(args, vae: AutoencoderKL, specs, log: Log) -> tuple[torch.Tensor
     # Experiment --latent-std < 1 (input scaling, Chen 2023, "On the importance of noise scheduling for diffusion
     # models"): 8 frames of 8x8 latents are few numbers, so at unit scale even t = 950 still shows a moving blob
     # (SNR summed over it ~1) and the model may read the trajectory from the noise instead of the text.
-    scale = float(args.latent_std / latents.std())
+    raw_std = float(latents.std())
+    scale = args.latent_std / raw_std
     # Reconstruction error of the pool's first clips, as a check of stage 1.
     video, _ = clip_batch(specs, 8, np.random.default_rng([args.seed, 3]), args.frames, args.size)
     rec = vae.decode(vae.encode(video, sample=False)).clamp(-1, 1)
-    log(stage="pool", clips=len(captions), latent_std=round(args.latent_std / scale, 4), scaling_factor=round(scale, 5),
+    log(stage="pool", clips=len(captions), latent_std=round(raw_std, 4), scaling_factor=round(scale, 5),
         recon_l1_01=round(float((rec - video).abs().mean() / 2), 5))
     return latents * scale, captions, scale
 
