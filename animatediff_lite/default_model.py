@@ -9,7 +9,9 @@ words of those captions and makes 32x32, 8-frame clips; see ``docs/default_model
 File format (``assets/default_model.safetensors``): native state-dict keys of the three parts behind the
 prefixes ``text_encoder.``, ``vae.`` and ``unet.`` (motion modules included), stored as float16; the
 safetensors metadata holds ``config`` (JSON of :class:`~animatediff_lite.config.ModelConfig`), ``sample``
-(JSON of the sampling defaults) and ``recipe`` / ``training`` (how the file was made).
+(JSON of the sampling defaults), optionally ``scheduler`` (JSON of the
+:class:`~animatediff_lite.scheduler.DDIMConfig` fields that differ from AnimateDiff's DDIM, e.g. the
+prediction type) and ``recipe`` / ``training`` (how the file was made).
 
     from animatediff_lite.default_model import load_default_pipeline
     pipe = load_default_pipeline()
@@ -18,6 +20,7 @@ safetensors metadata holds ``config`` (JSON of :class:`~animatediff_lite.config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -30,6 +33,7 @@ from torch import nn
 
 from .config import CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig, from_dict, to_dict
 from .errors import CheckpointError
+from .scheduler import DDIM, DDIMConfig
 
 FORMAT = "animatediff-lite-default-model/1"
 PARTS = ("text_encoder", "vae", "unet")
@@ -63,11 +67,12 @@ def default_weights_path() -> Path:
 
 def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn.Module, unet: nn.Module,
                        config: ModelConfig, sample: Mapping | None = None, extra: Mapping[str, str] | None = None,
-                       dtype: torch.dtype = torch.float16) -> None:
+                       dtype: torch.dtype = torch.float16, scheduler: DDIMConfig | None = None) -> None:
     """Write the three parts as one safetensors file in the default-model format (atomically).
 
     ``config`` must be the config the parts were built from; ``sample`` the sampling defaults (default
-    :data:`DEFAULT_SAMPLE`); ``extra`` more metadata strings (the recipe command, a training summary).
+    :data:`DEFAULT_SAMPLE`); ``scheduler`` the DDIM settings the UNet was trained for (default AnimateDiff's);
+    ``extra`` more metadata strings (the recipe command, a training summary).
     """
     from .loading.io import save_state_dict
 
@@ -77,6 +82,9 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
             state[f"{prefix}.{key}"] = value.detach().to(dtype)
     metadata = {"format": FORMAT, "config": json.dumps(to_dict(config)),
                 "sample": json.dumps(dict(sample or DEFAULT_SAMPLE)), **dict(extra or {})}
+    changed = _changed_fields(scheduler or DDIMConfig(), DDIMConfig())
+    if changed:
+        metadata["scheduler"] = json.dumps(changed)
     save_state_dict(state, path, metadata)
 
 
@@ -115,6 +123,23 @@ def sample_defaults(metadata: Mapping[str, str] | None = None) -> dict[str, floa
     return {**DEFAULT_SAMPLE, **json.loads(metadata["sample"])}
 
 
+def scheduler_config(metadata: Mapping[str, str] | None = None) -> DDIMConfig:
+    """The DDIM settings of a file's metadata: AnimateDiff's, with the fields its ``scheduler`` entry changes."""
+    if metadata is None or "scheduler" not in metadata:
+        return DDIMConfig()
+    fields = json.loads(metadata["scheduler"])
+    known = {f.name for f in dataclasses.fields(DDIMConfig)}
+    if not isinstance(fields, dict) or not set(fields) <= known:
+        raise CheckpointError(f"the 'scheduler' metadata must be a JSON object with keys among {sorted(known)}, "
+                              f"got {metadata['scheduler']!r}")
+    return DDIMConfig(**fields)
+
+
+def _changed_fields(config, default) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
+
+
 def load_default_parts(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32):
     """(tokenizer, text_encoder, vae, unet, config, metadata) of the default model, in eval mode.
@@ -144,7 +169,9 @@ def load_default_parts(path: str | os.PathLike | None = None, device: str | torc
 
 def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                           path: str | os.PathLike | None = None):
-    """The embedded default model as a ready :class:`~animatediff_lite.pipeline.Pipeline` (AnimateDiff's DDIM).
+    """The embedded default model as a ready :class:`~animatediff_lite.pipeline.Pipeline`.
+
+    The scheduler is AnimateDiff's DDIM with the settings the file's ``scheduler`` metadata changes (if any).
 
     ``pipe.sample_defaults`` holds the sizes it was trained for (8 frames of 32x32); pass them to
     ``pipe(...)`` (``pipe(prompt, **pipe.sample_defaults)``) unless you want something else.
@@ -153,7 +180,7 @@ def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
 
     device, dtype = check_device_dtype(device, dtype)
     tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
-    pipe = Pipeline(tokenizer, text_encoder, vae, unet, device=device, dtype=dtype)
+    pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
     return pipe
 

@@ -2,7 +2,7 @@
 
     python examples/eval_default_model.py                       # the shipped weights, 3 seeds
     python examples/eval_default_model.py --weights runs/default_model/snapshot_3000.safetensors --strip out.png
-    python examples/eval_default_model.py --probe   # does the noisiest prediction depend on the direction word?
+    python examples/eval_default_model.py --probe   # does the UNet use frame order and the direction word?
 
 For every held-out (shape, colour, direction) combination of ``synthetic.split_specs()`` (never seen as a
 triple in training) and every seed it samples one clip and checks the dominant colour and the direction the
@@ -43,32 +43,60 @@ def score(pipe, specs, seeds, steps: int, guidance: float) -> tuple[float, float
     return float(np.mean(colour_ok)), float(np.mean(dir_ok)), float(np.mean(both)), misses
 
 
+def predicted_clean(pipe, x_t: torch.Tensor, t: int, emb: torch.Tensor) -> torch.Tensor:
+    """The clean latent clip the UNet predicts from ``x_t`` at timestep ``t``, whatever its prediction type."""
+    a = pipe.scheduler.alphas_cumprod[t]
+    out = pipe.unet(x_t, torch.full((x_t.shape[0],), t), emb)
+    kind = pipe.scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt()
+    if kind == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * out
+    return out
+
+
 @torch.no_grad()
 def direction_probe(pipe, t: int = 950, seed: int = 0) -> dict[str, tuple[float, float]]:
     """How the prediction of the clean clip at noise level ``t`` depends on the direction word.
 
-    One noise draw, the four direction prompts of a red circle: the UNet's epsilon at ``t`` gives a predicted
+    One noise draw, the four direction prompts of a red circle: the UNet's output at ``t`` gives a predicted
     clean latent clip, and the centroid of its spatial deviation (per frame, in latent pixels) moves by
     (dx, dy) from the first frame to the last. A model that reads the direction word gives four different
     shifts pointing its four ways; one that ignores it gives four equal ones (the noise decides).
     """
     prompts = [f"a red circle {d}" for d in DIRECTIONS]
-    size = int(pipe.sample_defaults["height"]) // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    frames = int(pipe.sample_defaults["num_frames"])
-    channels = pipe.unet.config.in_channels
-    noise = torch.randn(1, channels, frames, size, size, generator=torch.Generator().manual_seed(seed))
-    noise = noise.expand(len(prompts), -1, -1, -1, -1)
+    noise = _latent_noise(pipe, seed).expand(len(prompts), -1, -1, -1, -1)
     alpha = pipe.scheduler.alphas_cumprod[t]
-    eps = pipe.unet((1 - alpha).sqrt() * noise, torch.full((len(prompts),), t), pipe.text_encoder(
-        pipe.tokenizer(prompts)))
-    x0 = (1 - alpha).sqrt() * (noise - eps) / alpha.sqrt()  # x_t = sqrt(1 - a) * noise: the clean part is 0
+    # x_t = sqrt(1 - a) * noise: the clean part is 0, so what the model adds comes from the text alone
+    x0 = predicted_clean(pipe, (1 - alpha).sqrt() * noise, t, pipe.text_encoder(pipe.tokenizer(prompts)))
     energy = (x0 - x0.mean(dim=(3, 4), keepdim=True)).pow(2).sum(1)  # (P, F, h, w)
+    size = x0.shape[-1]
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
     cx = (energy * xs).sum((2, 3)) / energy.sum((2, 3))
     cy = (energy * ys).sum((2, 3)) / energy.sum((2, 3))
     return {d: (round(float(cx[i, -1] - cx[i, 0]), 2), round(float(cy[i, -1] - cy[i, 0]), 2))
             for i, d in enumerate(DIRECTIONS)}
+
+
+@torch.no_grad()
+def order_gap(pipe, t: int, seed: int = 0) -> float:
+    """How much the UNet uses frame order: mean |rev(U(x)) - U(rev(x))| / mean |U(x)|, rev = time reversal.
+
+    0 means the UNet is a set function of the frames (it cannot tell a clip from its time reversal).
+    """
+    x = _latent_noise(pipe, seed)
+    emb = pipe.text_encoder(pipe.tokenizer(["a red circle moving left"]))
+    tt = torch.tensor([t])
+    a, b = pipe.unet(x, tt, emb), pipe.unet(x.flip(2), tt, emb)  # (1, C, F, h, w): dim 2 is time
+    return float((a.flip(2) - b).abs().mean() / a.abs().mean())
+
+
+def _latent_noise(pipe, seed: int) -> torch.Tensor:
+    size = int(pipe.sample_defaults["height"]) // 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    frames = int(pipe.sample_defaults["num_frames"])
+    return torch.randn(1, pipe.unet.config.in_channels, frames, size, size,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def frame_strip(video: torch.Tensor, captions: list[str], path: str, scale: int = 4) -> None:
@@ -98,15 +126,16 @@ def main() -> None:
     p.add_argument("--strip", default="", help="write a frame strip PNG here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-too", action="store_true", help="also score the training combinations")
-    p.add_argument("--probe", action="store_true", help="only print direction_probe() at t = 950, 800, 600")
+    p.add_argument("--probe", action="store_true",
+                   help="only print direction_probe() and order_gap() at t = 950, 800, 600 (no sampling)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     pipe = load_default_pipeline(path=args.weights)
     if args.probe:
         for t in (950, 800, 600):
-            print(f"t={t}: predicted clean clip, centroid shift first -> last frame (dx, dy) in latent pixels:",
-                  direction_probe(pipe, t))
+            print(f"t={t}: order gap {order_gap(pipe, t):.1%}; predicted clean clip, centroid shift first -> "
+                  "last frame (dx, dy) in latent pixels:", direction_probe(pipe, t))
         return
     train, held_out = split_specs()
     t0 = time.time()

@@ -59,8 +59,8 @@ from animatediff_lite.default_model import (
 )
 from animatediff_lite.motion import TemporalAttention
 from animatediff_lite.pipeline import Pipeline
-from animatediff_lite.scheduler import DDIM
-from animatediff_lite.synthetic import DIRECTIONS, render_clip, split_specs
+from animatediff_lite.scheduler import DDIM, DDIMConfig
+from animatediff_lite.synthetic import COLOURS, DIRECTIONS, MOTIONS, SHAPES, render_clip, split_specs
 from animatediff_lite.tokenizer import Tokenizer
 from animatediff_lite.unet import UNet3D
 from animatediff_lite.vae import AutoencoderKL
@@ -82,6 +82,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1e-5)
     p.add_argument("--vae-from", default="", help="reuse a stage-1 VAE (work/vae.safetensors) instead of training")
     p.add_argument("--vae-only", action="store_true", help="stop after stage 1 (writes work/vae.safetensors)")
+    p.add_argument("--text-steps", type=int, default=0,
+                   help="> 0: pretrain the text encoder for this many steps so its end-of-text and padding tokens "
+                        "tell shape, colour and motion apart (a stand-in for CLIP's pretraining), then keep it "
+                        "frozen in stage 2 as Stable Diffusion does; 0: train it with the UNet from scratch")
+    p.add_argument("--text-lr", type=float, default=2e-3)
     p.add_argument("--pool", type=int, default=3000, help="training clips encoded once for stage 2")
     p.add_argument("--direction-share", type=float, default=0.75,
                    help="share of the stage-2 pool with moving left/right/up/down (the rest grow, shrink, rotate)")
@@ -102,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-cap", type=float, default=1.0,
                    help="experiment: > 1 weights each clip's epsilon MSE by min(1 / alpha_bar_t, cap) (the "
                         "v-prediction loss, truncated), so errors at the noisiest steps count; 1: plain epsilon MSE")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the UNet predicts (written to the file's scheduler metadata): v_prediction weights "
+                        "errors in the clean clip ~1 at every noise level, epsilon by the SNR (~0.005 at t = 950)")
     p.add_argument("--high-t-share", type=float, default=0.5,
                    help="share of timesteps drawn from the noisier half, where layout and motion are decided")
     p.add_argument("--steps", type=int, default=2400, help="stage-2 optimiser steps")
@@ -184,6 +192,51 @@ def train_vae(args, specs, log: Log) -> AutoencoderKL:
     return vae.eval()
 
 
+def pretrain_text_encoder(args, specs, tokenizer: Tokenizer, held_out, log: Log) -> TextEncoder:
+    """Stage 1b: a text encoder whose end-of-text and padding tokens tell shape, colour and motion apart.
+
+    SD1.5's UNet reads all 77 output tokens, and for a short caption ~70 of them are padding (= end-of-text)
+    tokens, which see the whole caption through the causal attention. Trained jointly from scratch, the tiny
+    encoder put the colour there and little else, so the UNet learned colour but ignored shape and motion
+    (docs/default_model.md). CLIP's pretraining is what makes the real end-of-text token summarise the
+    caption; here a linear probe per attribute on every padding token does the same job in seconds.
+    """
+    torch.manual_seed(args.seed + 10)  # the same draw as the UNet-with-encoder init of stage 2 otherwise
+    text_encoder = TextEncoder(DEFAULT_CONFIG.clip)
+    attrs = {"shape": SHAPES, "colour": tuple(COLOURS), "motion": MOTIONS}
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(DEFAULT_CONFIG.clip.hidden_size, len(v)) for a, v in attrs.items()})
+
+    def batch_of(spec_list):
+        ids = tokenizer([s.caption for s in spec_list])
+        pad = (ids == tokenizer.eos_id).cumsum(1) > 0  # end-of-text and the padding after it
+        labels = {a: torch.tensor([v.index(getattr(s, a)) for s in spec_list]) for a, v in attrs.items()}
+        return ids, pad, labels
+
+    def probe_loss(ids, pad, labels):
+        hidden = text_encoder(ids)  # (B, 77, D)
+        loss, right = 0.0, []
+        for a, head in heads.items():
+            logits = head(hidden)  # (B, 77, K)
+            ce = F.cross_entropy(logits.transpose(1, 2), labels[a][:, None].expand_as(pad), reduction="none")
+            loss = loss + (ce * pad).sum() / pad.sum()
+            right.append((logits.argmax(-1) == labels[a][:, None]) | ~pad)
+        return loss, torch.stack(right).all(0).all(1).float().mean()  # caption right at every padding token
+
+    opt = torch.optim.Adam([*text_encoder.parameters(), *heads.parameters()], lr=args.text_lr)
+    rng = np.random.default_rng([args.seed, 4])
+    for step in range(1, args.text_steps + 1):
+        ids, pad, labels = batch_of([specs[i] for i in rng.integers(len(specs), size=32)])
+        loss, _ = probe_loss(ids, pad, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == args.text_steps:
+            with torch.no_grad():
+                _, held_acc = probe_loss(*batch_of(held_out))
+            log(stage="text", step=step, loss=round(loss.item(), 5), held_out_captions_right=round(float(held_acc), 3))
+    return text_encoder.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_pool(args, vae: AutoencoderKL, specs, log: Log) -> tuple[torch.Tensor, list[str], float]:
     """Encode ``args.pool`` clips to latent means; returns (scaled latents (P, 4, F, h, w), captions, scale)."""
@@ -211,9 +264,11 @@ def encode_pool(args, vae: AutoencoderKL, specs, log: Log) -> tuple[torch.Tensor
 
 
 def param_groups(text_encoder: TextEncoder, unet: UNet3D, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trained parameters (a frozen text encoder has none)."""
     emb = text_encoder.embeddings.token_embedding.weight
-    rest = [p for p in list(text_encoder.parameters()) + list(unet.parameters()) if p is not emb]
-    return [{"params": rest, "weight_decay": weight_decay}, {"params": [emb], "weight_decay": 0.0}]
+    rest = [p for p in list(text_encoder.parameters()) + list(unet.parameters()) if p is not emb and p.requires_grad]
+    groups = [{"params": rest, "weight_decay": weight_decay}]
+    return groups + ([{"params": [emb], "weight_decay": 0.0}] if emb.requires_grad else [])
 
 
 @torch.no_grad()
@@ -246,8 +301,13 @@ def main(argv=None) -> None:
     cfg = dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, scaling_factor=scale))
     vae.config = cfg.vae  # same weights; the pipeline divides by this factor before decoding
 
-    torch.manual_seed(args.seed + 10)
-    text_encoder, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
+    tokenizer = Tokenizer()
+    if args.text_steps > 0:
+        text_encoder = pretrain_text_encoder(args, train_specs, tokenizer, held_out, log)
+        unet = UNet3D(cfg.unet, cfg.motion)
+    else:
+        torch.manual_seed(args.seed + 10)
+        text_encoder, unet = TextEncoder(cfg.clip), UNet3D(cfg.unet, cfg.motion)
     for name, module in unet.named_modules():
         if name.endswith("temporal_transformer.proj_out") and not args.zero_init_motion:
             module.reset_parameters()
@@ -256,7 +316,6 @@ def main(argv=None) -> None:
                 eye = torch.eye(module.to_q.weight.shape[0]) * args.motion_qk_init
                 module.to_q.weight.copy_(eye)
                 module.to_k.weight.copy_(eye)
-    tokenizer = Tokenizer()
     ids_all = tokenizer(captions)  # (P, 77)
     ids_empty = tokenizer([""])[0]
     # Time reversal: the same frames backwards with the opposite motion word. It doubles the pool and gives
@@ -268,9 +327,9 @@ def main(argv=None) -> None:
     ids_back = tokenizer([b.caption for b in back])
     ema = {k: v.detach().clone() for k, v in {**_prefixed(text_encoder, unet)}.items()}
     opt = torch.optim.AdamW(param_groups(text_encoder, unet, args.weight_decay), lr=args.lr)
-    sched = DDIM()
+    sched = DDIM(DDIMConfig(prediction_type=args.prediction_type))
     gen = torch.Generator().manual_seed(args.seed + 20)
-    text_encoder.train()
+    text_encoder.train(args.text_steps == 0)
     unet.train()
     params = [p for g in opt.param_groups for p in g["params"]]
     losses = []
@@ -296,14 +355,15 @@ def main(argv=None) -> None:
         noise = torch.randn(x0.shape, generator=gen)
         noisy = sched.add_noise(x0, noise, t)
         pred = unet(noisy, t, text_encoder(ids))
+        target = noise if args.prediction_type == "epsilon" else sched.velocity(x0, noise, t)
         # Epsilon MSE weights an error in the predicted clean clip by the SNR, ~0.005 at t = 900, where the
         # direction must be decided; experiment --weight-cap > 1 makes those errors count.
         if args.weight_cap > 1:
             weight = (1 / sched.alphas_cumprod[t]).clamp(max=args.weight_cap)
-            per_clip = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3, 4))
+            per_clip = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3, 4))
             loss = (weight * per_clip).sum() / weight.sum()
         else:
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,14 +378,14 @@ def main(argv=None) -> None:
                 grad_norm=round(float(grad_norm), 3))
         if step % args.snapshot_every == 0 or step == last:
             te_ema, unet_ema = _ema_models(cfg, ema)
-            pipe = Pipeline(tokenizer, te_ema, vae, unet_ema)
+            pipe = Pipeline(tokenizer, te_ema, vae, unet_ema, sched)
             scores = evaluate(pipe, held_out, args)
             log(stage="eval", step=step, held_out=scores)
             path = work / f"snapshot_{step}.safetensors" if step < last else Path(args.out)
             extra = {"recipe": " ".join(["python", *sys.argv]),
                      "training": json.dumps({"stage2_steps": step, "final_loss": float(np.mean(losses[-100:])),
                                              "held_out": scores, "torch": torch.__version__})}
-            save_default_model(path, te_ema, vae, unet_ema, cfg, DEFAULT_SAMPLE, extra)
+            save_default_model(path, te_ema, vae, unet_ema, cfg, DEFAULT_SAMPLE, extra, scheduler=sched.config)
     log(stage="done", out=str(args.out), config=to_dict(cfg))
 
 

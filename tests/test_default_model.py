@@ -23,6 +23,8 @@ from animatediff_lite.default_model import (
     load_default_pipeline,
     motion_direction,
     read_default_model,
+    save_default_model,
+    scheduler_config,
 )
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.synthetic import DIRECTIONS, ClipSpec, all_specs, render_clip, split_specs
@@ -81,6 +83,23 @@ def test_bad_file_is_a_checkpoint_error(tmp_path):
     truncated.write_bytes(default_weights_path().read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="truncated.safetensors"):
         load_default_pipeline(path=truncated)
+
+
+def test_scheduler_settings_travel_in_the_metadata(tmp_path):
+    from animatediff_lite.scheduler import DDIMConfig
+
+    tokenizer, text_encoder, vae, unet, config, metadata = load_default_parts()
+    assert scheduler_config(metadata).prediction_type == load_default_pipeline().scheduler.config.prediction_type
+    path = tmp_path / "v.safetensors"
+    v_pred = DDIMConfig(prediction_type="v_prediction", timestep_spacing="trailing")
+    save_default_model(path, text_encoder, vae, unet, config, scheduler=v_pred)
+    _, _, saved = read_default_model(path)
+    assert json.loads(saved["scheduler"]) == {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+    assert load_default_pipeline(path=path).scheduler.config == v_pred
+    save_default_model(path, text_encoder, vae, unet, config)  # AnimateDiff's DDIM: no entry needed
+    assert "scheduler" not in read_default_model(path)[2]
+    with pytest.raises(CheckpointError, match="scheduler"):
+        scheduler_config({"scheduler": '{"beta_ends": 0.02}'})
 
 
 @pytest.mark.parametrize("spec", [s for s in all_specs() if s.motion in DIRECTIONS][::5], ids=lambda s: s.caption)
