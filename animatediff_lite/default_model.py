@@ -1,7 +1,7 @@
 """The embedded default model: a tiny text-to-video model of the AnimateDiff architecture, shipped in the package.
 
 It has every part of the real thing (the real CLIP tokenizer, a CLIP text encoder, an AutoencoderKL, a UNet3D
-with v2-style motion modules, DDIM sampling) at toy sizes, trained from scratch by
+with v2-style motion modules, DDIM sampling, v-prediction) at toy sizes, trained from scratch by
 ``examples/train_tiny_default.py`` on the procedural clips of :mod:`animatediff_lite.synthetic` (coloured
 circles, squares and triangles moving, growing, shrinking or rotating on grey backgrounds). It knows the
 words of those captions and makes 32x32, 8-frame clips; see ``docs/default_model.md``.

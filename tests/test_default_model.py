@@ -136,11 +136,7 @@ def test_held_out_prompts_colour(held_out_videos):
     assert rate >= 0.8, report
 
 
-# The criterion. The shipped model gets the colour right but does not yet follow the direction word
-# (it makes a coherent moving shape, in an arbitrary direction): see docs/default_model.md for the numbers.
-# strict: when a better-trained file passes, this fails as XPASS, so the mark gets removed.
-@pytest.mark.xfail(strict=True, reason="shipped default model does not follow the direction word yet "
-                                      "(docs/default_model.md)")
+# The criterion: colour and direction right for >= 80% of the held-out prompts.
 def test_held_out_prompts_colour_and_direction(held_out_videos):
     held_out, video = held_out_videos
     assert len(held_out) >= 12
