@@ -20,7 +20,7 @@ report gives the max abs difference of our video against that (and against unpat
     python examples/bench_pipeline.py --size tiny                    # CPU
     python examples/bench_pipeline.py --size sd15 --compile          # CUDA, eager and torch.compile'd UNets
 
-Writes benchmarks/results/bench_pipeline-<device>-<size>.json.
+Writes benchmarks/results/bench_pipeline-<device>-<size>[-<label>].json.
 """
 
 from __future__ import annotations
@@ -167,11 +167,14 @@ def load_diffusers(folder: Path, device: str, dtype: torch.dtype):
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     sd = folder / "sd"
+    # transformers >= 4.56 names it dtype (torch_dtype is deprecated there); older versions know torch_dtype only.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", steps_offset=1,
                                         clip_sample=False, set_alpha_to_one=True)
     pipe = diffusers.AnimateDiffPipeline(
         vae=diffusers.AutoencoderKL.from_pretrained(str(sd / "vae"), torch_dtype=dtype),
-        text_encoder=transformers.CLIPTextModel.from_pretrained(str(sd / "text_encoder"), dtype=dtype),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(str(sd / "text_encoder"), **{dtype_kw: dtype}),
         tokenizer=transformers.CLIPTokenizer.from_pretrained(str(sd / "tokenizer"), model_max_length=77),
         unet=diffusers.UNet2DConditionModel.from_pretrained(str(sd / "unet"), torch_dtype=dtype),
         motion_adapter=diffusers.MotionAdapter.from_pretrained(str(folder / "motion_adapter"), torch_dtype=dtype),
@@ -476,6 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the random weights are saved once (default: ~/.cache/animatediff_lite_bench)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--label", default=None, help="appended to the result file's name (e.g. compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -599,7 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     slug = re.sub(r"[^a-z0-9]+", "-", str(result["device"]).lower()).strip("-")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"bench_pipeline-{slug}-{args.size}.json"
+    label = f"-{args.label}" if args.label else ""
+    path = args.out_dir / f"bench_pipeline-{slug}-{args.size}{label}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return result
