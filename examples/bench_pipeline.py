@@ -479,6 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the random weights are saved once (default: ~/.cache/animatediff_lite_bench)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--build-only", action="store_true", help="only build and save the random weights, then exit")
     p.add_argument("--label", default=None, help="appended to the result file's name (e.g. compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
@@ -529,6 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     cache = args.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "animatediff_lite_bench"
     folder = build_folder(args.size, cache, dtype, args.device)
+    if args.build_only:
+        return {}
     gc.collect()
     latents = _latents(spec)
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None

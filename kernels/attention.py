@@ -4,10 +4,12 @@ Layout (B, H, L, D) with any strides. One program computes BLOCK_M query rows of
 1-D grid is flattened as (batch*head, query block) with the query block fastest, so neighbouring programs
 share K/V in L2, and batch*heads is never limited to a 65,535-long grid axis.
 
-Head dims: SD1.5 uses 40/80/160. tl.dot tiles must be powers of two >= 16, so the head dim is split in two
-tiles (40 = 32+16, 80 = 64+16, 160 = 128+32 columns: 20%/20%/20% waste) instead of padding to
-64/128/256 (60%/60%/60% waste). ``head_split=False`` pads to one tile, so both are measurable
-(examples/bench_attention.py).
+Head dims: SD1.5 uses 40/80/160. tl.dot tiles must be powers of two >= 16, so a head dim that two such tiles
+cover exactly is split in two (80 = 64+16, 160 = 128+32: no padding) instead of padded to 128/256 (60% waste).
+Other head dims, 40 among them, are padded to one tile (40 -> 64): a split whose second tile needs a column
+mask (40 = 32 + 16 with 8 masked) was miscompiled by Triton 3.6 for Hopper's wgmma (wrong values, then an
+illegal address, on an H200; benchmarks/kernel_smoke.py), while the padded tile and the exact splits were
+right. ``head_split=False`` pads every head dim, so both are measurable (examples/bench_attention.py).
 
 Forward only: callers fall back to PyTorch SDPA when autograd records.
 """
@@ -128,7 +130,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
                     grid_limit: int = GRID_LIMIT) -> torch.Tensor:
     """Triton launcher: q (B, H, Lq, D), k/v (B, H, Lk, D), same dtype/device -> (B, H, Lq, D) like q.
 
-    ``head_split``: split the head dim in two power-of-two tiles (default) or pad it to one.
+    ``head_split``: split the head dim in two power-of-two tiles where they cover it exactly (default; other
+    head dims are padded), or pad it to one tile.
     ``block_m/block_n/num_warps/num_stages``: fix the tiling (all four skip autotuning; the interpreter
     always uses a fixed small tiling). ``grid_limit``: most programs per launch (tests shrink it).
     """
@@ -144,6 +147,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if q.numel() == 0 or Lk == 0:
         return o.zero_() if Lk == 0 else o
     d0, d1 = split_head_dim(D, head_split)
+    if d0 + d1 != D:  # a masked second tile: miscompiled on Hopper (module docstring), so pad instead
+        d0, d1 = split_head_dim(D, split=False)
     interp = is_interpreted(_attn_fwd_kernel)
     if block_m is None:
         block_m = 16 if interp else (128 if Lq >= 128 else 64)

@@ -99,7 +99,7 @@ def temporal_attention_core(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, head
                             grid_limit: int = GRID_LIMIT) -> torch.Tensor:
     """Triton launcher: qkv (N, F, 3C) (any strides), pe_qkv (F, 3C) or None -> (N, F, C) contiguous.
 
-    ``block_r``: rows per program (a power of two >= max(16, F); default 64, or the next power of two above F).
+    ``block_r``: rows per program (a power of two >= max(16, F); default 32, or the next power of two above F).
     ``grid_limit``: most programs per launch; larger grids are split into several launches (tests shrink it).
     """
     n, f, c3 = qkv.shape
@@ -114,7 +114,10 @@ def temporal_attention_core(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, head
         return out
     d = c // heads
     d0, d1 = split_head_dim(d)
-    block_r = block_r or max(64, next_pow2(f))
+    # 32 rows by default: Triton 3.6 lowers 64-row tiles to Hopper's wgmma, which got the masked head-dim tiles
+    # wrong on an H200 (benchmarks/kernel_smoke.py: 40 = 32+16 and 48 = 32+16 wrong at 64 rows, right at 32,
+    # which use mma.sync); the kernel is memory bound, so the smaller tile costs little.
+    block_r = block_r or max(32, next_pow2(f))
     if block_r < max(16, f) or block_r & (block_r - 1):
         raise ValueError(f"block_r={block_r} must be a power of two >= max(16, frames={f})")
     seqs = block_r // f
