@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .kernels._backend import use_triton
 from .kernels.reference import geglu_reference, group_norm_reference, temporal_attention_reference
 
-MAX_KERNEL_FRAMES = 64  # the temporal kernel holds a (rows x rows) score tile: short sequences only
+MAX_KERNEL_FRAMES = 32  # the temporal kernel holds a 32-row score tile (kernels/temporal_attention.py)
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

@@ -39,10 +39,10 @@ def bench_core(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str, 
     nbytes = qkv.numel() * qkv.element_size() * 4 // 3  # read q, k, v + write o
     core = {
         "triton core": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS),
-        "triton core block_r=32": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=32),
-        "triton core block_r=128": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=128),
-        "triton core block_r=64 w8": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=64,
-                                                       num_warps=8),
+        # block_r 32 is the default; more rows are refused for SD1.5's head dims (see the kernel's launcher).
+        "triton core block_r=16": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=16),
+        "triton core block_r=32 w2": functools.partial(temporal_attention_core, qkv, pe_qkv, HEADS, block_r=32,
+                                                       num_warps=2),
         "torch core (pe, transposes, sdpa)": functools.partial(core_ref, qkv, pe_qkv, HEADS),
     }
     for name, be in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),

@@ -120,6 +120,9 @@ def temporal_attention_core(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, head
     block_r = block_r or max(32, next_pow2(f))
     if block_r < max(16, f) or block_r & (block_r - 1):
         raise ValueError(f"block_r={block_r} must be a power of two >= max(16, frames={f})")
+    if block_r > 32 and (d1 > 0 or d0 != d):
+        raise ValueError(f"block_r={block_r} with head dim {d}: tiles of more than 32 rows are only right for "
+                         "head dims of one power-of-two tile (16/32/64/...); use block_r <= 32")
     seqs = block_r // f
     total = cdiv(n * heads, seqs)
     pe = pe_qkv.float().contiguous() if pe_qkv is not None else qkv  # dummy pointer when HAS_PE is False

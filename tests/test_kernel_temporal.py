@@ -168,3 +168,12 @@ def test_gpu_under_compile():
     with torch.no_grad():
         torch.testing.assert_close(f(x), ops.temporal_attention(x, heads=8, pe=pe, backend="triton", **p),
                                    atol=2e-3, rtol=2e-3)
+
+
+def test_wide_row_tiles_refused_for_split_head_dims():
+    """More than 32 rows lowers to Hopper's wgmma, which got masked head-dim tiles wrong (seen on an H200)."""
+    from animatediff_lite.kernels.temporal_attention import temporal_attention_core
+
+    qkv = torch.zeros(4, 16, 3 * 2 * 40)
+    with pytest.raises(ValueError, match="block_r=64 with head dim 40"):
+        temporal_attention_core(qkv, None, 2, block_r=64)
