@@ -5,8 +5,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
 # Then, through the device tool (a time budget in seconds keeps each call inside its limit):
-#   run(command="bash benchmarks/gpu_check.sh main 270", carry=[".whl"])     # smoke, tests, eager pipeline, kernels
-#   run(command="bash benchmarks/gpu_check.sh compile 240", carry=[".whl"])  # pipeline with torch.compile'd UNets
+#   run(command="bash benchmarks/gpu_check.sh main 420", carry=[".whl"])     # smoke, tests, eager pipeline, kernels
+#   run(command="bash benchmarks/gpu_check.sh compile 300", carry=[".whl"])  # pipeline with torch.compile'd UNets
+# Seen on an H200 (2026-11-28): a machine start ~30 s, install 12 s, smoke 25 s, tests ~110 s (12 workers),
+# eager pipeline 87 s (weights built in the background meanwhile), kernel benchmarks about 1 minute each.
 # Parts: smoke | tests | kernels | pipeline | compile | main (= smoke tests pipeline kernels) | all (= main compile).
 # Every step gets at most what is left of the budget; after each step $OUT/results.tar.gz is rewritten with
 # benchmarks/results (JSONs) so a call cut short still returns what finished, and $OUT/gpu.log holds the log.
@@ -64,8 +66,9 @@ for p in $parts; do
     smoke)  # small kernel cases in isolated processes: a fault shows as one line, not a poisoned session
         step 45 python3 benchmarks/kernel_smoke.py
         ;;
-    tests)  # the kernel test files whole (tiny shapes, compiled for the GPU) and every gpu-marked test
-        step 100 python3 -m pytest -q -p no:cacheprovider $(par 12) $(tmo 80) -rfE \
+    tests)  # the kernel test files whole (tiny shapes, compiled for the GPU) and every gpu-marked test; -v names
+            # each result as it lands, so a run cut by its time limit still says which tests failed
+        step 150 python3 -m pytest -v -p no:cacheprovider $(par 12) $(tmo 80) -rfE \
             tests/test_kernel_attention.py tests/test_kernel_norm.py tests/test_kernel_temporal.py tests/test_motion.py \
             tests/test_pipeline.py::test_cuda_half_follows_fp32_and_seeds_are_device_independent \
             tests/test_vae.py::test_cuda_half_precision_error_within_2x_pytorch \
