@@ -82,7 +82,7 @@ for p in $parts; do
         ;;
     pipeline)
         [ -n "${build_pid:-}" ] && wait "$build_pid"
-        step 150 python3 examples/bench_pipeline.py --size sd15 --runs 2
+        step 150 python3 examples/bench_pipeline.py --size sd15 --runs 2 --profile
         ;;
     compile)
         [ -n "${build_pid:-}" ] && wait "$build_pid"

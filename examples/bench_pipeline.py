@@ -19,6 +19,7 @@ report gives the max abs difference of our video against that (and against unpat
 
     python examples/bench_pipeline.py --size tiny                    # CPU
     python examples/bench_pipeline.py --size sd15 --compile          # CUDA, eager and torch.compile'd UNets
+    python examples/bench_pipeline.py --size sd15 --profile          # + where the time goes (profile-*.txt)
 
 Writes benchmarks/results/bench_pipeline-<device>-<size>[-<label>].json.
 """
@@ -355,6 +356,8 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
         if len(stamps) > 1:  # steps 1..n-1: the first one would include text encoding
             step_times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
     memory = mem.peak()
+    if args.profile:
+        write_profile(variant, pipe, latents, spec, args)
     videos = {variant: video}
     if variant == "diffusers":  # the agreement oracle: same run with per-frame motion GroupNorm (untimed)
         per_frame_motion_norms(pipe)
@@ -367,6 +370,25 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return summarise([row]), videos
+
+
+def write_profile(variant: str, pipe, latents: torch.Tensor, spec: Size, args: argparse.Namespace) -> Path:
+    """One more (untimed) generation under torch.profiler: the ops and kernels that took the most device time
+    (CPU time without CUDA), as a table in <out-dir>/profile-<variant>-<device>-<size>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        generate(variant.split("+")[0], pipe, latents, spec, args.device)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    slug = re.sub(r"[^a-z0-9]+", "-", str(_device_info(args.device)["device"]).lower()).strip("-")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"profile-{variant.replace('+', '-')}-{slug}-{args.size}.txt"
+    path.write_text(f"{variant}, {args.size}, sorted by {sort}\n{table}\n")
+    print(f"wrote {path}")
+    return path
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -479,6 +501,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the random weights are saved once (default: ~/.cache/animatediff_lite_bench)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one generation per variant (top ops/kernels to profile-*.txt)")
     p.add_argument("--build-only", action="store_true", help="only build and save the random weights, then exit")
     p.add_argument("--label", default=None, help="appended to the result file's name (e.g. compile)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
