@@ -92,12 +92,16 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def device_slug(name: str) -> str:
+    """A device name as it appears in result file names: "NVIDIA H200" -> "nvidia-h200"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def write_json(name: str, context: dict, rows: list[dict], out_dir: Path | None = None) -> Path:
     """benchmarks/results/<name>-<device>.json with the device context and the result rows."""
     out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", str(context["device"]).lower()).strip("-")
-    path = out_dir / f"{name}-{slug}.json"
+    path = out_dir / f"{name}-{device_slug(str(context['device']))}.json"
     path.write_text(json.dumps({"benchmark": name, **context, "results": rows}, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -31,7 +31,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_common import RESULTS, print_table
+from bench_common import RESULTS, device_slug, print_table
 
 PROMPT = "a corgi running on the beach, golden hour"
 NEGATIVE = ""
@@ -383,7 +382,7 @@ def write_profile(variant: str, pipe, latents: torch.Tensor, spec: Size, args: a
         generate(variant.split("+")[0], pipe, latents, spec, args.device)
     sort = "cuda_time_total" if cuda else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
-    slug = re.sub(r"[^a-z0-9]+", "-", str(_device_info(args.device)["device"]).lower()).strip("-")
+    slug = device_slug(str(_device_info(args.device)["device"]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / f"profile-{variant.replace('+', '-')}-{slug}-{args.size}.txt"
     path.write_text(f"{variant}, {args.size}, sorted by {sort}\n{table}\n")
@@ -628,7 +627,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": list(rows.values()), "ratios": ratios, "max_abs_diff": agreement,
         "video_stats": _video_stats(ours) if ours is not None else None,
     }
-    slug = re.sub(r"[^a-z0-9]+", "-", str(result["device"]).lower()).strip("-")
+    slug = device_slug(str(result["device"]))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     label = f"-{args.label}" if args.label else ""
     path = args.out_dir / f"bench_pipeline-{slug}-{args.size}{label}.json"

@@ -170,10 +170,10 @@ def test_gpu_under_compile():
                                    atol=2e-3, rtol=2e-3)
 
 
-def test_wide_row_tiles_refused_for_split_head_dims():
+def test_wide_row_tiles_refused_for_split_head_dims(kernel_device):
     """More than 32 rows lowers to Hopper's wgmma, which got masked head-dim tiles wrong (seen on an H200)."""
     from animatediff_lite.kernels.temporal_attention import temporal_attention_core
 
-    qkv = torch.zeros(4, 16, 3 * 2 * 40)
+    qkv = torch.zeros(4, 16, 3 * 2 * 40, device=kernel_device)
     with pytest.raises(ValueError, match="block_r=64 with head dim 40"):
         temporal_attention_core(qkv, None, 2, block_r=64)
