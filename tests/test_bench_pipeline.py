@@ -75,3 +75,11 @@ def test_micro_benchmark_in_subprocesses(bench, cache: Path, tmp_path: Path) -> 
     assert row["variant"] == "ours" and result["isolated_processes"]
     assert row["peak_bytes"] >= row["after_load_bytes"] > 0
     assert "ours vs diffusers" not in result["ratios"]
+
+
+def test_profile_table_and_result_label(bench, cache: Path, tmp_path: Path) -> None:
+    bench.main(["--size", "micro", "--device", "cpu", "--runs", "1", "--threads", "1", "--cache-dir", str(cache),
+                "--out-dir", str(tmp_path), "--in-process", "--variants", "ours", "--profile", "--label", "try"])
+    assert (tmp_path / "bench_pipeline-cpu-micro-try.json").is_file()
+    table = (tmp_path / "profile-ours-cpu-micro.txt").read_text()
+    assert table.startswith("ours, micro, sorted by cpu_time_total") and "aten::conv2d" in table
