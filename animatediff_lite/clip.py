@@ -16,13 +16,22 @@ from .config import CLIPConfig
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)`` with the same N(0, 1) init, skipped on the meta device: there torch's
+    ``normal_`` imports torch._dynamo (1-2 s and ~150 MB per process) to fill a table the checkpoint replaces."""
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        nn.init.normal_(weight)
+    return nn.Embedding(num, dim, _weight=weight)
+
+
 class Embeddings(nn.Module):
     """Token embedding plus a learned absolute position embedding."""
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_embedding = _embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = _embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Positions are 0..L-1 for every row: slice the table instead of keeping a position_ids buffer.
