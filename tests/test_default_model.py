@@ -9,6 +9,8 @@ rendered ground-truth clips.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,6 +72,15 @@ def test_loads_strictly_and_runs_in_bf16():
     assert next(unet.parameters()).dtype == torch.bfloat16
     ids = tokenizer(["a red circle moving up"])
     assert text_encoder(ids).shape == (1, 77, config.clip.hidden_size)
+
+
+def test_loading_does_not_import_the_compiler():
+    """The main command stays quick to start: building modules on the meta device must not pull in
+    torch._dynamo (1-2 s, ~150 MB; once triggered by nn.Embedding's init, see clip._embedding)."""
+    code = ("import sys, animatediff_lite as ad; ad.load_pipeline(); "
+            "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_bad_file_is_a_checkpoint_error(tmp_path):
