@@ -5,7 +5,9 @@
 or in two commands (how the shipped file was made, see docs/default_model.md):
 
     python examples/train_tiny_default.py --work runs/vae --vae-only
-    python examples/train_tiny_default.py --vae-from runs/vae/vae.safetensors --stop-at STEP
+    python examples/train_tiny_default.py --vae-from runs/vae/vae.safetensors
+
+(``--stop-at STEP`` ends stage 2 early on the same learning-rate schedule.)
 
 The defaults are the recipe of the shipped file. Options marked "experiment" below were tried on the way to
 a model that follows the direction word; docs/default_model.md gives their settings and results.
