@@ -61,6 +61,8 @@ if [[ " $parts " == *" pipeline "* || " $parts " == *" compile "* ]]; then
     python3 examples/bench_pipeline.py --size sd15 --build-only > "$OUT/build.log" 2>&1 &
     build_pid=$!
 fi
+# Wait for that build once (the pipeline and compile parts both need it; a second wait would fail).
+weights_ready() { [ -n "${build_pid:-}" ] && wait "$build_pid"; build_pid=; }
 for p in $parts; do
     case $p in
     smoke)  # small kernel cases in isolated processes: a fault shows as one line, not a poisoned session
@@ -81,11 +83,11 @@ for p in $parts; do
         step 50 python3 examples/bench_norm.py --dtype fp16
         ;;
     pipeline)
-        [ -n "${build_pid:-}" ] && wait "$build_pid"
+        weights_ready
         step 150 python3 examples/bench_pipeline.py --size sd15 --runs 2 --profile
         ;;
     compile)
-        [ -n "${build_pid:-}" ] && wait "$build_pid"
+        weights_ready
         step 400 python3 examples/bench_pipeline.py --size sd15 --runs 2 --variants diffusers+compile ours+compile \
             --label compile
         ;;
