@@ -9,11 +9,12 @@ Public API (see README.md)::
     ad.generate("a red circle moving up", out="out.gif")     # the embedded default model
 """
 
+from .api import generate
 from .config import SD15, TINY, CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig
 from .errors import CheckpointError
 from .loading.pipeline_load import load_pipeline
 from .lora import apply_loras, merge_lora, unmerge
-from .pipeline import Pipeline, generate
+from .pipeline import Pipeline
 from .scheduler import DDIM, DDIMConfig
 from .video import save_video
 

@@ -6,7 +6,6 @@ formula, same scheduler arithmetic), so given the same weights and noise the vid
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -229,19 +228,3 @@ class Pipeline:
         if limit is not None and isinstance(context_frames, int) and context_frames > limit:
             raise ValueError(f"context_frames={context_frames} exceeds the motion module's limit of {limit} frames")
         return context_windows(num_frames, context_frames, context_overlap)
-
-
-def generate(prompt: str | list[str], out: str | os.PathLike | None = None, fps: float = 8,
-             **kwargs) -> torch.Tensor:
-    """One call on the embedded default model: ``load_pipeline()(prompt, **kwargs)``, saved to ``out`` if given.
-
-    kwargs are :meth:`Pipeline.__call__` arguments. Returns the video (B, F, 3, H, W) float32 in [0, 1].
-    """
-    from .loading.pipeline_load import load_pipeline  # loading builds pipelines: import here, one way
-
-    video = load_pipeline()(prompt, **kwargs)
-    if out is not None:
-        from .video import save_video
-
-        save_video(video, out, fps=fps)
-    return video

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageSequence
 
-from .loading.io import atomic_write
+from .atomic import atomic_write
 
 FORMATS = ("gif", "mp4", "webp", "frames")
 _SUFFIX_FORMAT = {".gif": "gif", ".mp4": "mp4", ".webp": "webp", "": "frames"}

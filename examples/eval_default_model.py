@@ -6,7 +6,7 @@
 
 For every held-out (shape, colour, direction) combination of ``synthetic.split_specs()`` (never seen as a
 triple in training) and every seed it samples one clip and checks the dominant colour and the direction the
-shape's centroid moves (``default_model.dominant_colour`` / ``motion_direction``); it also scores the
+shape's centroid moves (``toy.metrics.dominant_colour`` / ``motion_direction``); it also scores the
 training combinations with directions for comparison. ``--strip`` writes a PNG: one row per prompt, its
 frames left to right, upscaled with nearest neighbour.
 """
@@ -19,8 +19,9 @@ import time
 import numpy as np
 import torch
 
-from animatediff_lite.default_model import DEFAULT_SAMPLE, dominant_colour, load_default_pipeline, motion_direction
-from animatediff_lite.synthetic import DIRECTIONS, split_specs
+from animatediff_lite.loading.default_model import DEFAULT_SAMPLE, load_default_pipeline
+from animatediff_lite.toy.metrics import dominant_colour, motion_direction
+from animatediff_lite.toy.synthetic import DIRECTIONS, split_specs
 
 STRIP_PROMPTS = ("a blue square moving right", "a red circle moving up", "a yellow triangle moving left",
                  "a green square moving down", "a purple circle moving right", "an orange triangle moving up")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from animatediff_lite.default_model import DEFAULT_CONFIG
+from animatediff_lite.loading.default_model import DEFAULT_CONFIG
 from animatediff_lite.unet import UNet3D
 
 

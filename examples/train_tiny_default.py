@@ -12,10 +12,10 @@ or in two commands (how the shipped file was made, see docs/default_model.md):
 The defaults are the recipe of the shipped file. Options marked "experiment" below were tried on the way to
 a model that follows the direction word; docs/default_model.md gives their settings and results.
 
-Model: ``animatediff_lite.default_model.DEFAULT_CONFIG`` (CLIP text encoder 64 wide x 2 layers, 3-level
+Model: ``animatediff_lite.loading.default_model.DEFAULT_CONFIG`` (CLIP text encoder 64 wide x 2 layers, 3-level
 AutoencoderKL 32x32 -> 8x8 latents, 2-level UNet3D 32/64 wide with v2 motion modules), random init.
-Data: :func:`animatediff_lite.synthetic.render_clip` clips of the *training* combinations of
-:func:`animatediff_lite.synthetic.split_specs` (the held-out combinations are never seen), 8 frames of 32x32.
+Data: :func:`animatediff_lite.toy.synthetic.render_clip` clips of the *training* combinations of
+:func:`animatediff_lite.toy.synthetic.split_specs` (the held-out combinations are never seen), 8 frames of 32x32.
 
 Stage 1, autoencoder: frames -> posterior sample -> reconstruction; L1 + MSE + a small KL, Adam.
           The latent scaling factor is then set to 1 / std of the latent means (SD's 0.18215 is the same idea;
@@ -58,18 +58,13 @@ import torch.nn.functional as F
 
 from animatediff_lite.clip import TextEncoder
 from animatediff_lite.config import to_dict
-from animatediff_lite.default_model import (
-    DEFAULT_CONFIG,
-    DEFAULT_SAMPLE,
-    dominant_colour,
-    motion_direction,
-    save_default_model,
-)
+from animatediff_lite.loading.default_model import DEFAULT_CONFIG, DEFAULT_SAMPLE, save_default_model
 from animatediff_lite.motion import TemporalAttention
 from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIM, DDIMConfig
-from animatediff_lite.synthetic import COLOURS, DIRECTIONS, MOTIONS, SHAPES, render_clip, split_specs
 from animatediff_lite.tokenizer import Tokenizer
+from animatediff_lite.toy.metrics import dominant_colour, motion_direction
+from animatediff_lite.toy.synthetic import COLOURS, DIRECTIONS, MOTIONS, SHAPES, render_clip, split_specs
 from animatediff_lite.unet import UNet3D
 from animatediff_lite.vae import AutoencoderKL
 

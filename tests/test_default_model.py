@@ -16,20 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from animatediff_lite.default_model import (
+from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.default_model import (
     DEFAULT_SAMPLE,
     FORMAT,
     default_weights_path,
-    dominant_colour,
     load_default_parts,
     load_default_pipeline,
-    motion_direction,
     read_default_model,
     save_default_model,
     scheduler_config,
 )
-from animatediff_lite.errors import CheckpointError
-from animatediff_lite.synthetic import DIRECTIONS, ClipSpec, all_specs, render_clip, split_specs
+from animatediff_lite.toy.metrics import dominant_colour, motion_direction
+from animatediff_lite.toy.synthetic import DIRECTIONS, ClipSpec, all_specs, render_clip, split_specs
 
 SEED = 1234
 STEPS = 15  # fewer than the default 20 to keep the test fast; the rate is about the same (docs/default_model.md)

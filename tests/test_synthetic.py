@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from animatediff_lite import synthetic as S
+from animatediff_lite.toy import synthetic as S
 
 
 def shape_mask(video: np.ndarray, colour: str) -> np.ndarray:
@@ -130,7 +130,7 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
 
 @pytest.mark.parametrize("motion", list(S.DIRECTIONS))
 def test_time_reversed_clip_shows_the_reversed_motion(motion):
-    from animatediff_lite.default_model import motion_direction
+    from animatediff_lite.toy.metrics import motion_direction
 
     spec = S.ClipSpec("square", "green", motion)
     back = spec.time_reversed()

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from animatediff_lite import synthetic as S
 from animatediff_lite.loading.io import read_state_dict
 from animatediff_lite.loading.motion_load import load_motion_module
+from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train.config import load_config
 from animatediff_lite.train.loop import build_preset, train
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from animatediff_lite import synthetic as S
+from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import data as D
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write
 from ..errors import CheckpointError
 
 StateDict = dict[str, torch.Tensor]
@@ -120,21 +120,6 @@ def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | 
     if dtype is None:
         return dict(state)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,

@@ -31,6 +31,7 @@ import torch
 
 from ..config import MOTION_VERSIONS, MotionConfig, from_dict, to_dict
 from ..errors import CheckpointError
+from ..motion import sinusoidal_table
 from .io import StateDict, read_safetensors_metadata, read_state_dict, save_state_dict
 from .motion_map import motion_state_from_diffusers
 from .unet_map import LDM_PREFIX, MOTION_TAG, assign_strict, split_motion
@@ -133,8 +134,6 @@ def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
 
 def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
     """Length of the stored PE tables after checking they hold the standard sinusoid."""
-    from ..motion import sinusoidal_table  # the formula lives with the model
-
     if not tables:
         return None
     lengths = {tuple(t.shape[:2]) for t in tables.values()}
@@ -363,8 +362,6 @@ def motion_state_to_original(native: StateDict, with_pe: bool = True, max_len: i
     With ``with_pe`` each attention block gets ``pos_encoder.pe`` (1, max_len, C) in its weights' dtype,
     as in the published checkpoints (24 rows for v1, 32 for v2/v3).
     """
-    from ..motion import sinusoidal_table
-
     out = dict(native)
     if with_pe:
         if max_len < 1:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 
 import torch
 
+from ..motion import sinusoidal_table
+
 # (diffusers suffix, native suffix) after "motion_modules.{j}."; "{k}" is the transformer block index.
 MOTION_SUFFIXES: tuple[tuple[str, str], ...] = (
     ("norm.", "temporal_transformer.norm."),
@@ -107,8 +109,6 @@ def motion_state_to_diffusers(native: Mapping[str, torch.Tensor],
     transformer block (that of attention block 0); when absent and ``max_seq_length`` is given, a table of
     that length is generated for every transformer block (diffusers stores them as persistent buffers).
     """
-    from ..motion import sinusoidal_table  # the formula lives with the model
-
     out: dict[str, torch.Tensor] = {}
     blocks: dict[str, torch.Tensor] = {}  # "<prefix>transformer_blocks.k." -> a weight of that block
     for key, value in native.items():

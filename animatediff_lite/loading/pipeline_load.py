@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..lora import apply_loras
 from ..pipeline import Pipeline, check_device_dtype
 from ..scheduler import DDIM, DDIMConfig
+from ..unet import UNet3D
 from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
+from .default_model import load_default_pipeline
 from .detect import LAYOUTS, detect_layout
 from .io import read_state_dict
 from .motion_load import assign_motion_state, read_motion_module
@@ -43,7 +46,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     VAE / text-encoder weights (whichever it has) replace the base ones. loras / motion_loras: ``(path,
     scale)`` pairs merged into the weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see
     :mod:`animatediff_lite.lora`. scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`).
-    With no weights at all it returns the embedded default model (:mod:`animatediff_lite.default_model`).
+    With no weights at all it returns the embedded default model (:mod:`animatediff_lite.loading.default_model`).
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -53,8 +56,6 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
         if given:
             raise ValueError(f"{', '.join(given)} given without base=: the embedded default model takes no other "
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
-        from ..default_model import load_default_pipeline
-
         return load_default_pipeline(device, dtype)
     layout = detect_layout(base)
     if layout not in BASE_LAYOUTS:
@@ -70,8 +71,6 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
         replace_from_single_file(dreambooth, unet, vae, text_encoder, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
     if loras or motion_loras:
-        from ..lora import apply_loras
-
         apply_loras(pipe, loras, motion_loras)
     return pipe
 
@@ -113,8 +112,6 @@ def _load_video_unet(base: str | os.PathLike, motion_module: str | os.PathLike |
     The UNet is built once on the meta device with the motion settings read from the motion file
     (generation, PE length, heads) and the base's GroupNorm groups.
     """
-    from ..unet import UNet3D  # models are imported lazily: loading only needs them here
-
     native, info, motion_config = None, None, None
     if motion_module is not None:
         native, info = read_motion_module(motion_module, version)  # read once: info sizes the UNet

@@ -37,6 +37,7 @@ import torch
 
 from ..config import MotionConfig, UNetConfig
 from ..errors import CheckpointError
+from ..unet import UNet3D
 from .io import StateDict, atomic_write, read_state_dict, save_state_dict
 
 logger = logging.getLogger(__name__)
@@ -433,8 +434,6 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     :func:`animatediff_lite.loading.motion_load.load_motion_module` before use.
     Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
     """
-    from ..unet import UNet3D  # models are imported lazily: loading only needs them here
-
     spatial, cfg, where = read_unet_source(source)
     cfg = config or cfg
     with torch.device("meta"):

@@ -2,7 +2,7 @@
 
 It has every part of the real thing (the real CLIP tokenizer, a CLIP text encoder, an AutoencoderKL, a UNet3D
 with v2-style motion modules, DDIM sampling, v-prediction) at toy sizes, trained from scratch by
-``examples/train_tiny_default.py`` on the procedural clips of :mod:`animatediff_lite.synthetic` (coloured
+``examples/train_tiny_default.py`` on the procedural clips of :mod:`animatediff_lite.toy.synthetic` (coloured
 circles, squares and triangles moving, growing, shrinking or rotating on grey backgrounds). It knows the
 words of those captions and makes 32x32, 8-frame clips; see ``docs/default_model.md``.
 
@@ -13,9 +13,9 @@ safetensors metadata holds ``config`` (JSON of :class:`~animatediff_lite.config.
 :class:`~animatediff_lite.scheduler.DDIMConfig` fields that differ from AnimateDiff's DDIM, e.g. the
 prediction type) and ``recipe`` / ``training`` (how the file was made).
 
-    from animatediff_lite.default_model import load_default_pipeline
+    from animatediff_lite.loading.default_model import load_default_pipeline
     pipe = load_default_pipeline()
-    video = pipe("a blue square moving right", **pipe_defaults())   # (1, 8, 3, 32, 32) in [0, 1]
+    video = pipe("a blue square moving right", **pipe.sample_defaults)   # (1, 8, 3, 32, 32) in [0, 1]
 """
 
 from __future__ import annotations
@@ -27,13 +27,18 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig, from_dict, to_dict
-from .errors import CheckpointError
-from .scheduler import DDIM, DDIMConfig
+from ..clip import TextEncoder
+from ..config import CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig, from_dict, to_dict
+from ..errors import CheckpointError
+from ..pipeline import Pipeline, check_device_dtype
+from ..scheduler import DDIM, DDIMConfig
+from ..tokenizer import Tokenizer
+from ..unet import UNet3D
+from ..vae import AutoencoderKL
+from .io import load_strict, read_safetensors_metadata, read_state_dict, save_state_dict
 
 FORMAT = "animatediff-lite-default-model/1"
 PARTS = ("text_encoder", "vae", "unet")
@@ -74,8 +79,6 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
     :data:`DEFAULT_SAMPLE`); ``scheduler`` the DDIM settings the UNet was trained for (default AnimateDiff's);
     ``extra`` more metadata strings (the recipe command, a training summary).
     """
-    from .loading.io import save_state_dict
-
     state = {}
     for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True):
         for key, value in module.state_dict().items():
@@ -94,8 +97,6 @@ def read_default_model(path: str | os.PathLike | None = None) -> tuple[dict[str,
 
     Raises CheckpointError naming the file when it is missing, unreadable or not in this format.
     """
-    from .loading.io import read_safetensors_metadata, read_state_dict
-
     path = Path(path) if path is not None else default_weights_path()
     what = "the embedded default model (text_encoder./vae./unet. tensors + config metadata)"
     state = read_state_dict(path, what)
@@ -147,12 +148,6 @@ def load_default_parts(path: str | os.PathLike | None = None, device: str | torc
     Each part is built on the meta device from the file's config and loaded strictly (CheckpointError
     naming the file and the keys otherwise), then moved to ``device`` / ``dtype``.
     """
-    from .clip import TextEncoder
-    from .loading.io import load_strict
-    from .tokenizer import Tokenizer
-    from .unet import UNet3D
-    from .vae import AutoencoderKL
-
     path = Path(path) if path is not None else default_weights_path()
     parts, config, metadata = read_default_model(path)
     with torch.device("meta"):
@@ -176,72 +171,8 @@ def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
     ``pipe.sample_defaults`` holds the sizes it was trained for (8 frames of 32x32); pass them to
     ``pipe(...)`` (``pipe(prompt, **pipe.sample_defaults)``) unless you want something else.
     """
-    from .pipeline import Pipeline, check_device_dtype
-
     device, dtype = check_device_dtype(device, dtype)
     tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
     return pipe
-
-
-# ------------------------------------------------------------------ semantic checks of generated clips
-# Used by the tests and the evaluation script: the synthetic clips have one saturated shape on a grey
-# background, so saturation separates the shape from the background.
-
-def shape_mask(video: np.ndarray | torch.Tensor, threshold: float = 0.25) -> np.ndarray:
-    """Per-pixel weight of "shape" (F, H, W): saturation (max - min over RGB) above ``threshold``, else 0.
-
-    video: (F, 3, H, W) in [0, 1].
-    """
-    v = np.asarray(video, dtype=np.float32)
-    sat = v.max(axis=1) - v.min(axis=1)
-    return np.where(sat > threshold, sat, 0.0)
-
-
-def dominant_colour(video: np.ndarray | torch.Tensor) -> str | None:
-    """Name of the synthetic colour (:data:`synthetic.COLOURS`) nearest to the saturated pixels' mean, or None.
-
-    video: (F, 3, H, W) in [0, 1]. None when no pixel is saturated.
-    """
-    from .synthetic import COLOURS
-
-    v = np.asarray(video, dtype=np.float32)
-    w = shape_mask(v)
-    if w.sum() <= 0:
-        return None
-    mean = (v * w[:, None]).sum(axis=(0, 2, 3)) / w.sum()  # (3,)
-    return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - mean) ** 2)))
-
-
-def centroid_shift(video: np.ndarray | torch.Tensor, edge_frames: int = 2) -> np.ndarray | None:
-    """(dx, dy) in pixels of the shape's centroid from the first to the last ``edge_frames`` frames, or None.
-
-    video: (F, 3, H, W) in [0, 1]; y grows downwards. None when some frame has no saturated pixel.
-    """
-    w = shape_mask(video)
-    mass = w.sum(axis=(1, 2))  # (F,)
-    if np.any(mass <= 0):
-        return None
-    ys, xs = np.mgrid[0:w.shape[1], 0:w.shape[2]]
-    cx = (w * xs).sum(axis=(1, 2)) / mass
-    cy = (w * ys).sum(axis=(1, 2)) / mass
-    k = min(edge_frames, len(mass) // 2) or 1
-    return np.array([cx[-k:].mean() - cx[:k].mean(), cy[-k:].mean() - cy[:k].mean()])
-
-
-def motion_direction(video: np.ndarray | torch.Tensor, min_fraction: float = 0.15) -> str | None:
-    """The synthetic direction ("moving left", ...) the shape's centroid moves in, or None.
-
-    The shift must be along that direction's axis more than along the other one and at least
-    ``min_fraction`` of the frame size (the synthetic clips travel 40-55% of it).
-    """
-    from .synthetic import DIRECTIONS
-
-    shift = centroid_shift(video)
-    if shift is None:
-        return None
-    size = min(np.asarray(video).shape[-2:])
-    best = max(DIRECTIONS, key=lambda name: float(np.dot(DIRECTIONS[name], shift)))
-    along = float(np.dot(DIRECTIONS[best], shift))
-    return best if along >= min_fraction * size else None
