@@ -13,7 +13,6 @@ import json
 import os
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -226,41 +225,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(path: str | Path) -> dict:
-    """A JSON-ready description of a weights file or folder (used by ``info``)."""
-    from .loading.detect import LAYOUTS, detect_layout
-
-    layout = detect_layout(path)
-    info: dict = {"path": str(path), "layout": layout, "kind": LAYOUTS[layout]}
-    if layout in ("original_motion_module", "diffusers_motion_adapter"):
-        from .loading.motion_load import read_motion_module
-
-        _, mi = read_motion_module(path)
-        info.update(generation=mi.version, reason=mi.reason, max_position_len=mi.max_position_len,
-                    mid_block=mi.mid_block, channels=list(mi.channels))
-    files = sorted(Path(path).rglob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
-    if Path(path).is_dir() and not files:
-        files = sorted(f for f in Path(path).rglob("*") if f.suffix in (".bin", ".ckpt", ".pt", ".pth"))
-    from .loading.io import read_state_dict
-
-    counts, dtypes, tensors = 0, Counter(), 0
-    for f in files:
-        state = read_state_dict(f)
-        tensors += len(state)
-        counts += sum(v.numel() for v in state.values())
-        dtypes.update(str(v.dtype).replace("torch.", "") for v in state.values())
-        if layout in ("kohya_lora", "motion_lora", "adapter_lora"):
-            from .loading.lora_map import parse_lora
-
-            pairs = parse_lora(state, str(f))
-            info.update(lora_modules=len(pairs), ranks=sorted({p.rank for p in pairs}),
-                        parts=sorted({p.part for p in pairs}),
-                        alphas=sorted({p.alpha for p in pairs if p.alpha is not None}))
-    info.update(tensors=tensors, parameters=counts, dtypes=dict(dtypes))
-    return info
-
-
 def cmd_info(args: argparse.Namespace) -> int:
+    from .loading.describe import describe
+
     info = describe(args.file)
     if args.json:
         print(json.dumps(info, indent=1))

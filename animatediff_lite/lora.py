@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import UNetConfig
 from .errors import CheckpointError
-from .loading.io import read_state_dict
+from .loading.checkpoint import Checkpoint, read_checkpoint
 from .loading.lora_map import LoraPair, flat_module_table, lora_delta, parse_lora, resolve_target
+from .loading.unet_map import unet_config_from_state
 
 KINDS = ("unet", "text_encoder", "motion")
 
@@ -69,10 +71,10 @@ def merge_lora(module: nn.Module, lora_state: Mapping[str, torch.Tensor] | Seque
     weights = {name: mod.weight for name, mod in module.named_modules()
                if isinstance(getattr(mod, "weight", None), torch.Tensor) and mod.weight.dim() in (2, 4)}
     table = flat_module_table(weights, part)
-    layers_per_block = _layers_per_block(weights) if part == "unet" else None
+    config = _unet_config(module, pairs, table) if part == "unet" else None
     targets, missing = [], []
     for pair in pairs:
-        name = resolve_target(pair, table, layers_per_block)
+        name = resolve_target(pair, table, config)
         (missing.append(pair.keys[0]) if name is None else targets.append((name, pair)))
     if missing:
         raise CheckpointError(f"{source}: {len(missing)} LoRA entries target modules this {part} does not have: "
@@ -102,37 +104,51 @@ def unmerge(handle: MergeHandle | Sequence[MergeHandle]) -> None:
     handle.originals = {}
 
 
-def apply_loras(pipe: Any, loras: Sequence[tuple[str | os.PathLike, float]] = (),
-                motion_loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> list[MergeHandle]:
+def apply_loras(pipe: Any, loras: Sequence[tuple[str | os.PathLike | Checkpoint, float]] = (),
+                motion_loras: Sequence[tuple[str | os.PathLike | Checkpoint, float]] = ()) -> list[MergeHandle]:
     """Merge LoRA files into a pipeline (``pipe.unet``, ``pipe.text_encoder``); returns the handles.
 
     loras: kohya LoRAs (UNet and/or text encoder) and the v3 domain adapter, each ``(path, scale)``.
-    motion_loras: MotionLoRAs ``(path, scale)``. ``unmerge(handles)`` undoes all of them exactly.
+    motion_loras: MotionLoRAs ``(path, scale)``. A path may also be a checkpoint already read with
+    :func:`~animatediff_lite.loading.checkpoint.read_checkpoint`. ``unmerge(handles)`` undoes all of them exactly.
     """
     handles: list[MergeHandle] = []
     try:
         for path, scale in loras:
-            pairs = parse_lora(read_state_dict(path, "a LoRA"), str(path))
-            handles.append(merge_lora(pipe.unet, pairs, scale, "unet", str(path)))
+            checkpoint = _read(path, "a LoRA")
+            pairs = parse_lora(checkpoint.state, checkpoint.where)
+            handles.append(merge_lora(pipe.unet, pairs, scale, "unet", checkpoint.where))
             if any(p.part == "text_encoder" for p in pairs):
-                handles.append(merge_lora(pipe.text_encoder, pairs, scale, "text_encoder", str(path)))
+                handles.append(merge_lora(pipe.text_encoder, pairs, scale, "text_encoder", checkpoint.where))
         for path, scale in motion_loras:
-            state = read_state_dict(path, "a MotionLoRA")
-            handles.append(merge_lora(pipe.unet, state, scale, "motion", str(path)))
+            checkpoint = _read(path, "a MotionLoRA")
+            handles.append(merge_lora(pipe.unet, checkpoint.state, scale, "motion", checkpoint.where))
     except BaseException:
         unmerge(handles)  # leave the pipeline as it was
         raise
     return handles
 
 
+def _read(source: str | os.PathLike | Checkpoint, what: str) -> Checkpoint:
+    return source if isinstance(source, Checkpoint) else read_checkpoint(source, what)
+
+
 def _is_pairs(obj: Any) -> bool:
     return isinstance(obj, Sequence) and all(isinstance(p, LoraPair) for p in obj)
 
 
-def _layers_per_block(weights: Mapping[str, torch.Tensor]) -> int | None:
-    # Resnets per down level, read off the module names (needed to translate LDM block indices).
-    resnets = {name.split(".")[3] for name in weights if name.startswith("down_blocks.0.resnets.")}
-    return len(resnets) or None
+def _unet_config(module: nn.Module, pairs: Sequence[LoraPair], table: Mapping[str, str]) -> UNetConfig | None:
+    """The UNet's config, needed only when some kohya names are in the LDM layout (read off the weights if the
+    module carries none)."""
+    if all(p.style == "processor" or p.name in table for p in pairs):
+        return None
+    config = getattr(module, "config", None)
+    if isinstance(config, UNetConfig):
+        return config
+    try:
+        return unet_config_from_state({k: v for k, v in module.state_dict().items()})
+    except ValueError:
+        return None
 
 
 def _few(items: list[str], n: int = 5) -> str:

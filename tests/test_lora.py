@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from animatediff_lite import CheckpointError
+from animatediff_lite.config import SD15
 from animatediff_lite.loading.lora_map import ldm_to_diffusers_flat, parse_lora
 from animatediff_lite.lora import apply_loras, merge_lora, unmerge
 
@@ -188,7 +189,7 @@ LDM_NAMES = {  # diffusers flat name -> LDM flat name, SD1.5 block numbering (la
     ("down_blocks_0_resnets_0_conv1", None),
 ])
 def test_ldm_names_sd15(ldm, diffusers_name):
-    assert ldm_to_diffusers_flat(ldm, layers_per_block=2) == diffusers_name
+    assert ldm_to_diffusers_flat(ldm, SD15.unet) == diffusers_name
 
 
 def test_kohya_ldm_names_merge_like_diffusers_names(tmp_path):

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.checkpoint import detect_layout
 from animatediff_lite.loading.clip_map import clip_state_to_ldm
-from animatediff_lite.loading.detect import detect_layout, layout_of_keys
+from animatediff_lite.loading.detect import layout_of_keys
 from animatediff_lite.loading.io import save_state_dict
 from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module
 from animatediff_lite.loading.motion_map import motion_key_to_diffusers, motion_state_from_diffusers

@@ -299,7 +299,7 @@ def test_bad_files_raise_checkpoint_error(tmp_path):
     empty_dir = tmp_path / "empty"
     (empty_dir / "vae").mkdir(parents=True)
     (empty_dir / "vae" / "config.json").write_text(json.dumps(_ref_kwargs(cfg)))
-    with pytest.raises(CheckpointError, match="no VAE weights found"):
+    with pytest.raises(CheckpointError, match=r"empty/vae: no weights file, expected one of diffusion_pytorch_model"):
         load_vae(empty_dir)
     with pytest.raises(CheckpointError, match="missing.txt"):
         load_vae(tmp_path / "missing.txt")

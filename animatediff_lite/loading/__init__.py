@@ -1,5 +1,8 @@
-"""Checkpoint formats: safe reading, layout detection and key maps. Models never see files."""
+"""Checkpoint formats: one reader per file (:mod:`.checkpoint`), layout decisions (:mod:`.detect`), key maps
+per part, the strict loader (:mod:`.io`) and ``load_pipeline``. Models never see files."""
 
-from .io import atomic_write, load_strict, read_safetensors_metadata, read_state_dict, save_state_dict
+from .checkpoint import Checkpoint, detect_layout, read_checkpoint
+from .io import load_strict, read_safetensors_metadata, read_state_dict, save_state_dict
 
-__all__ = ["atomic_write", "load_strict", "read_safetensors_metadata", "read_state_dict", "save_state_dict"]
+__all__ = ["Checkpoint", "detect_layout", "load_strict", "read_checkpoint", "read_safetensors_metadata",
+           "read_state_dict", "save_state_dict"]

@@ -18,7 +18,6 @@ dropped: positions are always 0..L-1.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +28,8 @@ from ..clip import TextEncoder
 from ..config import CLIPConfig
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
-from .io import StateDict, load_strict, read_state_dict
+from .checkpoint import Checkpoint, read_checkpoint
+from .io import StateDict, load_strict
 
 DIFFUSERS_PREFIXES = ("text_model.",)
 LDM_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
@@ -51,8 +51,6 @@ TRANSFORMERS_FIELDS: dict[str, tuple[str, object]] = {
     "layer_norm_eps": ("layer_norm_eps", 1e-5),
     "hidden_act": ("hidden_act", "quick_gelu"),
 }
-# Weight files of a transformers model folder, in order of preference.
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.fp16.safetensors", "pytorch_model.fp16.bin")
 WHAT = "a CLIP text encoder"
 
 
@@ -123,68 +121,77 @@ def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = T
     return out
 
 
-def _text_encoder_folder(folder: Path) -> Path:
-    for candidate in (folder / "text_encoder", folder):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise CheckpointError(f"{folder}: no text_encoder/config.json (expected a diffusers model folder or its "
-                          f"text_encoder/ folder with {WHAT})")
+def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
+                                 dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
+    """Build the text encoder on the meta device and load it strictly from a checkpoint already read.
 
-
-def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
-    """Build the text encoder on the meta device and load it strictly from ``source``.
-
-    ``source``: a diffusers model folder (``text_encoder/config.json`` + ``model.safetensors`` or
-    ``pytorch_model.bin``), a ``text_encoder`` folder itself, or an LDM single file (``.safetensors`` /
-    ``.ckpt``; a bare transformers weights file is accepted too) whose sizes are inferred from its tensors
-    (see :func:`clip_config_from_state`; ``config`` overrides that, e.g. for models narrower than 64 channels).
-    Returns the model in eval mode on ``device`` with ``dtype``. Raises CheckpointError naming the file.
+    A model folder's ``text_encoder/`` (sizes from its config.json), an LDM single file or a bare
+    transformers weights file (sizes inferred from the tensors, see :func:`clip_config_from_state`;
+    ``config`` overrides both, e.g. for models narrower than 64 channels).
     """
-    source = Path(source)
-    if source.is_dir():
-        folder = _text_encoder_folder(source)
-        weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
-        if weights is None:
-            raise CheckpointError(f"{folder}: no weights file, expected one of {', '.join(WEIGHT_FILES)} ({WHAT})")
+    part = checkpoint.part("text_encoder", WHAT)
+    where = part.where
+    if part.config:
         if config is None:
             try:
-                config = clip_config_from_transformers(json.loads((folder / "config.json").read_text()))
-            except (OSError, ValueError, TypeError) as e:
-                raise CheckpointError(f"{folder / 'config.json'}: not a readable CLIP text config ({e})") from e
-        state = clip_state_from_diffusers(read_state_dict(weights, WHAT))
+                config = clip_config_from_transformers(part.config)
+            except (ValueError, TypeError) as e:
+                raise CheckpointError(f"{part.path / 'config.json'}: not a readable CLIP text config ({e})") from e
+        part.require_weights(WHAT)
+        state = clip_state_from_diffusers(part.state)
     else:
-        weights = source
-        raw = read_state_dict(weights, f"an SD1.5 single file with {WHAT}")
-        state = clip_state_from_ldm(raw)
-        if state is None and TOKEN_EMBEDDING in clip_state_from_diffusers(raw):
-            state = clip_state_from_diffusers(raw)  # a bare text_encoder/model.safetensors
+        state = clip_state_from_ldm(part.state) if part.layout == "ldm_single_file" else None
+        if state is None and TOKEN_EMBEDDING in clip_state_from_diffusers(part.state):
+            state = clip_state_from_diffusers(part.state)  # a bare text_encoder/model.safetensors
         if state is None:
-            raise CheckpointError(f"{weights}: no text encoder in this file (expected keys "
+            raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
                                   f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
         if config is None:
             try:
                 config = clip_config_from_state(state)
             except ValueError as e:
-                raise CheckpointError(f"{weights}: {e}") from None
+                raise CheckpointError(f"{where}: {e}") from None
     try:
         with torch.device("meta"):
             model = TextEncoder(config).to(dtype)
     except ValueError as e:
-        raise CheckpointError(f"{weights}: unusable text encoder config ({e})") from None
-    load_strict(model, state, weights, WHAT)
+        raise CheckpointError(f"{where}: unusable text encoder config ({e})") from None
+    load_strict(model, state, where, WHAT, device=device, release=part.release)
     return model.to(device).eval()
 
 
-def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
+    """Read ``source`` once and load the text encoder (see :func:`text_encoder_from_checkpoint`).
+
+    ``source``: a diffusers model folder, its ``text_encoder`` folder, or an LDM single file (.safetensors /
+    .ckpt). Returns the model in eval mode on ``device`` with ``dtype``. Raises CheckpointError naming the file.
+    """
+    return text_encoder_from_checkpoint(read_checkpoint(source, WHAT), device, dtype, config)
+
+
+def tokenizer_from_checkpoint(checkpoint: Checkpoint | None) -> Tokenizer:
     """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one."""
+    if checkpoint is None or checkpoint.tokenizer is None:
+        return Tokenizer()
+    folder = checkpoint.tokenizer
+    try:
+        return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
+
+
+def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
+    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one.
+
+    Reads no weights: only the folder's tokenizer files are looked at.
+    """
     if source is not None:
         source = Path(source)
         for folder in (source / "tokenizer", source):
-            vocab, merges = folder / "vocab.json", folder / "merges.txt"
-            if source.is_dir() and vocab.is_file() and merges.is_file():
+            if source.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
                 try:
-                    return Tokenizer.from_files(vocab, merges)
+                    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
                 except (OSError, ValueError) as e:
                     raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
     return Tokenizer()

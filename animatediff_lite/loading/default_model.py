@@ -38,9 +38,12 @@ from ..scheduler import DDIM, DDIMConfig
 from ..tokenizer import Tokenizer
 from ..unet import UNet3D
 from ..vae import AutoencoderKL
-from .io import load_strict, read_safetensors_metadata, read_state_dict, save_state_dict
+from .checkpoint import Checkpoint, read_checkpoint
+from .detect import DEFAULT_MODEL_FORMAT
+from .io import load_strict, save_state_dict
 
-FORMAT = "animatediff-lite-default-model/1"
+FORMAT = DEFAULT_MODEL_FORMAT
+WHAT = "the embedded default model (text_encoder./vae./unet. tensors + config metadata)"
 PARTS = ("text_encoder", "vae", "unet")
 ASSET = "default_model.safetensors"
 
@@ -93,26 +96,30 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
 
 def read_default_model(path: str | os.PathLike | None = None) -> tuple[dict[str, dict[str, torch.Tensor]],
                                                                        ModelConfig, dict[str, str]]:
-    """Read a default-model file: ({part: native state dict}, model config, raw metadata).
+    """Read a default-model file once: ({part: native state dict}, model config, raw metadata).
 
     Raises CheckpointError naming the file when it is missing, unreadable or not in this format.
     """
     path = Path(path) if path is not None else default_weights_path()
-    what = "the embedded default model (text_encoder./vae./unet. tensors + config metadata)"
-    state = read_state_dict(path, what)
-    metadata = read_safetensors_metadata(path)
+    return split_default_model(read_checkpoint(path, WHAT))
+
+
+def split_default_model(checkpoint: Checkpoint) -> tuple[dict[str, dict[str, torch.Tensor]], ModelConfig,
+                                                          dict[str, str]]:
+    """({part: native state dict}, model config, raw metadata) of a default-model checkpoint already read."""
+    where, metadata = checkpoint.where, checkpoint.metadata
     if metadata.get("format") != FORMAT or "config" not in metadata:
-        raise CheckpointError(f"{path}: metadata format is {metadata.get('format')!r}, expected {FORMAT!r} "
-                              f"with a 'config' entry ({what})")
+        raise CheckpointError(f"{where}: holds {checkpoint.kind} (metadata format {metadata.get('format')!r}), "
+                              f"expected {FORMAT!r} with a 'config' entry ({WHAT})")
     try:
         config = from_dict(ModelConfig, json.loads(metadata["config"]))
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: the 'config' metadata is not a model config ({e})") from e
+        raise CheckpointError(f"{where}: the 'config' metadata is not a model config ({e})") from e
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
-    for key, value in state.items():
+    for key, value in checkpoint.state.items():
         prefix, _, rest = key.partition(".")
         if prefix not in parts:
-            raise CheckpointError(f"{path}: unexpected key {key!r}; keys must start with one of {PARTS} ({what})")
+            raise CheckpointError(f"{where}: unexpected key {key!r}; keys must start with one of {PARTS} ({WHAT})")
         parts[prefix][rest] = value
     return parts, config, metadata
 
@@ -149,13 +156,17 @@ def load_default_parts(path: str | os.PathLike | None = None, device: str | torc
     naming the file and the keys otherwise), then moved to ``device`` / ``dtype``.
     """
     path = Path(path) if path is not None else default_weights_path()
-    parts, config, metadata = read_default_model(path)
+    return _parts_from_checkpoint(read_checkpoint(path, WHAT), device, dtype)
+
+
+def _parts_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype):
+    parts, config, metadata = split_default_model(checkpoint)
     with torch.device("meta"):
         modules = {"text_encoder": TextEncoder(config.clip), "vae": AutoencoderKL(config.vae),
                    "unet": UNet3D(config.unet, config.motion)}
     for name, module in modules.items():
-        # fp16 on disk: restore in fp32 (load_strict casts to the parameter dtype), then cast once.
-        load_strict(module, parts[name], path, f"the default {name}")
+        # fp16 on disk: restored in fp32 (the parameters' dtype), then cast once below.
+        load_strict(module, parts[name], checkpoint.where, f"the default {name}", release=checkpoint.release)
     modules["unet"].reset_buffers()  # the motion modules' position tables, still on the meta device
     for module in modules.values():
         module.to(device=device, dtype=dtype).eval()
@@ -163,7 +174,7 @@ def load_default_parts(path: str | os.PathLike | None = None, device: str | torc
 
 
 def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                          path: str | os.PathLike | None = None):
+                          path: str | os.PathLike | None = None) -> Pipeline:
     """The embedded default model as a ready :class:`~animatediff_lite.pipeline.Pipeline`.
 
     The scheduler is AnimateDiff's DDIM with the settings the file's ``scheduler`` metadata changes (if any).
@@ -171,8 +182,15 @@ def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
     ``pipe.sample_defaults`` holds the sizes it was trained for (8 frames of 32x32); pass them to
     ``pipe(...)`` (``pipe(prompt, **pipe.sample_defaults)``) unless you want something else.
     """
+    path = Path(path) if path is not None else default_weights_path()
+    return default_pipeline_from_checkpoint(read_checkpoint(path, WHAT), device, dtype)
+
+
+def default_pipeline_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
+                                     dtype: torch.dtype = torch.float32) -> Pipeline:
+    """:func:`load_default_pipeline` for a default-model file already read with ``read_checkpoint``."""
     device, dtype = check_device_dtype(device, dtype)
-    tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
+    tokenizer, text_encoder, vae, unet, _, metadata = _parts_from_checkpoint(checkpoint, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
     return pipe

@@ -1,19 +1,15 @@
-"""What a weights path holds, from folder contents and key patterns (never from file names).
+"""What a weights file holds: the one layout decision, from tensor names, metadata and config class names.
 
-``detect_layout(path)`` returns one of :data:`LAYOUTS`; ``layout_of_keys(keys)`` is the same decision
-on a list of state-dict keys. Unknown content raises :class:`CheckpointError` naming the file.
+Pure functions of data (never paths); :func:`animatediff_lite.loading.checkpoint.read_checkpoint` reads a
+file or folder once and calls :func:`decide_layout`. Unknown content raises :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 
 from ..errors import CheckpointError
-from .io import SAFETENSORS_SUFFIXES, _looks_like_safetensors, read_safetensors_metadata, read_state_dict
-from .motion_load import NATIVE_FORMAT as NATIVE_MOTION_FORMAT
 
 LAYOUTS: dict[str, str] = {
     "diffusers_folder": "a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/)",
@@ -22,6 +18,7 @@ LAYOUTS: dict[str, str] = {
     "original_motion_module": "an original AnimateDiff motion module (...motion_modules.N.temporal_transformer...)",
     "native": "an animatediff-lite video UNet (UNet keys plus original-layout motion modules)",
     "native_motion_module": "an animatediff-lite motion module (original keys, MotionConfig in the metadata)",
+    "default_model": "an animatediff-lite embedded default model (text_encoder./vae./unet. tensors + config metadata)",
     "diffusers_motion_unet": "a diffusers UNetMotionModel (UNet keys plus diffusers motion modules)",
     "kohya_lora": "a kohya LoRA (lora_unet_* / lora_te_* with lora_down/lora_up/alpha)",
     "motion_lora": "an AnimateDiff MotionLoRA (...motion_modules...processor.to_q_lora.down/up)",
@@ -30,98 +27,82 @@ LAYOUTS: dict[str, str] = {
     "diffusers_unet": "a diffusers UNet2DConditionModel state dict",
     "diffusers_vae": "a diffusers AutoencoderKL state dict",
     "clip_text_encoder": "a CLIP text encoder state dict",
+    "unknown": "weights of no known layout",
 }
+BASE_LAYOUTS = ("diffusers_folder", "ldm_single_file")
+MOTION_LAYOUTS = ("original_motion_module", "diffusers_motion_adapter", "native_motion_module", "native",
+                  "diffusers_motion_unet")
+LORA_LAYOUTS = ("kohya_lora", "motion_lora", "adapter_lora")
 
 LDM_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# safetensors metadata "format" values of this library's own files.
+NATIVE_MOTION_FORMAT = "animatediff-lite/motion-module"
+DEFAULT_MODEL_FORMAT = "animatediff-lite-default-model/1"
+# diffusers / transformers config.json "_class_name" (or "architectures") -> layout of the folder's weights.
+CONFIG_CLASSES: dict[str, str] = {
+    "MotionAdapter": "diffusers_motion_adapter", "UNetMotionModel": "diffusers_motion_unet",
+    "UNet2DConditionModel": "diffusers_unet", "AutoencoderKL": "diffusers_vae", "CLIPTextModel": "clip_text_encoder",
+}
 
 
-def detect_layout(path: str | os.PathLike) -> str:
-    """The layout of a weights folder or file: a key of :data:`LAYOUTS`.
+def decide_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
+                  class_name: str | None = None, path: str | os.PathLike = "<memory>") -> tuple[str, str]:
+    """(layout, reason) of a state dict: a key of :data:`LAYOUTS` and a sentence saying why.
 
-    Folders are judged by their config files (``model_index.json``, ``unet/config.json``, a
-    ``config.json`` naming ``MotionAdapter``); files by their tensor names (a safetensors header is read
-    without loading tensors; pickles are read with ``weights_only``). Raises CheckpointError if missing
-    or unrecognised.
+    metadata: the safetensors header metadata (this library's formats are recognised by it); class_name:
+    the ``_class_name`` of a config.json beside the weights. Keys of no known layout give ``"unknown"`` (each
+    loader then says what it expected); no keys at all raise CheckpointError naming ``path``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (expected model weights)")
-    if path.is_dir():
-        return _folder_layout(path)
-    layout = layout_of_keys(read_keys(path), path)
-    if layout == "original_motion_module" and _is_safetensors(path):
-        if read_safetensors_metadata(path).get("format") == NATIVE_MOTION_FORMAT:
-            return "native_motion_module"
-    return layout
-
-
-def read_keys(path: str | os.PathLike) -> list[str]:
-    """Tensor names of a weights file (wrappers and a ``module.`` prefix removed)."""
-    path = Path(path)
-    if _is_safetensors(path):
-        try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path}: not a readable safetensors file (bad header)")
-        keys = [k for k in header if k != "__metadata__"]
-        if keys and all(k.startswith("module.") for k in keys):
-            keys = [k[len("module."):] for k in keys]
-        return keys
-    return list(read_state_dict(path, "model weights"))
-
-
-def _is_safetensors(path: Path) -> bool:
-    return path.suffix.lower() in SAFETENSORS_SUFFIXES or (path.is_file() and path.stat().st_size >= 9
-                                                           and _looks_like_safetensors(path))
-
-
-def layout_of_keys(keys: Iterable[str], path: str | os.PathLike = "<memory>") -> str:
-    """The layout of a state dict from its key names; CheckpointError if none fits."""
     keys = list(keys)
+    fmt = (metadata or {}).get("format")
+    if fmt == DEFAULT_MODEL_FORMAT:
+        return "default_model", f"the metadata format is {fmt!r}"
     if not keys:
         raise CheckpointError(f"{path}: contains no tensors; expected model weights")
     has = lambda part: any(part in k for k in keys)  # noqa: E731
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
-        return "kohya_lora"
+        return "kohya_lora", f"keys start with {'/'.join(KOHYA_PREFIXES[:2])}"
     if has("_lora.down.") or has("_lora.up."):
-        return "motion_lora" if has("motion_modules.") else "adapter_lora"
+        if has("motion_modules."):
+            return "motion_lora", "processor-style LoRA keys (..._lora.down/up) on motion modules"
+        return "adapter_lora", "processor-style LoRA keys (..._lora.down/up) on spatial layers"
     if has(".lora_A.") or has(".lora_B.") or has(".lora.down.") or has(".lora.up."):
-        return "diffusers_lora"
+        return "diffusers_lora", "keys with .lora_A/.lora_B or .lora.down/.lora.up"
     if any(k.startswith(LDM_PREFIXES) for k in keys):
-        return "ldm_single_file"
+        found = sorted({p for p in LDM_PREFIXES for k in keys if k.startswith(p)})
+        return "ldm_single_file", f"keys start with {', '.join(found)}"
+    if class_name in CONFIG_CLASSES:
+        return CONFIG_CLASSES[class_name], f"its config.json names {class_name}"
     unet_body = "conv_in.weight" in keys and has("time_embedding.")
     if has("motion_modules."):
         if has(".temporal_transformer."):
-            return "native" if unet_body else "original_motion_module"
-        return "diffusers_motion_unet" if unet_body else "diffusers_motion_adapter"
+            if unet_body:
+                return "native", "UNet keys plus motion_modules.*.temporal_transformer keys"
+            if fmt == NATIVE_MOTION_FORMAT:
+                return "native_motion_module", f"the metadata format is {fmt!r}"
+            return "original_motion_module", "only motion_modules.*.temporal_transformer keys"
+        if unet_body:
+            return "diffusers_motion_unet", "UNet keys plus motion_modules.*.transformer_blocks keys"
+        return "diffusers_motion_adapter", "only motion_modules.*.transformer_blocks keys (diffusers names)"
     if unet_body:
-        return "diffusers_unet"
+        return "diffusers_unet", "conv_in.weight and time_embedding.* keys"
     if has("encoder.conv_in.") and has("decoder.conv_in."):
-        return "diffusers_vae"
+        return "diffusers_vae", "encoder.conv_in and decoder.conv_in keys"
     if has("embeddings.token_embedding.weight"):
-        return "clip_text_encoder"
-    raise CheckpointError(f"{path}: unrecognised weights ({len(keys)} tensors, e.g. {', '.join(keys[:3])}); "
-                          f"expected one of: {'; '.join(LAYOUTS.values())}")
+        return "clip_text_encoder", "an embeddings.token_embedding.weight key"
+    return "unknown", f"no known layout fits its {len(keys)} tensors (e.g. {', '.join(keys[:3])})"
 
 
-def _folder_layout(path: Path) -> str:
-    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
-        return "diffusers_folder"
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            name = json.loads(config.read_text(encoding="utf-8")).get("_class_name", "")
-        except (OSError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{config}: unreadable config.json ({e})") from e
-        kinds = {"MotionAdapter": "diffusers_motion_adapter", "UNetMotionModel": "diffusers_motion_unet",
-                 "UNet2DConditionModel": "diffusers_unet", "AutoencoderKL": "diffusers_vae",
-                 "CLIPTextModel": "clip_text_encoder"}
-        if name in kinds:
-            return kinds[name]
-    raise CheckpointError(f"{path}: a folder that is neither a diffusers model folder (model_index.json or "
-                          "unet/config.json) nor a diffusers MotionAdapter (config.json); pass a model folder or file")
+def unknown_error(path: str | os.PathLike, reason: str) -> CheckpointError:
+    """The error for weights of no known layout, listing the layouts that are known."""
+    known = "; ".join(v for k, v in LAYOUTS.items() if k != "unknown")
+    return CheckpointError(f"{path}: unrecognised weights, {reason}; expected one of: {known}")
+
+
+def layout_of_keys(keys: Iterable[str], path: str | os.PathLike = "<memory>") -> str:
+    """The layout of a state dict from its key names alone; CheckpointError if none fits."""
+    layout, reason = decide_layout(keys, path=path)
+    if layout == "unknown":
+        raise unknown_error(path, reason)
+    return layout

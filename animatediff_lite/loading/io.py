@@ -1,19 +1,25 @@
-"""Safe reading and atomic writing of weight files, and strict loading into modules.
+"""Reading weight files once, memory-mapped, and the one strict loader.
 
-Pickled checkpoints are read with ``torch.load(weights_only=True)``, so a file cannot run code on load.
+``read_file`` opens a file once: a safetensors file is parsed from its header and memory-mapped, so
+tensors are read only when used; a pickle is unpickled once with ``torch.load(weights_only=True)``
+from the open file, so a file cannot run code on load. The tensors stay
+views of the file until :func:`load_strict` copies them into a model and hands their pages back.
 Every failure is a :class:`CheckpointError` naming the file and what was expected.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..atomic import atomic_write
 from ..errors import CheckpointError
@@ -24,63 +30,182 @@ SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Wrappers that training frameworks put around the tensors.
 WRAPPER_KEYS = ("state_dict", "model", "module")
+MAX_HEADER = 100_000_000  # bytes; a larger safetensors header means a corrupt or foreign file
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MADV_DONTNEED = 4  # Linux; pages of a private file mapping that were not written are dropped, re-read on access
 
 
-def read_state_dict(path: str | os.PathLike, what: str = "weights") -> StateDict:
-    """Read every tensor of a ``.safetensors`` or pickle checkpoint file onto the CPU.
+@dataclass
+class WeightsFile:
+    """The tensors of one file as read once: ``state`` (wrappers and a ``module.`` prefix removed), the
+    safetensors ``metadata`` ({} for pickles) and the address ranges of the file mapping behind the tensors."""
 
-    Unwraps ``{"state_dict": ...}``-style wrappers and a ``module.`` prefix (DDP). ``what`` names the
-    expected content in error messages ("a motion module", "a LoRA", ...).
+    path: Path
+    state: StateDict
+    metadata: dict[str, str] = field(default_factory=dict)
+    mapped: list[tuple[int, int]] = field(default_factory=list)  # (start, end) addresses backed by the file
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give back the memory pages of ``tensor`` if it is a view of this file (after it was copied).
+
+        The mapping is private and never written, so the pages are dropped and re-read from the file if
+        touched again: peak memory stays near the model's own size while a large file is loaded.
+        """
+        start = tensor.data_ptr()
+        if not self.mapped or tensor.numel() == 0 or not any(a <= start < b for a, b in self.mapped):
+            return
+        page = mmap.PAGESIZE
+        lo = start - start % page
+        hi = -(-(start + tensor.numel() * tensor.element_size()) // page) * page
+        _madvise(lo, hi - lo)
+
+
+def _madvise(address: int, length: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
+    """Read a ``.safetensors`` or pickle checkpoint once (see the module docstring).
+
+    ``what`` names the expected content in error messages ("a motion module", "a LoRA", ...).
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file (expected {what})")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a single file with {what}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: file is empty (expected {what})")
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES or _looks_like_safetensors(path):
-        try:
-            state = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file, truncated? ({e}); expected {what}") from e
-    else:
-        state = _read_pickle(path, what)
-    return unwrap_state_dict(state, path, what)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CheckpointError(f"{path}: file is empty (expected {what})")
+        head = f.read(9)
+        if path.suffix.lower() in SAFETENSORS_SUFFIXES or _is_safetensors_head(head):
+            weights = _read_safetensors(path, f, size, what)
+        else:
+            f.seek(0)
+            weights = _read_pickle(path, f, head, what)
+    weights.state = unwrap_state_dict(weights.state, path, what)
+    return weights
+
+
+def read_state_dict(path: str | os.PathLike, what: str = "weights") -> StateDict:
+    """Every tensor of a ``.safetensors`` or pickle checkpoint file, in memory on the CPU (file read once).
+
+    Unwraps ``{"state_dict": ...}``-style wrappers and a ``module.`` prefix (DDP).
+    """
+    weights = read_file(path, what)
+    out = {}
+    for key, value in weights.state.items():
+        out[key] = value.clone() if weights.mapped else value  # own memory: the file may change later
+        weights.release(value)
+    return out
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` header of a safetensors file ({} when absent)."""
+    """The ``__metadata__`` header of a safetensors file ({} when absent); reads the header only."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100_000_000:
-                raise ValueError(f"header length {n}")
-            header = json.loads(f.read(n))
+            header = _header(f, os.fstat(f.fileno()).st_size)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     return dict(header.get("__metadata__") or {})
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def _is_safetensors_head(head: bytes) -> bool:
     # A safetensors file starts with an 8-byte little-endian header length and then '{'.
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < MAX_HEADER
 
 
-def _read_pickle(path: Path, what: str) -> Mapping:
+def _header(f, size: int) -> dict:
+    f.seek(0)
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= min(MAX_HEADER, size - 8):
+        raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
+
+
+def _read_safetensors(path: Path, f, size: int, what: str) -> WeightsFile:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        header = _header(f, size)
+        body = 8 + int.from_bytes(_peek(f, 0, 8), "little")
+        specs = {k: v for k, v in header.items() if k != "__metadata__"}
+        for key, spec in specs.items():
+            _check_spec(key, spec, size - body)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated? ({e}); expected {what}") from e
+    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    # A private writable mapping: tensors are views that read the file on first touch; writes (none
+    # are made while loading) would stay in this process.
+    buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    state: StateDict = {}
+    for key, spec in specs.items():
+        dtype, shape = SAFETENSORS_DTYPES[spec["dtype"]], spec["shape"]
+        begin, end = spec["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            state[key] = torch.empty(shape, dtype=dtype)
+        else:
+            state[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=body + begin).view(shape)
+    start = torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
+    return WeightsFile(path, state, metadata, [(start, start + size)])
+
+
+def _peek(f, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
+
+
+def _check_spec(key: str, spec: Mapping, data_size: int) -> None:
+    if spec.get("dtype") not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {key!r} has unsupported dtype {spec.get('dtype')!r}")
+    begin, end = spec["data_offsets"]
+    numel = 1
+    for s in spec["shape"]:
+        numel *= int(s)
+    if not 0 <= begin <= end <= data_size:
+        raise ValueError(f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {data_size})")
+    if end - begin != numel * SAFETENSORS_DTYPES[spec["dtype"]].itemsize:
+        raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {spec['shape']} {spec['dtype']}")
+
+
+def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
+    # From the already-open file: one open, one read (torch's mmap=True would need the path and open it again).
+    try:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here: UnpicklingError, RuntimeError, EOFError...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "it holds Python objects other than tensors, refused for safety (weights_only load)"
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint: {msg}; expected {what}") from e
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_looks(head)}: {msg}); "
+                              f"expected {what}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors ({what})")
-    return obj
+    return WeightsFile(path, dict(obj))
+
+
+def _looks(head: bytes) -> str:
+    """What the first bytes of a file that is not a checkpoint look like, for error messages."""
+    if head[:4] == b"PK\x03\x04":
+        return "a zip archive"
+    if head[:1] in (b"\x80",):
+        return "a pickle"
+    if head[:1] in (b"{", b"["):
+        return "JSON text"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "binary data of an unknown format"
 
 
 def unwrap_state_dict(obj: Mapping, path: str | os.PathLike = "<memory>", what: str = "weights") -> StateDict:
@@ -122,29 +247,37 @@ def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | 
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                what: str) -> torch.nn.Module:
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str,
+                keys: Iterable[str] | None = None, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None,
+                release: Callable[[torch.Tensor], None] | None = None) -> torch.nn.Module:
     """Assign ``state`` to ``module`` (which may live on the meta device), every key accounted for.
 
-    Tensors are cast to each parameter's dtype. Raises CheckpointError naming missing or unexpected
-    keys and shape mismatches. Non-persistent buffers are left alone.
+    keys: the module's parameters/buffers to fill (default all of its ``state_dict``); the others are left
+    as they are, so a UNet's spatial layers and its motion modules can be filled by separate strict loads.
+    Floating tensors become ``dtype`` (default: each parameter's dtype), all go to ``device`` (default:
+    where they are). ``release``: a file's :meth:`WeightsFile.release`; its tensors are then copied and
+    their pages handed back one by one. Raises CheckpointError naming ``path`` and the missing or
+    unexpected keys and shape mismatches. Non-persistent buffers are left alone.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    bad_shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or bad_shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {_few(unexpected)})")
-        if bad_shapes:
-            parts.append(f"{len(bad_shapes)} shape mismatches (e.g. {_few(bad_shapes)})")
+    current = module.state_dict(keep_vars=True)
+    expected = set(current if keys is None else keys)
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(current[k].shape)}"
+           for k in sorted(expected & set(state)) if state[k].shape != current[k].shape]
+    if missing or unexpected or bad:
+        parts = [f"{len(items)} {label} (e.g. {_few(items)})" for label, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)) if items]
         raise CheckpointError(f"{path}: does not fit {what}: " + "; ".join(parts))
-    cast = {k: state[k].to(expected[k].dtype) for k in expected}
-    module.load_state_dict(cast, strict=True, assign=True)
+    cast = {}
+    for k in sorted(expected):
+        t = state[k]
+        target = (dtype or current[k].dtype) if t.is_floating_point() else current[k].dtype
+        cast[k] = t.to(device=device or t.device, dtype=target, copy=release is not None)
+        if release is not None:
+            release(t)
+    module.load_state_dict(cast, strict=False, assign=True)
     return module
 
 

@@ -19,28 +19,22 @@ flattening every weight-carrying module name of the target model and looking the
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from ..config import UNetConfig
 from ..errors import CheckpointError
+from .unet_map import RESNET_LDM, ldm_block_table
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _PROCESSOR_KEY = re.compile(
     r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<dir>down|up)\.weight$")
 _PROCESSOR_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
-
-# LDM (original Stable Diffusion) names inside a ResBlock / the outer layers -> diffusers names.
-_LDM_RESNET = {"in_layers_0": "norm1", "in_layers_2": "conv1", "emb_layers_1": "time_emb_proj",
-               "out_layers_0": "norm2", "out_layers_3": "conv2", "skip_connection": "conv_shortcut"}
-_LDM_OUTER = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
-              "input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out"}
-_LDM_BLOCK = re.compile(r"^(?P<kind>input_blocks|output_blocks)_(?P<i>\d+)_(?P<m>\d+)(?:_(?P<rest>.+))?$")
-_LDM_MID = re.compile(r"^middle_block_(?P<m>\d+)_(?P<rest>.+)$")
-
 
 @dataclass
 class LoraPair:
@@ -130,51 +124,44 @@ def flat_module_table(module_names: Iterable[str], part: str) -> dict[str, str]:
     return {prefix + name.replace(".", "_"): name for name in module_names}
 
 
-def ldm_to_diffusers_flat(name: str, layers_per_block: int) -> str | None:
+def ldm_to_diffusers_flat(name: str, config: UNetConfig) -> str | None:
     """Translate a flattened LDM UNet module name to the flattened diffusers one (None if not LDM).
 
-    ``input_blocks_{k}_{m}``: level ``(k-1) // (L+1)``, resnet/attention ``(k-1) % (L+1)``, and the
-    last slot of a level holds the downsampler (``op``); ``output_blocks_{k}_{m}``: level ``k // (L+1)``
-    with ``L+1`` layers, the upsampler sits after the resnet (and attention) as ``..._conv``.
+    Derived from the LDM UNet key table (:func:`~animatediff_lite.loading.unet_map.ldm_block_table` and
+    ``RESNET_LDM``) with ``.`` flattened to ``_``, so the two formats cannot drift apart.
     """
-    if name in _LDM_OUTER:
-        return _LDM_OUTER[name]
-    per_level = layers_per_block + 1
-    m = _LDM_MID.match(name)
-    if m:
-        slot, rest = int(m["m"]), m["rest"]
-        if slot == 1:
-            return f"mid_block_attentions_0_{rest}"
-        return f"mid_block_resnets_{slot // 2}_{_LDM_RESNET.get(rest, rest)}"
-    m = _LDM_BLOCK.match(name)
-    if not m or not m["rest"]:
-        return None
-    index, slot, rest = int(m["i"]), int(m["m"]), m["rest"]
-    if m["kind"] == "input_blocks":
-        if index == 0:
-            return None
-        level, layer = divmod(index - 1, per_level)
-        if layer == layers_per_block:  # the downsampler's conv is called "op" in LDM
-            return f"down_blocks_{level}_downsamplers_0_conv" if rest == "op" else None
-        if slot == 0:
-            return f"down_blocks_{level}_resnets_{layer}_{_LDM_RESNET.get(rest, rest)}"
-        return f"down_blocks_{level}_attentions_{layer}_{rest}"
-    level, layer = divmod(index, per_level)
-    if slot == 0:
-        return f"up_blocks_{level}_resnets_{layer}_{_LDM_RESNET.get(rest, rest)}"
-    if rest == "conv":
-        return f"up_blocks_{level}_upsamplers_0_conv"
-    return f"up_blocks_{level}_attentions_{layer}_{rest}"
+    blocks, resnet = _flat_ldm_tables(config)
+    for ldm, (native, is_resnet) in blocks:
+        if name != ldm and not name.startswith(ldm + "_"):
+            continue
+        rest = name[len(ldm) + 1:]
+        if is_resnet:
+            inner = next((k for k in resnet if rest == k or rest.startswith(k + "_")), None)
+            if inner is not None:
+                rest = resnet[inner] + rest[len(inner):]
+        return f"{native}_{rest}" if rest else native
+    return None
 
 
-def resolve_target(pair: LoraPair, table: Mapping[str, str], layers_per_block: int | None) -> str | None:
-    """The native dotted module name a pair updates, or None if the model has no such module."""
+@functools.lru_cache(maxsize=8)
+def _flat_ldm_tables(config: UNetConfig) -> tuple[list[tuple[str, tuple[str, bool]]], dict[str, str]]:
+    flat = lambda name: name.replace(".", "_")  # noqa: E731
+    blocks = sorted(((flat(ldm), (flat(native), is_resnet)) for native, ldm, is_resnet in ldm_block_table(config)),
+                    key=lambda row: -len(row[0]))  # longest prefix first: input_blocks_1_0_op before input_blocks_1_0
+    return blocks, {flat(ldm): flat(native) for native, ldm in RESNET_LDM.items()}
+
+
+def resolve_target(pair: LoraPair, table: Mapping[str, str], config: UNetConfig | None) -> str | None:
+    """The native dotted module name a pair updates, or None if the model has no such module.
+
+    config: the UNet's config, needed to read kohya names written in the LDM layout.
+    """
     if pair.style == "processor":
         return pair.name if pair.name in table.values() else None
     if pair.name in table:
         return table[pair.name]
-    if pair.part == "unet" and layers_per_block is not None:
-        flat = ldm_to_diffusers_flat(pair.name, layers_per_block)
+    if pair.part == "unet" and config is not None:
+        flat = ldm_to_diffusers_flat(pair.name, config)
         if flat is not None:
             return table.get(flat)
     return None

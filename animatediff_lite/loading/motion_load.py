@@ -24,6 +24,7 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,19 +33,20 @@ import torch
 from ..config import MOTION_VERSIONS, MotionConfig, from_dict, to_dict
 from ..errors import CheckpointError
 from ..motion import sinusoidal_table
-from .io import StateDict, read_safetensors_metadata, read_state_dict, save_state_dict
+from .checkpoint import Checkpoint, read_checkpoint
+from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
+from .io import StateDict, load_strict, read_safetensors_metadata, save_state_dict
 from .motion_map import motion_state_from_diffusers
-from .unet_map import LDM_PREFIX, MOTION_TAG, assign_strict, split_motion
+from .unet_map import MOTION_TAG, split_motion
 
 logger = logging.getLogger(__name__)
 
-NATIVE_FORMAT = "animatediff-lite/motion-module"
+NATIVE_FORMAT = NATIVE_MOTION_FORMAT
 ORIGINAL_PE = "pos_encoder.pe"
 DIFFUSERS_PE = "pos_embed.pe"
+BASE_PARTS = ("diffusers_folder", "ldm_single_file", "diffusers_unet", "diffusers_vae", "clip_text_encoder")
 PE_VERSION = {24: "v1", 32: "v3"}  # stored PE length -> generation, for files without a mid-block module
 DEFAULT_VERSION = "v3"
-_ADAPTER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                    "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
 _PROJ_IN = re.compile(r"^(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.motion_modules\.(\d+)\."
                       r"temporal_transformer\.proj_in\.weight$")
 
@@ -89,42 +91,33 @@ class MotionInfo:
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def _read_source(path: Path) -> tuple[StateDict, dict, str]:
-    """(tensors, side config, where) of a file or a diffusers MotionAdapter folder."""
+def motion_from_checkpoint(checkpoint: Checkpoint, version: str | None = None) -> tuple[StateDict, MotionInfo]:
+    """A motion module from a checkpoint already read -> (native state without PE, MotionInfo).
+
+    See :func:`read_motion_module`; the file's layout was decided once by the reader and is checked here.
+    """
+    where = checkpoint.where
+    if checkpoint.layout not in (*MOTION_LAYOUTS, "unknown"):  # unknown keys: parse_motion_state says what it missed
+        if checkpoint.layout in BASE_PARTS:
+            raise CheckpointError(f"{where}: is a base Stable Diffusion checkpoint, it {checkpoint.looks}; "
+                                  "not a motion module (expected *.motion_modules.* keys)")
+        raise CheckpointError(f"{where}: {checkpoint.looks}, not a motion module "
+                              "(expected an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
+                              "animatediff-lite motion module)")
+    path = checkpoint.path
     if path.is_dir():
-        weights = next((path / n for n in _ADAPTER_WEIGHTS if (path / n).exists()), None)
-        if weights is None:
-            raise CheckpointError(f"{path}: folder without motion-module weights (expected a diffusers MotionAdapter "
-                                  f"folder with one of {', '.join(_ADAPTER_WEIGHTS)})")
-        config = {}
-        if (path / "config.json").exists():
-            try:
-                config = json.loads((path / "config.json").read_text())
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from e
-        return read_state_dict(weights, "a motion module"), {"diffusers": config}, str(weights)
-    state = read_state_dict(path, "a motion module")
-    side: dict = {}
-    sibling = path.parent / "config.json"
-    if path.name.startswith("diffusion_pytorch_model") and sibling.exists():
-        try:  # a weights file inside a MotionAdapter folder: its config.json still applies
-            side["diffusers"] = json.loads(sibling.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{sibling}: not valid JSON ({e})") from e
-    if path.suffix.lower() == ".safetensors":
-        meta = read_safetensors_metadata(path)
-        if meta.get("format") == NATIVE_FORMAT:
-            try:
-                side["native"] = json.loads(meta["motion_config"])
-            except (KeyError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: native motion-module metadata without a valid "
-                                      f"motion_config ({e})") from e
-    return state, side, str(path)
-
-
-def _looks_like_base(state: StateDict) -> bool:
-    return (any(k.startswith((LDM_PREFIX, "input_blocks.", "first_stage_model.", "cond_stage_model.")) for k in state)
-            or "conv_in.weight" in state or any(".resnets." in k for k in state))
+        name = path.name
+    elif path.stem.startswith("diffusion_pytorch_model"):
+        name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
+    else:
+        name = path.stem
+    native_config = None
+    if checkpoint.metadata.get("format") == NATIVE_FORMAT:
+        try:
+            native_config = json.loads(checkpoint.metadata["motion_config"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{where}: native motion-module metadata without a valid motion_config ({e})") from e
+    return parse_motion_state(checkpoint.state, name, version, where, checkpoint.config or None, native_config)
 
 
 def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
@@ -239,20 +232,12 @@ def _decide(version: str | None, mid: bool, pe_len: int | None, name: str, nativ
 
 
 def read_motion_module(path: str | os.PathLike, version: str | None = None) -> tuple[StateDict, MotionInfo]:
-    """Read a motion module in any supported format -> (native state without PE, MotionInfo).
+    """Read a motion module in any supported format once -> (native state without PE, MotionInfo).
 
     Raises CheckpointError naming the file for unreadable/truncated files, base SD checkpoints passed as
     motion modules, inconsistent widths, non-sinusoidal PE tables and a ``version`` contradicting the keys.
     """
-    path = Path(path)
-    state, side, where = _read_source(path)
-    if path.is_dir():
-        name = path.name
-    elif path.stem.startswith("diffusion_pytorch_model"):
-        name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
-    else:
-        name = path.stem
-    return parse_motion_state(state, name, version, where, side.get("diffusers"), side.get("native"))
+    return motion_from_checkpoint(read_checkpoint(path, "a motion module"), version)
 
 
 def parse_motion_state(state: StateDict, name: str = "", version: str | None = None, where: str = "<memory>",
@@ -266,9 +251,6 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
     """
     spatial, motion = split_motion(state)
     if not motion:
-        if _looks_like_base(state):
-            raise CheckpointError(f"{where}: is a base Stable Diffusion checkpoint (UNet/VAE/text weights), "
-                                  "not a motion module (expected *.motion_modules.* keys)")
         raise CheckpointError(f"{where}: no motion-module keys (expected e.g. down_blocks.0.motion_modules.0."
                               f"temporal_transformer.*; got e.g. {', '.join(list(state)[:3])})")
     if spatial:
@@ -311,14 +293,17 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
     if getattr(unet, "motion", None) is None:
         raise ValueError("unet was built without motion modules (motion=None); build it with "
                          "MotionConfig.for_version(...) to load a motion module")
-    native, info = read_motion_module(path, version)
-    return assign_motion_state(unet, native, info, device, dtype)
+    checkpoint = read_checkpoint(path, "a motion module")
+    native, info = motion_from_checkpoint(checkpoint, version)
+    return assign_motion_state(unet, native, info, device, dtype, checkpoint.release)
 
 
 def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionInfo,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MotionInfo:
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        release: Callable[[torch.Tensor], None] | None = None) -> MotionInfo:
     """The second half of :func:`load_motion_module`, for a module already read with :func:`read_motion_module`
-    (so a caller that needs ``info`` to build the UNet reads the file once)."""
+    (so a caller that needs ``info`` to build the UNet reads the file once). ``release``: the file's
+    :meth:`~animatediff_lite.loading.checkpoint.Checkpoint.release`."""
     built = getattr(unet, "motion", None)
     if built is None:
         raise ValueError("unet was built without motion modules (motion=None); build it with "
@@ -343,7 +328,8 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     if dtype is None and spatial_weight.device.type != "meta":
         dtype = spatial_weight.dtype
     expected = [k for k in unet.state_dict() if MOTION_TAG in k]
-    assign_strict(unet, native, expected, info.path, f"the UNet's {built.version} motion modules", device, dtype)
+    load_strict(unet, native, info.path, f"the UNet's {built.version} motion modules", keys=expected, device=device,
+                dtype=dtype, release=release)
     unet.reset_buffers()
     logger.info("%s", info.summary())
     return info

@@ -1,9 +1,11 @@
-"""``load_pipeline``: compose the part loaders into a ready :class:`~animatediff_lite.pipeline.Pipeline`.
+"""``load_pipeline``: read every given file once, then compose the part loaders into a ready Pipeline.
 
-Order: base model (diffusers folder or LDM single file) -> motion module (original or diffusers
-layout, version from its tensors) -> DreamBooth single file (replaces the base weights it holds, in
-place) -> LoRAs and MotionLoRAs merged. The scheduler is AnimateDiff's DDIM unless given: a base
-folder's ``scheduler/`` (PNDM, "scaled_linear" for SD1.5) is deliberately not used.
+Order: every file is read and checked first (motion module, base, DreamBooth, LoRAs), so an error names the
+file at fault; then the base model (diffusers folder or LDM single file) with the motion module (original
+or diffusers layout, version from its tensors), the DreamBooth single file (replaces the base weights it
+holds, in place; the same file as the base is not read again) and the LoRAs and MotionLoRAs merged. The
+scheduler is AnimateDiff's DDIM unless given: a base folder's ``scheduler/`` (PNDM, "scaled_linear" for
+SD1.5) is deliberately not used.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from ..lora import apply_loras
 from ..pipeline import Pipeline, check_device_dtype
 from ..scheduler import DDIM, DDIMConfig
 from ..unet import UNet3D
-from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
-from .default_model import load_default_pipeline
-from .detect import LAYOUTS, detect_layout
-from .io import read_state_dict
-from .motion_load import assign_motion_state, read_motion_module
-from .unet_map import MOTION_TAG, assign_strict, read_unet_source, unet_state_from_ldm
-from .vae_map import load_vae, vae_state_from_ldm
+from .checkpoint import Checkpoint, read_checkpoint
+from .clip_map import clip_state_from_ldm, text_encoder_from_checkpoint, tokenizer_from_checkpoint
+from .default_model import default_pipeline_from_checkpoint, load_default_pipeline
+from .detect import BASE_LAYOUTS
+from .io import load_strict
+from .motion_load import assign_motion_state, motion_from_checkpoint
+from .unet_map import spatial_keys, unet_source_from_checkpoint, unet_state_from_ldm
+from .vae_map import vae_from_checkpoint, vae_state_from_ldm
 
-BASE_LAYOUTS = ("diffusers_folder", "ldm_single_file")
 LoraSpec = tuple[str | os.PathLike, float]
+BASE_WHAT = "a Stable Diffusion 1.5 base model (a diffusers folder or an LDM .safetensors/.ckpt single file)"
+DREAMBOOTH_WHAT = "a DreamBooth / personalised SD1.5 single file (LDM layout)"
 
 
 def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os.PathLike | None = None,
@@ -36,93 +40,117 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: DDIMConfig | None = None) -> Pipeline:
-    """Build a text-to-video pipeline from weight files.
+    """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
-    an LDM single file (.safetensors / .ckpt) with UNet, VAE and text encoder. motion_module: an original
-    AnimateDiff checkpoint (``mm_sd_v15_v2.ckpt`` ...) or a diffusers MotionAdapter (folder or file); its
-    version (v1/v2/v3) is read from the tensors unless ``motion_module_version`` says. Without one the
-    UNet denoises every frame independently (an image model). dreambooth: an LDM single file whose UNet /
-    VAE / text-encoder weights (whichever it has) replace the base ones. loras / motion_loras: ``(path,
-    scale)`` pairs merged into the weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see
-    :mod:`animatediff_lite.lora`. scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`).
-    With no weights at all it returns the embedded default model (:mod:`animatediff_lite.loading.default_model`).
+    an LDM single file (.safetensors / .ckpt) with UNet, VAE and text encoder (or a file in the embedded
+    default model's format, taken alone). motion_module: an original AnimateDiff checkpoint
+    (``mm_sd_v15_v2.ckpt`` ...) or a diffusers MotionAdapter (folder or file); its version (v1/v2/v3) is read
+    from the tensors unless ``motion_module_version`` says. Without one the UNet denoises every frame
+    independently (an image model). dreambooth: an LDM single file whose UNet / VAE / text-encoder weights
+    (whichever it has) replace the base ones. loras / motion_loras: ``(path, scale)`` pairs merged into the
+    weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see :mod:`animatediff_lite.lora`.
+    scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`). With no weights at all it returns
+    the embedded default model (:mod:`animatediff_lite.loading.default_model`).
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
-    if base is None:
-        given = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
-                                      ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]
-        if given:
-            raise ValueError(f"{', '.join(given)} given without base=: the embedded default model takes no other "
+    # Read (and so check) every given file before judging how they combine: errors name the file at fault.
+    motion = read_checkpoint(motion_module, "a motion module") if motion_module is not None else None
+    base_ckpt = read_checkpoint(base, BASE_WHAT) if base is not None else None
+    db = _read_again_or_reuse(dreambooth, base_ckpt, DREAMBOOTH_WHAT)
+    lora_ckpts = [(read_checkpoint(path, "a LoRA"), scale) for path, scale in loras]
+    motion_lora_ckpts = [(read_checkpoint(path, "a MotionLoRA"), scale) for path, scale in motion_loras]
+    others = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
+                                   ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]
+    if base_ckpt is None or base_ckpt.layout == "default_model":
+        if others:
+            where = "without base=" if base_ckpt is None else f"with base={base_ckpt.where} (an embedded default model)"
+            raise ValueError(f"{', '.join(others)} given {where}: the embedded default model takes no other "
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
-        return load_default_pipeline(device, dtype)
-    layout = detect_layout(base)
-    if layout not in BASE_LAYOUTS:
-        raise CheckpointError(f"{base}: holds {LAYOUTS[layout]}; base must be a diffusers Stable Diffusion folder "
-                              "or an SD1.5 single file")
+        if base_ckpt is None:
+            return load_default_pipeline(device, dtype)
+        return default_pipeline_from_checkpoint(base_ckpt, device, dtype)
+    if base_ckpt.layout not in BASE_LAYOUTS:
+        raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be "
+                              f"{BASE_WHAT}")
 
-    unet = _load_video_unet(base, motion_module, motion_module_version, device, dtype)
-    text_encoder = load_text_encoder(base, device, dtype)
-    vae = load_vae(base, device, dtype)
-    tokenizer = load_tokenizer(base if Path(base).is_dir() else None)
-
-    if dreambooth is not None:
-        replace_from_single_file(dreambooth, unet, vae, text_encoder, device, dtype)
+    unet = _load_video_unet(base_ckpt, motion, motion_module_version, device, dtype)
+    text_encoder = text_encoder_from_checkpoint(base_ckpt, device, dtype)
+    vae = vae_from_checkpoint(base_ckpt, device, dtype)
+    tokenizer = tokenizer_from_checkpoint(base_ckpt)
+    if db is not None:
+        replace_from_checkpoint(db, unet, vae, text_encoder, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
-    if loras or motion_loras:
-        apply_loras(pipe, loras, motion_loras)
+    if lora_ckpts or motion_lora_ckpts:
+        apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
     return pipe
+
+
+def _read_again_or_reuse(path: str | os.PathLike | None, base: Checkpoint | None, what: str) -> Checkpoint | None:
+    """The checkpoint of ``path``; the base's own when it is the same file (read once)."""
+    if path is None:
+        return None
+    if base is not None and base.weights is not None and Path(path).exists() and \
+            os.path.samefile(path, base.weights):
+        return base
+    return read_checkpoint(path, what)
 
 
 def replace_from_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
                              text_encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Read ``path`` once and overwrite the base weights it holds (see :func:`replace_from_checkpoint`)."""
+    return replace_from_checkpoint(read_checkpoint(path, DREAMBOOTH_WHAT), unet, vae, text_encoder, device, dtype)
+
+
+def replace_from_checkpoint(checkpoint: Checkpoint, unet: torch.nn.Module, vae: torch.nn.Module,
+                            text_encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Overwrite the UNet (spatial layers), VAE and text-encoder weights present in an LDM single file.
 
     Every part the file has must fit its model exactly (CheckpointError naming the file and the keys
     otherwise); parts it lacks (many DreamBooth files carry no VAE) keep the base weights. Motion modules
     are never touched. Returns the names of the replaced parts.
     """
-    what = "a DreamBooth / personalised SD1.5 single file"
-    layout = detect_layout(path)
-    if layout != "ldm_single_file":
-        raise CheckpointError(f"{path}: holds {LAYOUTS[layout]}; dreambooth must be an LDM single file "
-                              "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)")
-    state = read_state_dict(path, what)
+    where = checkpoint.where
+    if checkpoint.layout != "ldm_single_file":
+        raise CheckpointError(f"{where}: {checkpoint.looks}; dreambooth must be an LDM "
+                              "single file (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)")
+    state = checkpoint.state
     replaced = []
     if any(k.startswith("model.diffusion_model.") for k in state):
-        spatial = unet_state_from_ldm(state, unet.config, str(path))
-        expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
-        assign_strict(unet, spatial, expected, path, "the base UNet (spatial layers)", device, dtype)
+        spatial = unet_state_from_ldm(state, unet.config, where)
+        load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
+                    dtype=dtype, release=checkpoint.release)
         replaced.append("unet")
     for name, model, native in (("vae", vae, vae_state_from_ldm(state)),
                                 ("text_encoder", text_encoder, clip_state_from_ldm(state))):
         if native is not None:
-            assign_strict(model, native, model.state_dict().keys(), path, f"the base {name}", device, dtype)
+            load_strict(model, native, where, f"the base {name}", device=device, dtype=dtype,
+                        release=checkpoint.release)
             replaced.append(name)
     if not replaced:
-        raise CheckpointError(f"{path}: no UNet, VAE or text-encoder weights found ({what})")
+        raise CheckpointError(f"{where}: no UNet, VAE or text-encoder weights found ({DREAMBOOTH_WHAT})")
     return replaced
 
 
-def _load_video_unet(base: str | os.PathLike, motion_module: str | os.PathLike | None, version: str | None,
+def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str | None,
                      device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The base UNet's spatial weights plus the motion module, each loaded strictly.
 
     The UNet is built once on the meta device with the motion settings read from the motion file
     (generation, PE length, heads) and the base's GroupNorm groups.
     """
-    native, info, motion_config = None, None, None
-    if motion_module is not None:
-        native, info = read_motion_module(motion_module, version)  # read once: info sizes the UNet
-    spatial, config, where = read_unet_source(base)
-    if info is not None:
-        motion_config = info.motion_config(norm_num_groups=config.norm_num_groups)
+    native, info = None, None
+    if motion is not None:
+        native, info = motion_from_checkpoint(motion, version)  # info sizes the UNet
+    spatial, config, where = unet_source_from_checkpoint(base)
+    motion_config = info.motion_config(norm_num_groups=config.norm_num_groups) if info is not None else None
     with torch.device("meta"):
         unet = UNet3D(config, motion_config)
-    expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
-    assign_strict(unet, spatial, expected, where, "the base UNet (spatial layers)", device, dtype)
-    if info is not None:
-        assign_motion_state(unet, native, info, device, dtype)  # strict, with version/width checks
+    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
+                dtype=dtype, release=base.part("unet", BASE_WHAT).release)
+    if info is not None:  # strict, with version/width checks
+        assign_motion_state(unet, native, info, device, dtype, motion.release)
     unet.reset_buffers()  # position tables follow the weights' device
     return unet.eval()
+

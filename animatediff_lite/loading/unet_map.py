@@ -30,15 +30,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..config import MotionConfig, UNetConfig
 from ..errors import CheckpointError
 from ..unet import UNet3D
-from .io import StateDict, atomic_write, read_state_dict, save_state_dict
+from .checkpoint import Checkpoint, read_checkpoint
+from .io import StateDict, load_strict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -345,82 +347,48 @@ def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDic
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def assign_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], expected_keys: Iterable[str],
-                  source: str | os.PathLike, what: str, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> None:
-    """Assign ``state`` to the parameters/buffers ``expected_keys`` of ``module``, every one accounted for.
+def unet_source_from_checkpoint(checkpoint: Checkpoint) -> tuple[StateDict, UNetConfig, str]:
+    """The base UNet of a checkpoint already read: (native spatial state, config, file to name in messages).
 
-    The module may live (partly) on the meta device. Keys of the module outside ``expected_keys`` are
-    left untouched, so the spatial UNet and its motion modules can be filled by separate, each
-    strict, loads. Raises CheckpointError naming ``source`` with missing/unexpected keys and shape
-    mismatches. Floating tensors are cast to ``dtype`` (default: keep the file's dtype).
+    A model folder's ``unet/`` (config from its config.json), an LDM single file (config from the tensors)
+    or a diffusers-layout single file. Motion-module keys are left out (with a log note).
     """
-    model_state = module.state_dict(keep_vars=True)
-    expected = set(expected_keys)
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(model_state[k].shape)}"
-           for k in sorted(expected & set(state)) if state[k].shape != model_state[k].shape]
-    if missing or unexpected or bad:
-        parts = []
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {'; '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
-        raise CheckpointError(f"{source}: does not fit {what}: " + "; ".join(parts))
-    cast = {}
-    for k in expected:
-        t = state[k]
-        target = dtype if (dtype is not None and t.is_floating_point()) else model_state[k].dtype
-        cast[k] = t.to(device=device, dtype=target) if t.is_floating_point() else t.to(device=device)
-    result = module.load_state_dict(cast, strict=False, assign=True)
-    if result.unexpected_keys:  # cannot happen after the checks above; keep the invariant loud
-        raise CheckpointError(f"{source}: unexpected keys {result.unexpected_keys[:3]} for {what}")
+    what = "a Stable Diffusion UNet (LDM single file or diffusers layout)"
+    part = checkpoint.part("unet", what)
+    where = part.where
+    if part.config:
+        try:
+            cfg = unet_config_from_diffusers(part.config)
+        except ValueError as e:
+            raise CheckpointError(f"{part.path / 'config.json'}: {e}") from e
+        part.require_weights("diffusers UNet weights")
+        state = part.state
+    elif part.layout == "ldm_single_file":
+        try:
+            cfg = unet_config_from_state(part.state)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+        return unet_state_from_ldm(part.state, cfg, where), cfg, where
+    elif part.layout in ("diffusers_unet", "native", "diffusers_motion_unet"):
+        state, cfg = part.state, None
+    else:
+        raise CheckpointError(f"{where}: {part.looks}, not a base UNet (expected Stable "
+                              "Diffusion weights: LDM model.diffusion_model.* or diffusers UNet keys)")
+    spatial, motion = split_motion(state)
+    if motion:
+        logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", where, len(motion))
+    if cfg is None:
+        try:
+            cfg = unet_config_from_state(spatial)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from e
+    return spatial, cfg, where
 
 
 def read_unet_source(source: str | os.PathLike) -> tuple[StateDict, UNetConfig, str]:
-    """Read base-UNet weights: a diffusers folder (root or ``unet/``), an LDM single file, or a
+    """Read base-UNet weights once: a diffusers folder (root or ``unet/``), an LDM single file, or a
     diffusers-layout single file. Returns (native spatial state, config, description)."""
-    path = Path(source)
-    if path.is_dir():
-        folder = path / "unet" if (path / "unet" / "config.json").exists() else path
-        config_file = folder / "config.json"
-        if not config_file.exists():
-            raise CheckpointError(f"{path}: no unet/config.json (expected a diffusers model folder)")
-        try:
-            cfg = unet_config_from_diffusers(json.loads(config_file.read_text()))
-        except (ValueError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{config_file}: {e}") from e
-        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-        weights = next((folder / n for n in names if (folder / n).exists()), None)
-        if weights is None:
-            raise CheckpointError(f"{folder}: no UNet weights (expected one of {', '.join(names)})")
-        state = read_state_dict(weights, "diffusers UNet weights")
-        spatial, motion = split_motion(state)
-        if motion:
-            logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", weights, len(motion))
-        return spatial, cfg, str(weights)
-    state = read_state_dict(path, "a Stable Diffusion UNet (LDM single file or diffusers layout)")
-    if is_ldm_state(state):
-        try:
-            cfg = unet_config_from_state(state)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from e
-        return unet_state_from_ldm(state, cfg, str(path)), cfg, str(path)
-    spatial, motion = split_motion(state)
-    if "conv_in.weight" not in spatial:
-        if motion or any(".temporal_transformer." in k or ".attn1.pos_embed" in k for k in state):
-            raise CheckpointError(f"{path}: holds a motion module, not a base UNet (expected Stable Diffusion "
-                                  "weights: LDM model.diffusion_model.* or diffusers UNet keys)")
-        raise CheckpointError(f"{path}: no UNet tensors found (expected model.diffusion_model.* or conv_in.weight, "
-                              f"got e.g. {', '.join(list(state)[:3])})")
-    if motion:
-        logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", path, len(motion))
-    try:
-        cfg = unet_config_from_state(spatial)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    return spatial, cfg, str(path)
+    return unet_source_from_checkpoint(read_checkpoint(source, "a Stable Diffusion UNet"))
 
 
 def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
@@ -434,13 +402,19 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     :func:`animatediff_lite.loading.motion_load.load_motion_module` before use.
     Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
     """
-    spatial, cfg, where = read_unet_source(source)
+    checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
+    spatial, cfg, where = unet_source_from_checkpoint(checkpoint)
     cfg = config or cfg
     with torch.device("meta"):
         unet = UNet3D(cfg, motion)
-    expected = [k for k in unet.state_dict() if MOTION_TAG not in k]
-    assign_strict(unet, spatial, expected, where, "the base UNet (spatial layers)", device, dtype)
+    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
+                dtype=dtype, release=checkpoint.release)
     return unet.eval()
+
+
+def spatial_keys(unet: torch.nn.Module) -> list[str]:
+    """The state-dict keys of a UNet3D's spatial (Stable Diffusion) layers: all but the motion modules."""
+    return [k for k in unet.state_dict() if MOTION_TAG not in k]
 
 
 def save_unet_diffusers(native: Mapping[str, torch.Tensor], cfg: UNetConfig, folder: str | os.PathLike) -> None:

@@ -8,19 +8,18 @@ from the highest resolution (LDM ``up.0``) where diffusers starts at the lowest 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
 from ..config import VAEConfig
 from ..errors import CheckpointError
 from ..vae import AutoencoderKL
-from .io import StateDict, load_strict, read_state_dict
+from .checkpoint import Checkpoint, read_checkpoint
+from .io import StateDict, load_strict
 
 # (native module path, LDM module path) for both encoder and decoder; the rest of a key (".weight",
 # ".norm1.bias", ...) follows the path unchanged except for RESNET_LEAVES.
@@ -58,8 +57,6 @@ VAE_ROOTS: tuple[str, ...] = ("encoder.", "decoder.", "quant_conv.", "post_quant
 # Training leftovers in standalone LDM VAE files (LPIPS/discriminator, EMA bookkeeping): dropped.
 DROP_PREFIXES: tuple[str, ...] = ("loss.", "model_ema.")
 DEFAULT_GROUPS = 32
-WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 
 _LDM_LAYOUT = re.compile(r"^encoder\.down\.\d+\.")
 _DIFFUSERS_LAYOUT = re.compile(r"^encoder\.down_blocks\.\d+\.")
@@ -214,44 +211,39 @@ def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.Path
                      layers_per_block=layers, norm_num_groups=groups)
 
 
-def _read_folder(folder: Path) -> tuple[Path, StateDict, VAEConfig | None]:
-    if (folder / "vae").is_dir():
-        folder = folder / "vae"
-    weights = next((folder / n for n in WEIGHT_NAMES if (folder / n).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: no VAE weights found, expected one of {', '.join(WEIGHT_NAMES)} "
-                              "in the folder or its vae/ subfolder")
-    state = read_state_dict(weights, "a diffusers AutoencoderKL")
-    config = None
-    cfg_path = folder / "config.json"
-    if cfg_path.is_file():
+def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32, config: VAEConfig | None = None) -> AutoencoderKL:
+    """Build an AutoencoderKL on the meta device and load it strictly from a checkpoint already read.
+
+    A model folder's ``vae/`` (sizes from its config.json), an SD single file or a standalone VAE file
+    (layout, diffusers or LDM, from the keys; sizes from the tensors, see :func:`vae_config_from_state`);
+    ``config`` overrides both. CheckpointError names the file and the missing/unexpected keys.
+    """
+    what = "VAE weights"
+    part = checkpoint.part("vae", what)
+    file_config = None
+    if part.config:
         try:
-            config = vae_config_from_diffusers(json.loads(cfg_path.read_text()))
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{cfg_path}: not a usable AutoencoderKL config: {e}") from e
-    return weights, state, config
+            file_config = vae_config_from_diffusers(part.config)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{part.path / 'config.json'}: not a usable AutoencoderKL config: {e}") from e
+        part.require_weights(what)
+    native = vae_state_to_native(part.state)
+    if native is None:
+        raise CheckpointError(f"{part.where}: contains no VAE weights, it {part.looks} (expected "
+                              "encoder.down*/decoder.up* keys, optionally under first_stage_model.)")
+    cfg = config or file_config or vae_config_from_state(native, part.where)
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg).to(dtype)
+    load_strict(model, native, part.where, f"an AutoencoderKL VAE with {cfg}", device=device, release=part.release)
+    return model.to(device).eval()
 
 
 def load_vae(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
              config: VAEConfig | None = None) -> AutoencoderKL:
     """Load an AutoencoderKL from a diffusers folder (root or ``vae/``), an SD single file or a VAE file.
 
-    Layout (diffusers or LDM, with or without ``first_stage_model.``) is detected from the keys. Sizes
-    come from ``vae/config.json`` when there is one, else from the tensors (see ``vae_config_from_state``);
-    ``config`` overrides both. Built on the meta device and loaded strictly: CheckpointError names the
-    file and the missing/unexpected keys. Returns the model in eval mode on ``device`` in ``dtype``.
+    Reads ``source`` once (see :func:`vae_from_checkpoint`). Returns the model in eval mode on ``device``
+    in ``dtype``.
     """
-    path = Path(source)
-    if path.is_dir():
-        path, state, file_config = _read_folder(path)
-    else:
-        state, file_config = read_state_dict(path, "VAE weights"), None
-    native = vae_state_to_native(state)
-    if native is None:
-        raise CheckpointError(f"{path}: contains no VAE weights (expected encoder.down*/decoder.up* keys, "
-                              "optionally under first_stage_model.)")
-    cfg = config or file_config or vae_config_from_state(native, path)
-    with torch.device("meta"):
-        model = AutoencoderKL(cfg).to(dtype)
-    load_strict(model, native, path, f"an AutoencoderKL VAE with {cfg}")
-    return model.to(device).eval()
+    return vae_from_checkpoint(read_checkpoint(source, "VAE weights"), device, dtype, config)

@@ -10,14 +10,11 @@ import argparse
 from pathlib import Path
 
 from animatediff_lite.errors import CheckpointError
-from animatediff_lite.loading.clip_map import WEIGHT_FILES, clip_state_from_diffusers, clip_state_to_ldm
-from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, read_state_dict, save_state_dict
-from animatediff_lite.loading.unet_map import read_unet_source, unet_state_to_ldm
-from animatediff_lite.loading.vae_map import WEIGHT_NAMES, vae_state_to_ldm, vae_state_to_native
-
-
-def _first(folder: Path, names: tuple[str, ...]) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
+from animatediff_lite.loading.checkpoint import read_checkpoint
+from animatediff_lite.loading.clip_map import clip_state_from_diffusers, clip_state_to_ldm
+from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, save_state_dict
+from animatediff_lite.loading.unet_map import unet_source_from_checkpoint, unet_state_to_ldm
+from animatediff_lite.loading.vae_map import vae_state_to_ldm, vae_state_to_native
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,22 +24,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-only", action="store_true", help="convert only the UNet")
     parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     args = parser.parse_args(argv)
-    root = Path(args.source)
-    unet, cfg, where = read_unet_source(root)
+    source = read_checkpoint(Path(args.source), "a diffusers Stable Diffusion folder")  # every file read once
+    unet, cfg, where = unet_source_from_checkpoint(source)
     out = unet_state_to_ldm(unet, cfg)
     parts = [f"UNet ({where})"]
-    if not args.unet_only:
-        vae_file = _first(root / "vae", WEIGHT_NAMES)
-        if vae_file is not None:
-            native = vae_state_to_native(read_state_dict(vae_file, "diffusers VAE weights"))
-            if native is None:
-                raise CheckpointError(f"{vae_file}: no VAE tensors found")
-            out |= vae_state_to_ldm(native)
-            parts.append(f"VAE ({vae_file})")
-        text_file = _first(root / "text_encoder", WEIGHT_FILES)
-        if text_file is not None:
-            out |= clip_state_to_ldm(clip_state_from_diffusers(read_state_dict(text_file, "a CLIP text encoder")))
-            parts.append(f"text encoder ({text_file})")
+    vae, text = source.parts.get("vae"), source.parts.get("text_encoder")
+    if not args.unet_only and vae is not None and vae.weights is not None:
+        native = vae_state_to_native(vae.state)
+        if native is None:
+            raise CheckpointError(f"{vae.where}: no VAE tensors found")
+        out |= vae_state_to_ldm(native)
+        parts.append(f"VAE ({vae.where})")
+    if not args.unet_only and text is not None and text.weights is not None:
+        out |= clip_state_to_ldm(clip_state_from_diffusers(text.state))
+        parts.append(f"text encoder ({text.where})")
     out = cast_floating(out, args.dtype)
     save_state_dict(out, args.output)
     print(f"wrote {args.output}: {len(out)} tensors from " + ", ".join(parts))

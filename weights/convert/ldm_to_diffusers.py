@@ -10,9 +10,10 @@ import argparse
 import json
 from pathlib import Path
 
+from animatediff_lite.atomic import atomic_write
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.clip_map import clip_config_from_state, clip_state_from_ldm
-from animatediff_lite.loading.io import CAST_DTYPES, atomic_write, cast_floating, read_state_dict, save_state_dict
+from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, read_state_dict, save_state_dict
 from animatediff_lite.loading.unet_map import save_unet_diffusers, unet_config_from_state, unet_state_from_ldm
 from animatediff_lite.loading.vae_map import vae_config_from_state, vae_state_from_ldm
 

@@ -1,0 +1,63 @@
+"""What a weights file or folder holds, as a JSON-ready dict (the CLI ``info`` command).
+
+Every kind of file the library loads is described from one read: base models (diffusers folders, LDM single
+files, part folders), motion modules of every layout, LoRA kinds and the embedded default model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint, read_checkpoint
+from .default_model import split_default_model
+from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
+from .lora_map import parse_lora
+from .motion_load import motion_from_checkpoint
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """A JSON-ready description of a weights file or folder: layout, kind, the reason for the layout,
+    tensor/parameter counts and dtypes, plus per-kind details (motion generation, LoRA ranks, the default
+    model's sizes and sampling defaults, a model folder's parts). Raises CheckpointError naming the file."""
+    checkpoint = read_checkpoint(path, "weights the library loads (a model, motion module or LoRA)")
+    if checkpoint.layout == "unknown":
+        raise unknown_error(checkpoint.where, checkpoint.reason)
+    info: dict = {"path": str(path), "layout": checkpoint.layout, "kind": checkpoint.kind,
+                  "reason": checkpoint.reason}
+    files = list(checkpoint.parts.values()) if checkpoint.parts else [checkpoint]
+    if checkpoint.parts:
+        info["parts"] = {name: (part.where if part.weights is not None else "no weights file")
+                         for name, part in checkpoint.parts.items()}
+    if checkpoint.layout in MOTION_LAYOUTS:
+        _, mi = motion_from_checkpoint(checkpoint)
+        info.update(generation=mi.version, reason=mi.reason, max_position_len=mi.max_position_len,
+                    mid_block=mi.mid_block, channels=list(mi.channels))
+    elif checkpoint.layout in LORA_LAYOUTS:
+        pairs = parse_lora(checkpoint.state, checkpoint.where)
+        alphas = sorted({p.alpha for p in pairs if p.alpha is not None})
+        info.update(lora_modules=len(pairs), ranks=sorted({p.rank for p in pairs}),
+                    parts=sorted({p.part for p in pairs}), alphas=alphas)
+    elif checkpoint.layout == "default_model":
+        _, config, metadata = split_default_model(checkpoint)
+        info.update(generation=config.motion.version if config.motion else None,
+                    unet_channels=list(config.unet.block_out_channels), text_width=config.clip.hidden_size,
+                    vae_channels=list(config.vae.block_out_channels))
+        try:
+            info["sample_defaults"] = json.loads(metadata.get("sample", "{}"))
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint.where}: the 'sample' metadata is not JSON ({e})") from e
+    info.update(_counts(files))
+    return info
+
+
+def _counts(files: list[Checkpoint]) -> dict:
+    dtypes: Counter = Counter()
+    tensors = parameters = 0
+    for part in files:
+        tensors += len(part.state)
+        parameters += sum(v.numel() for v in part.state.values())  # shapes only: no tensor data is read
+        dtypes.update(str(v.dtype).replace("torch.", "") for v in part.state.values())
+    return {"tensors": tensors, "parameters": parameters, "dtypes": dict(dtypes)}
