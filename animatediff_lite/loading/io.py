@@ -186,8 +186,9 @@ def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "it holds Python objects other than tensors, refused for safety (weights_only load)"
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({_looks(head)}: {msg}); "
-                              f"expected {what}") from e
+        looks = _looks(head)
+        detail = "" if "text" in looks else f" (torch.load: {msg})"  # torch's parse error says nothing about text
+        raise CheckpointError(f"{path}: {looks}, not a readable weights file{detail}; expected {what}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors ({what})")
     return WeightsFile(path, dict(obj))
@@ -196,16 +197,16 @@ def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
 def _looks(head: bytes) -> str:
     """What the first bytes of a file that is not a checkpoint look like, for error messages."""
     if head[:4] == b"PK\x03\x04":
-        return "a zip archive"
-    if head[:1] in (b"\x80",):
-        return "a pickle"
+        return "looks like a zip archive (torch's checkpoint format)"
+    if head[:1] == b"\x80":
+        return "looks like a Python pickle"
     if head[:1] in (b"{", b"["):
-        return "JSON text"
+        return "looks like JSON text"
     try:
         head.decode("utf-8")
-        return "a text file"
+        return "looks like a text file"
     except UnicodeDecodeError:
-        return "binary data of an unknown format"
+        return "looks like binary data of an unknown format"
 
 
 def unwrap_state_dict(obj: Mapping, path: str | os.PathLike = "<memory>", what: str = "weights") -> StateDict:
