@@ -112,7 +112,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            header = _header(f, os.fstat(f.fileno()).st_size)
+            header = _header(f, os.fstat(f.fileno()).st_size)[0]
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     return dict(header.get("__metadata__") or {})
@@ -123,7 +123,8 @@ def _is_safetensors_head(head: bytes) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < MAX_HEADER
 
 
-def _header(f, size: int) -> dict:
+def _header(f, size: int) -> tuple[dict, int]:
+    """(the JSON header, the offset where tensor data starts) of an open safetensors file."""
     f.seek(0)
     n = int.from_bytes(f.read(8), "little")
     if not 2 <= n <= min(MAX_HEADER, size - 8):
@@ -131,13 +132,12 @@ def _header(f, size: int) -> dict:
     header = json.loads(f.read(n))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    return header
+    return header, 8 + n
 
 
 def _read_safetensors(path: Path, f, size: int, what: str) -> WeightsFile:
     try:
-        header = _header(f, size)
-        body = 8 + int.from_bytes(_peek(f, 0, 8), "little")
+        header, body = _header(f, size)
         specs = {k: v for k, v in header.items() if k != "__metadata__"}
         for key, spec in specs.items():
             _check_spec(key, spec, size - body)
@@ -158,11 +158,6 @@ def _read_safetensors(path: Path, f, size: int, what: str) -> WeightsFile:
             state[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=body + begin).view(shape)
     start = torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
     return WeightsFile(path, state, metadata, [(start, start + size)])
-
-
-def _peek(f, offset: int, n: int) -> bytes:
-    f.seek(offset)
-    return f.read(n)
 
 
 def _check_spec(key: str, spec: Mapping, data_size: int) -> None:

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import MOTION_VERSIONS, MotionConfig, from_dict, to_dict
+from ..config import MOTION_VERSIONS, MotionConfig, to_dict
 from ..errors import CheckpointError
 from ..motion import sinusoidal_table
 from .checkpoint import Checkpoint, read_checkpoint
 from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
-from .io import StateDict, load_strict, read_safetensors_metadata, save_state_dict
+from .io import StateDict, load_strict, save_state_dict
 from .motion_map import motion_state_from_diffusers
 from .unet_map import MOTION_TAG, split_motion
 
@@ -372,11 +372,3 @@ def save_motion_module_original(native: StateDict, path: str | os.PathLike, max_
                                 with_pe: bool = True) -> None:
     """Write the original AnimateDiff layout (``.ckpt`` as ``{"state_dict": ...}`` or ``.safetensors``)."""
     save_state_dict(motion_state_to_original(native, with_pe, max_len), path)
-
-
-def config_from_metadata(path: str | os.PathLike) -> MotionConfig | None:
-    """The MotionConfig stored in a native motion-module file, None for other files."""
-    meta = read_safetensors_metadata(path)
-    if meta.get("format") != NATIVE_FORMAT:
-        return None
-    return from_dict(MotionConfig, json.loads(meta["motion_config"]))
