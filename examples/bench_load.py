@@ -97,7 +97,7 @@ def build_files(out: str | os.PathLike, config: ModelConfig = SD15, motion_versi
         "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"]}))
     ldm = unet_state_to_ldm(spatial, config.unet) | vae_state_to_ldm(vae_state) | clip_state_to_ldm(text_state)
     del spatial, vae_state, text_state
-    torch.save({"state_dict": ldm}, out / "ldm_fp32.ckpt")
+    save_state_dict(ldm, out / "ldm_fp32.ckpt")  # a zip pickle {"state_dict": ...}, as SD1.5 .ckpt files are
     save_state_dict({k: v.half() if v.is_floating_point() else v for k, v in ldm.items()},
                     out / "ldm_fp16.safetensors")
     return {"ldm_fp16": out / "ldm_fp16.safetensors", "ldm_fp32": out / "ldm_fp32.ckpt", "diffusers": folder,

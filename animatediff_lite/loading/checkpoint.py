@@ -15,8 +15,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError
 from .detect import CONFIG_CLASSES, LAYOUTS, decide_layout, unknown_error
 from .io import StateDict, WeightsFile, read_file
@@ -64,11 +62,6 @@ class Checkpoint:
     def looks(self) -> str:
         """What the file holds and why it was judged so, for messages: "holds <kind> [<reason>]"."""
         return f"holds {self.kind} [{self.reason}]"
-
-    def release(self, tensor: torch.Tensor) -> None:
-        """Hand back the file pages behind ``tensor`` once it has been copied (see :meth:`.io.WeightsFile.release`)."""
-        if self.file is not None:
-            self.file.release(tensor)
 
     def part(self, name: str, what: str) -> Checkpoint:
         """The sub-checkpoint ``name`` of a model folder, else this checkpoint itself."""

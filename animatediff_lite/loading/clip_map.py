@@ -156,7 +156,7 @@ def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
             model = TextEncoder(config).to(dtype)
     except ValueError as e:
         raise CheckpointError(f"{where}: unusable text encoder config ({e})") from None
-    load_strict(model, state, where, WHAT, device=device, release=part.release)
+    load_strict(model, state, where, WHAT, device=device, file=part.file)
     return model.to(device).eval()
 
 

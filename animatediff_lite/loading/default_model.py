@@ -166,7 +166,7 @@ def _parts_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device, d
                    "unet": UNet3D(config.unet, config.motion)}
     for name, module in modules.items():
         # fp16 on disk: restored in fp32 (the parameters' dtype), then cast once below.
-        load_strict(module, parts[name], checkpoint.where, f"the default {name}", release=checkpoint.release)
+        load_strict(module, parts[name], checkpoint.where, f"the default {name}", file=checkpoint.file)
     modules["unet"].reset_buffers()  # the motion modules' position tables, still on the meta device
     for module in modules.values():
         module.to(device=device, dtype=dtype).eval()

@@ -14,7 +14,7 @@ import json
 import mmap
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,15 +49,20 @@ class WeightsFile:
     metadata: dict[str, str] = field(default_factory=dict)
     mapped: list[tuple[int, int]] = field(default_factory=list)  # (start, end) addresses backed by the file
 
+    def owns(self, tensor: torch.Tensor) -> bool:
+        """True when ``tensor`` is a view of this file's mapping (so a model must get a copy)."""
+        start = tensor.data_ptr()
+        return tensor.numel() > 0 and any(a <= start < b for a, b in self.mapped)
+
     def release(self, tensor: torch.Tensor) -> None:
         """Give back the memory pages of ``tensor`` if it is a view of this file (after it was copied).
 
         The mapping is private and never written, so the pages are dropped and re-read from the file if
         touched again: peak memory stays near the model's own size while a large file is loaded.
         """
-        start = tensor.data_ptr()
-        if not self.mapped or tensor.numel() == 0 or not any(a <= start < b for a, b in self.mapped):
+        if not self.owns(tensor):
             return
+        start = tensor.data_ptr()
         page = mmap.PAGESIZE
         lo = start - start % page
         hi = -(-(start + tensor.numel() * tensor.element_size()) // page) * page
@@ -245,15 +250,15 @@ def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str,
                 keys: Iterable[str] | None = None, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None,
-                release: Callable[[torch.Tensor], None] | None = None) -> torch.nn.Module:
+                dtype: torch.dtype | None = None, file: WeightsFile | None = None) -> torch.nn.Module:
     """Assign ``state`` to ``module`` (which may live on the meta device), every key accounted for.
 
     keys: the module's parameters/buffers to fill (default all of its ``state_dict``); the others are left
     as they are, so a UNet's spatial layers and its motion modules can be filled by separate strict loads.
     Floating tensors become ``dtype`` (default: each parameter's dtype), all go to ``device`` (default:
-    where they are). ``release``: a file's :meth:`WeightsFile.release`; its tensors are then copied and
-    their pages handed back one by one. Raises CheckpointError naming ``path`` and the missing or
+    where they are). ``file``: the :class:`WeightsFile` the tensors came from; its memory-mapped tensors
+    are copied into the model and their pages handed back one by one (others are assigned without a copy
+    when dtype and device already match). Raises CheckpointError naming ``path`` and the missing or
     unexpected keys and shape mismatches. Non-persistent buffers are left alone.
     """
     current = module.state_dict(keep_vars=True)
@@ -270,9 +275,10 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     for k in sorted(expected):
         t = state[k]
         target = (dtype or current[k].dtype) if t.is_floating_point() else current[k].dtype
-        cast[k] = t.to(device=device or t.device, dtype=target, copy=release is not None)
-        if release is not None:
-            release(t)
+        mapped = file is not None and file.owns(t)
+        cast[k] = t.to(device=device or t.device, dtype=target, copy=mapped)
+        if mapped:
+            file.release(t)
     module.load_state_dict(cast, strict=False, assign=True)
     return module
 

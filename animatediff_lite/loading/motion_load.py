@@ -24,7 +24,6 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from ..errors import CheckpointError
 from ..motion import sinusoidal_table
 from .checkpoint import Checkpoint, read_checkpoint
 from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
-from .io import StateDict, load_strict, save_state_dict
+from .io import StateDict, WeightsFile, load_strict, save_state_dict
 from .motion_map import motion_state_from_diffusers
 from .unet_map import MOTION_TAG, split_motion
 
@@ -295,15 +294,15 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
                          "MotionConfig.for_version(...) to load a motion module")
     checkpoint = read_checkpoint(path, "a motion module")
     native, info = motion_from_checkpoint(checkpoint, version)
-    return assign_motion_state(unet, native, info, device, dtype, checkpoint.release)
+    return assign_motion_state(unet, native, info, device, dtype, checkpoint.file)
 
 
 def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionInfo,
                         device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                        release: Callable[[torch.Tensor], None] | None = None) -> MotionInfo:
+                        file: WeightsFile | None = None) -> MotionInfo:
     """The second half of :func:`load_motion_module`, for a module already read with :func:`read_motion_module`
-    (so a caller that needs ``info`` to build the UNet reads the file once). ``release``: the file's
-    :meth:`~animatediff_lite.loading.checkpoint.Checkpoint.release`."""
+    (so a caller that needs ``info`` to build the UNet reads the file once). ``file``: the
+    :class:`~animatediff_lite.loading.io.WeightsFile` the tensors came from (``Checkpoint.file``)."""
     built = getattr(unet, "motion", None)
     if built is None:
         raise ValueError("unet was built without motion modules (motion=None); build it with "
@@ -329,7 +328,7 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
         dtype = spatial_weight.dtype
     expected = [k for k in unet.state_dict() if MOTION_TAG in k]
     load_strict(unet, native, info.path, f"the UNet's {built.version} motion modules", keys=expected, device=device,
-                dtype=dtype, release=release)
+                dtype=dtype, file=file)
     unet.reset_buffers()
     logger.info("%s", info.summary())
     return info

@@ -120,13 +120,13 @@ def replace_from_checkpoint(checkpoint: Checkpoint, unet: torch.nn.Module, vae: 
     if any(k.startswith("model.diffusion_model.") for k in state):
         spatial = unet_state_from_ldm(state, unet.config, where)
         load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                    dtype=dtype, release=checkpoint.release)
+                    dtype=dtype, file=checkpoint.file)
         replaced.append("unet")
     for name, model, native in (("vae", vae, vae_state_from_ldm(state)),
                                 ("text_encoder", text_encoder, clip_state_from_ldm(state))):
         if native is not None:
             load_strict(model, native, where, f"the base {name}", device=device, dtype=dtype,
-                        release=checkpoint.release)
+                        file=checkpoint.file)
             replaced.append(name)
     if not replaced:
         raise CheckpointError(f"{where}: no UNet, VAE or text-encoder weights found ({DREAMBOOTH_WHAT})")
@@ -148,9 +148,9 @@ def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str |
     with torch.device("meta"):
         unet = UNet3D(config, motion_config)
     load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                dtype=dtype, release=base.part("unet", BASE_WHAT).release)
+                dtype=dtype, file=base.part("unet", BASE_WHAT).file)
     if info is not None:  # strict, with version/width checks
-        assign_motion_state(unet, native, info, device, dtype, motion.release)
+        assign_motion_state(unet, native, info, device, dtype, motion.file)
     unet.reset_buffers()  # position tables follow the weights' device
     return unet.eval()
 

@@ -408,7 +408,7 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     with torch.device("meta"):
         unet = UNet3D(cfg, motion)
     load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                dtype=dtype, release=checkpoint.release)
+                dtype=dtype, file=checkpoint.part("unet", "a Stable Diffusion UNet").file)
     return unet.eval()
 
 

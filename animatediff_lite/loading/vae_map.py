@@ -235,7 +235,7 @@ def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cp
     cfg = config or file_config or vae_config_from_state(native, part.where)
     with torch.device("meta"):
         model = AutoencoderKL(cfg).to(dtype)
-    load_strict(model, native, part.where, f"an AutoencoderKL VAE with {cfg}", device=device, release=part.release)
+    load_strict(model, native, part.where, f"an AutoencoderKL VAE with {cfg}", device=device, file=part.file)
     return model.to(device).eval()
 
 
