@@ -69,6 +69,19 @@ def clip_config_json(config: ModelConfig) -> dict:
             "layer_norm_eps": c.layer_norm_eps, "projection_dim": 768, "torch_dtype": "float32"}
 
 
+def write_adapter_config(out: Path, config: ModelConfig = SD15, motion_version: str = "v2") -> Path:
+    """A diffusers MotionAdapter config.json for the motion module (diffusers' from_single_file needs one offline)."""
+    motion = MotionConfig.for_version(motion_version, config.unet.norm_num_groups)
+    folder = out / "mm_config"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "MotionAdapter", "block_out_channels": list(config.unet.block_out_channels),
+        "motion_layers_per_block": config.unet.layers_per_block, "motion_mid_block_layers_per_block": 1,
+        "motion_num_attention_heads": motion.num_heads, "motion_norm_num_groups": config.unet.norm_num_groups,
+        "motion_max_seq_length": motion.max_position_len, "use_motion_mid_block": motion.mid_block}, indent=1))
+    return folder
+
+
 def build_files(out: str | os.PathLike, config: ModelConfig = SD15, motion_version: str = "v2",
                 seed: int = 0) -> dict[str, Path]:
     """Write random weights of ``config`` in every base format plus an original-layout motion module."""
@@ -79,6 +92,7 @@ def build_files(out: str | os.PathLike, config: ModelConfig = SD15, motion_versi
         unet, vae, text = UNet3D(config.unet, motion_config), AutoencoderKL(config.vae), TextEncoder(config.clip)
     spatial, motion = split_motion(_random(unet, g))
     save_state_dict(motion_state_to_original(motion, True, motion_config.max_position_len), out / MOTION)
+    write_adapter_config(out, config, motion_version)
     del motion
     vae_state, text_state = _random(vae, g), _random(text, g)
     folder = out / "diffusers"
@@ -148,7 +162,7 @@ def _diffusers_load(root: Path, base: str) -> tuple:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = str(root / "diffusers")
-    adapter = MotionAdapter.from_single_file(str(root / MOTION), local_files_only=True)
+    adapter = MotionAdapter.from_single_file(str(root / MOTION), config=str(root / "mm_config"), local_files_only=True)
     if base == "diffusers":
         unet = UNet2DConditionModel.from_pretrained(config, subfolder="unet", local_files_only=True)
         vae = DAutoencoderKL.from_pretrained(config, subfolder="vae", local_files_only=True)
