@@ -346,9 +346,9 @@ def test_native_metadata_is_json(tmp_path):
     native, _ = read_motion_module(_saved(tmp_path / "x.ckpt", tiny_original("v2")))
     out = tmp_path / "n.safetensors"
     save_motion_module(native, out, MotionConfig.for_version("v2", GROUPS))
-    from animatediff_lite.loading.io import read_safetensors_metadata
+    from animatediff_lite.loading.checkpoint import read_checkpoint
 
-    meta = read_safetensors_metadata(out)
+    meta = read_checkpoint(out).metadata
     assert json.loads(meta["motion_config"])["version"] == "v2"
 
 

@@ -10,6 +10,7 @@ Every failure is a :class:`CheckpointError` naming the file and what was expecte
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -71,8 +72,12 @@ class WeightsFile:
 
 def _madvise(address: int, length: int) -> None:
     if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
@@ -110,17 +115,6 @@ def read_state_dict(path: str | os.PathLike, what: str = "weights") -> StateDict
         out[key] = value.clone() if weights.mapped else value  # own memory: the file may change later
         weights.release(value)
     return out
-
-
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` header of a safetensors file ({} when absent); reads the header only."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            header = _header(f, os.fstat(f.fileno()).st_size)[0]
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    return dict(header.get("__metadata__") or {})
 
 
 def _is_safetensors_head(head: bytes) -> bool:

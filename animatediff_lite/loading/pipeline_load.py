@@ -97,12 +97,6 @@ def _read_again_or_reuse(path: str | os.PathLike | None, base: Checkpoint | None
     return read_checkpoint(path, what)
 
 
-def replace_from_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
-                             text_encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Read ``path`` once and overwrite the base weights it holds (see :func:`replace_from_checkpoint`)."""
-    return replace_from_checkpoint(read_checkpoint(path, DREAMBOOTH_WHAT), unet, vae, text_encoder, device, dtype)
-
-
 def replace_from_checkpoint(checkpoint: Checkpoint, unet: torch.nn.Module, vae: torch.nn.Module,
                             text_encoder: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Overwrite the UNet (spatial layers), VAE and text-encoder weights present in an LDM single file.
