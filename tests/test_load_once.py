@@ -172,3 +172,40 @@ def test_loads_from_every_format_agree(files):
         assert sa.keys() == sb.keys()
         bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
         assert not bad, f"{name}: {len(bad)} tensors differ, e.g. {bad[:3]}"
+
+
+PEAK_SCRIPT = r"""
+import sys, torch
+from animatediff_lite.loading.checkpoint import read_checkpoint
+from animatediff_lite.loading.io import load_strict
+
+def vm(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+path, n = sys.argv[1], int(sys.argv[2])
+with torch.device("meta"):
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.empty(1024, 1024)) for _ in range(n)])
+before = vm("VmRSS")
+checkpoint = read_checkpoint(path)
+load_strict(model, checkpoint.state, path, "a test model", file=checkpoint.file)
+del checkpoint
+model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+print((vm("VmHWM") - before) / model_bytes)
+"""
+
+
+def test_peak_memory_stays_near_the_model_size(tmp_path):
+    """fp16 file -> fp32 model: file pages are handed back as tensors are copied (without that: 1.5x)."""
+    import subprocess
+    import sys
+
+    n = 64  # 64 tensors of 1024x1024: a 128 MiB file, a 256 MiB model
+    path = tmp_path / "half.safetensors"
+    save_state_dict({str(i): torch.randn(1024, 1024).half() for i in range(n)}, path)
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path), str(n)], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    ratio = float(out.stdout.strip())
+    assert ratio < 1.2, f"peak RSS above the start was {ratio:.2f}x the model's bytes"
