@@ -34,7 +34,8 @@ class Checkpoint:
     of :data:`~animatediff_lite.loading.detect.LAYOUTS` and reason: why; state: the tensors in the file's
     names (wrappers and ``module.`` removed; empty for a model folder); metadata: the safetensors header
     metadata; config: the config.json beside the weights ({} when none); parts: ``unet`` / ``vae`` /
-    ``text_encoder`` sub-checkpoints of a model folder; tokenizer: the folder with vocab.json + merges.txt.
+    ``text_encoder`` sub-checkpoints of a model folder; tokenizer: the folder with vocab.json + merges.txt;
+    file: the :class:`~animatediff_lite.loading.io.WeightsFile` behind ``state`` (pass it to ``load_strict``).
     """
 
     path: Path
