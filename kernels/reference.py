@@ -33,18 +33,24 @@ def temporal_attention_core_reference(qkv: torch.Tensor, pe_qkv: torch.Tensor | 
 def temporal_attention_reference(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                                  q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                                  out_weight: torch.Tensor, out_bias: torch.Tensor | None, heads: int,
-                                 pe: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+                                 pe: torch.Tensor | None = None, eps: float = 1e-5,
+                                 qkv_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One AnimateDiff temporal self-attention block with its residual, x (N, F, C) -> (N, F, C).
 
     x + to_out(attention(q, k, v)) with q/k/v = (LayerNorm(x) + pe[:F]) @ W^T (no bias): the PE feeds q, k
-    and v but not the residual. pe: (L, C) or (1, L, C), L >= F.
+    and v but not the residual. pe: (L, C) or (1, L, C), L >= F. ``qkv_weight``: cat([q, k, v]) (3C, C), if
+    given one matmul replaces the three (same products; the separate weights are then unused).
     """
     n, f, c = x.shape
     h = F.layer_norm(x, (c,), norm_weight, norm_bias, eps)
     if pe is not None:
         h = h + pe.reshape(-1, c)[:f].to(h.dtype)
     d = c // heads
-    q, k, v = (F.linear(h, w).reshape(n, f, heads, d).transpose(1, 2) for w in (q_weight, k_weight, v_weight))
+    if qkv_weight is not None:
+        projected = F.linear(h, qkv_weight.to(h.dtype)).split(c, dim=-1)  # one (N*F, C) x (C, 3C) matmul
+    else:
+        projected = tuple(F.linear(h, w) for w in (q_weight, k_weight, v_weight))
+    q, k, v = (t.reshape(n, f, heads, d).transpose(1, 2) for t in projected)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, f, c)
     return x + F.linear(out, out_weight, out_bias)
 

@@ -32,7 +32,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   dreambooth: str | os.PathLike | None = None, loras: Sequence[LoraSpec] = (),
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  scheduler: DDIMConfig | None = None) -> Pipeline:
+                  scheduler: DDIMConfig | None = None, backend: str | None = None,
+                  compile: bool | str = False) -> Pipeline:
     """Build a text-to-video pipeline from weight files.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -44,6 +45,9 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     scale)`` pairs merged into the weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see
     :mod:`animatediff_lite.lora`. scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`).
     With no weights at all it returns the embedded default model (:mod:`animatediff_lite.default_model`).
+    backend: kernel choice, resolved once ("auto" | "triton" | "torch"; None: ANIMATEDIFF_LITE_BACKEND, else
+    "auto"), see :meth:`Pipeline.set_backend`. compile: True (or a torch.compile mode such as "reduce-overhead")
+    compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`.
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -55,7 +59,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
         from ..default_model import load_default_pipeline
 
-        return load_default_pipeline(device, dtype)
+        return _finish(load_default_pipeline(device, dtype), backend, compile)
     layout = detect_layout(base)
     if layout not in BASE_LAYOUTS:
         raise CheckpointError(f"{base}: holds {LAYOUTS[layout]}; base must be a diffusers Stable Diffusion folder "
@@ -73,7 +77,13 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
         from ..lora import apply_loras
 
         apply_loras(pipe, loras, motion_loras)
-    return pipe
+    return _finish(pipe, backend, compile)
+
+
+def _finish(pipe: Pipeline, backend: str | None, compile: bool | str) -> Pipeline:
+    """The kernel backend (once, for the pipeline's device) and the optional compile, after every weight change."""
+    pipe.set_backend(backend)
+    return pipe.compile("default" if compile is True else compile) if compile else pipe
 
 
 def replace_from_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
