@@ -109,18 +109,19 @@ class Pipeline:
         self.set_backend(request.name if isinstance(request, Backend) else request)
         return self
 
-    def compile(self, mode: str = "default") -> Pipeline:
+    def compile(self, mode: str = "default", compiler: str = "inductor") -> Pipeline:
         """Compile the UNet3D in place with ``torch.compile(fullgraph=True)``: one graph, no break (tested).
 
         ``mode``: a torch.compile mode; "reduce-overhead" also captures the fixed-shape denoising step in CUDA
         graphs on CUDA (unmeasured so far: see benchmarks/results/README.md). The module keeps its state-dict
         keys (``nn.Module.compile``, no ``_orig_mod.`` prefix). The first generation pays the compile time; a
-        new shape (frames, size, batch) compiles again. Returns self.
+        new shape (frames, size, batch) compiles again. ``compiler``: the torch.compile backend ("inductor"; tests
+        use "aot_eager", which needs no C++ toolchain). Returns self.
         """
         if mode not in COMPILE_MODES:
             raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
         refresh_fused_projections(self.unet)  # the compiled graph reads these caches as they stand
-        self.unet.compile(fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+        self.unet.compile(fullgraph=True, dynamic=False, backend=compiler, mode=None if mode == "default" else mode)
         self.compile_mode = mode
         return self
 

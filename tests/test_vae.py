@@ -311,7 +311,7 @@ def test_mid_block_attention_goes_through_entry_point(monkeypatch):
 
     calls = []
 
-    def spy(q, k, v, causal=False):
+    def spy(q, k, v, causal=False, backend=None):
         calls.append(tuple(q.shape))
         return vae_module.F.scaled_dot_product_attention(q, k, v)
 
