@@ -9,10 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# PyTorch's CUDA SDPA kernels (memory-efficient: the batch on grid axis z; cuDNN: a 16-bit batch) fail for a batch of
+# 65,536 or more (pytorch/pytorch#142228, #181085). Temporal attention's batch is batch * pixels (65,536 at 1024x1024
+# with CFG and two videos), so every PyTorch path goes through sdpa() below, which splits the batch.
+SDPA_MAX_BATCH = 65535
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention on (B, H, L, D), in batch chunks of at most SDPA_MAX_BATCH (same result)."""
+    b = q.shape[0]
+    if b <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    m = SDPA_MAX_BATCH
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + m], k[i:i + m], v[i:i + m], is_causal=causal)
+                      for i in range(0, b, m)])
+
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return sdpa(q, k, v, causal)
 
 
 def temporal_attention_core_reference(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, heads: int) -> torch.Tensor:
@@ -26,7 +41,7 @@ def temporal_attention_core_reference(qkv: torch.Tensor, pe_qkv: torch.Tensor | 
     if pe_qkv is not None:
         qkv = qkv + pe_qkv.to(qkv.dtype)
     q, k, v = (t.reshape(n, f, heads, c // heads).transpose(1, 2) for t in qkv.split(c, dim=-1))
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, F, d)
+    out = sdpa(q, k, v)  # (N, heads, F, d)
     return out.transpose(1, 2).reshape(n, f, c)
 
 
@@ -51,7 +66,7 @@ def temporal_attention_reference(x: torch.Tensor, norm_weight: torch.Tensor | No
     else:
         projected = tuple(F.linear(h, w) for w in (q_weight, k_weight, v_weight))
     q, k, v = (t.reshape(n, f, heads, d).transpose(1, 2) for t in projected)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, f, c)
+    out = sdpa(q, k, v).transpose(1, 2).reshape(n, f, c)
     return x + F.linear(out, out_weight, out_bias)
 
 
