@@ -1,6 +1,6 @@
 """Write kernels/verified.toml from a GPU run: the junit XML of the GPU suite, and optionally kernel benchmark JSON.
 
-    python benchmarks/write_verified.py gpu-tests.xml [--norm-json benchmarks/results/norm-fp16-<device>.json]
+    python benchmarks/write_verified.py junit-kernels.xml junit-gpu.xml [--norm-json results/norm-fp16-<device>.json]
 
 Rows for this device (compute capability, Triton major.minor; from the live GPU unless given) replace older rows for
 the same device; rows of other devices are kept. A run with any failed or errored test writes nothing and exits 1:
@@ -32,7 +32,7 @@ def _device_facts() -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("junit", type=Path, help="pytest --junitxml file of the GPU test run")
+    p.add_argument("junit", type=Path, nargs="+", help="pytest --junitxml files of the GPU run (all green)")
     p.add_argument("--table", type=Path, default=vt.TABLE_PATH)
     p.add_argument("--capability", help="compute capability, e.g. 9.0 (default: the GPU's)")
     p.add_argument("--triton", help="Triton version (default: the installed one)")
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     cap, tri = (args.capability, args.triton) if args.capability and args.triton else _device_facts()
     date = datetime.date.today().isoformat()
     try:
-        rows = vt.entries_from_junit(args.junit.read_text(), cap, tri, date, args.junit.name)
+        source = " + ".join(p.name for p in args.junit)
+        rows = vt.entries_from_junit([p.read_text() for p in args.junit], cap, tri, date, source)
         thresholds = []
         if args.norm_json:
             results = json.loads(args.norm_json.read_text())

@@ -195,9 +195,15 @@ def min_pixels(table: Table, kernel: str, variant: str, capability: tuple[int, i
 # ---------------------------------------------------------------------------------------------- writers
 
 
-def _cases(junit_xml: str) -> list[tuple[str, str, str]]:
-    """(file stem, test name, outcome) per testcase; outcome passed | failed | error | skipped."""
-    root = ET.fromstring(junit_xml)
+def _cases(junit_xml: str | Iterable[str]) -> list[tuple[str, str, str]]:
+    """(file stem, test name, outcome) per testcase of one or several junit files; outcome passed | failed | error |
+    skipped."""
+    if not isinstance(junit_xml, str):
+        return [case for text in junit_xml for case in _cases(text)]
+    try:
+        root = ET.fromstring(junit_xml)
+    except ET.ParseError as e:
+        raise ValueError(f"not junit XML ({e}); a run cut short writes none") from e
     cases = []
     for case in root.iter("testcase"):
         classname = case.get("classname", "")  # "tests.test_kernel_norm" (pytest's junit family)
@@ -211,9 +217,9 @@ def _cases(junit_xml: str) -> list[tuple[str, str, str]]:
     return cases
 
 
-def entries_from_junit(junit_xml: str, capability: tuple[int, int] | str, triton_version: str, date: str,
-                       source: str, dtypes: Iterable[str] = ("float16", "bfloat16", "float32")) -> list[Verified]:
-    """Rows for every kernel whose GPU tests all passed in a green run.
+def entries_from_junit(junit_xml: str | Iterable[str], capability: tuple[int, int] | str, triton_version: str,
+                       date: str, source: str, dtypes: Iterable[str] = DTYPE_NAMES) -> list[Verified]:
+    """Rows for every kernel whose GPU tests passed in a green run (``junit_xml``: the text of one or several files).
 
     Refuses (ValueError listing them) a run with any failed or errored test, or with no test at all: the table
     claims a kernel is right on a device, which only a whole green suite shows. A kernel whose tests were all

@@ -116,6 +116,16 @@ def test_writer_refuses_a_run_that_is_not_green(outcome) -> None:
         vt.entries_from_junit(_junit(cases), (9, 0), "3.6.0", "d", "gpu.xml")
     with pytest.raises(ValueError, match="no test cases"):
         vt.entries_from_junit(_junit([]), (9, 0), "3.6.0", "d", "gpu.xml")
+    with pytest.raises(ValueError, match="not junit XML"):  # a step killed by its time limit leaves a partial file
+        vt.entries_from_junit(_junit(GREEN)[:-40], (9, 0), "3.6.0", "d", "gpu.xml")
+
+
+def test_writer_reads_several_junit_files_and_all_must_be_green() -> None:
+    kernels, gpu = _junit(GREEN[:3]), _junit([("test_vae", "test_cuda_half", "failed")])
+    assert {r.kernel for r in vt.entries_from_junit([kernels], (9, 0), "3.6", "d", "k.xml")} == {"group_norm",
+                                                                                                "geglu"}
+    with pytest.raises(ValueError, match="test_vae::test_cuda_half failed"):
+        vt.entries_from_junit([kernels, gpu], (9, 0), "3.6", "d", "k.xml + g.xml")
 
 
 def test_write_verified_script_merges_rows_and_refuses_red_runs(tmp_path) -> None:
