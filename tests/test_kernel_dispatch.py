@@ -238,3 +238,42 @@ def test_env_var_sets_the_default_at_load(monkeypatch) -> None:
     monkeypatch.setenv(kb.ENV_VAR, "torch")
     pipe = load_pipeline()
     assert pipe.backend.name == "torch" and _backends(pipe) == {pipe.backend}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv, backend, compile_", [
+    ([], None, False),
+    (["--backend", "torch"], "torch", False),
+    (["--compile"], None, "default"),
+    (["--backend", "triton", "--compile", "reduce-overhead"], "triton", "reduce-overhead"),
+])
+def test_cli_generate_passes_backend_and_compile(monkeypatch, tmp_path, argv, backend, compile_) -> None:
+    from animatediff_lite import cli
+    from animatediff_lite.loading import pipeline_load
+
+    seen = {}
+
+    def spy(**kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline_load, "load_pipeline", spy)
+    with pytest.raises(_Stop):
+        cli.main(["generate", "a red circle", "-o", str(tmp_path / "x.gif"), "--device", "cpu", *argv])
+    assert (seen["backend"], seen["compile"]) == (backend, compile_)
+
+
+def test_load_pipeline_compiles_after_choosing_the_backend(monkeypatch) -> None:
+    from animatediff_lite.loading.pipeline_load import load_pipeline
+    from animatediff_lite.pipeline import Pipeline
+
+    calls = []
+    monkeypatch.setattr(Pipeline, "compile", lambda self, mode="default": calls.append((mode, self.backend.name))
+                        or self)
+    load_pipeline(backend="torch", compile=True)
+    load_pipeline(backend="auto", compile="reduce-overhead")
+    assert load_pipeline().compile_mode is None
+    assert calls == [("default", "torch"), ("reduce-overhead", "auto")]
