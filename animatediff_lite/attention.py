@@ -35,7 +35,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         why_not = "causal needs Lq == Lk"
     elif q.dtype != k.dtype or q.dtype != v.dtype:
         why_not = "q, k, v dtypes differ"
-    if use_triton(backend, q, k, v, kernel="attention", why_not=why_not):
+    shape = f"{q.shape[-2]}x{k.shape[-2]}x{q.shape[-1]}" if why_not is None else None  # Lq x Lk x D
+    if use_triton(backend, q, k, v, kernel="attention", shape=shape, why_not=why_not):
         from .kernels.attention import flash_attention_op
 
         return flash_attention_op(q, k, v, causal)

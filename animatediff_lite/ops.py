@@ -109,7 +109,7 @@ def temporal_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_b
     tensors = [t for t in (x, norm_weight, norm_bias, q_weight, k_weight, v_weight, out_weight, out_bias)
                if t is not None]
     fused_ok = qkv_weight is not None and not needs_grad(*tensors)
-    if not use_triton(backend, *tensors, kernel="temporal_attention", why_not=why_not):
+    if not use_triton(backend, *tensors, kernel="temporal_attention", shape=f"{f}x{c}", why_not=why_not):
         return temporal_attention_reference(x, norm_weight, norm_bias, q_weight, k_weight, v_weight, out_weight,
                                             out_bias, heads, pe, eps, qkv_weight=qkv_weight if fused_ok else None)
     from .kernels.temporal_attention import temporal_attention_core_op

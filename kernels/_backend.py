@@ -79,7 +79,8 @@ class Backend:
     ``name``: "auto" | "triton" | "torch". ``strict``: "triton" was asked for explicitly (raise where a kernel
     cannot run) rather than through the environment. ``device``: the device "auto" was resolved for (tensors
     elsewhere take PyTorch). ``enabled``: (kernel, dtype name) pairs "auto" may run (verified on ``device``).
-    ``min_pixels``: (kernel, variant, dtype name) -> H*W below which "auto" takes PyTorch.
+    ``min_pixels``: (kernel, variant, dtype name) -> H*W below which "auto" takes PyTorch. ``slower``: (kernel,
+    dtype name, shape key) where the kernel lost to PyTorch on this device.
     """
 
     name: str = "auto"
@@ -87,11 +88,15 @@ class Backend:
     device: torch.device | None = None
     enabled: frozenset[tuple[str, str]] = frozenset()
     min_pixels: dict[tuple[str, str, str], int] = field(default_factory=dict, compare=False, hash=False)
+    slower: frozenset[tuple[str, str, str]] = frozenset()
 
-    def allows(self, kernel: str, dtype: torch.dtype, variant: str = "", pixels: int | None = None) -> bool:
-        """For "auto": the table lets ``kernel`` run on this dtype at this size."""
+    def allows(self, kernel: str, dtype: torch.dtype, variant: str = "", pixels: int | None = None,
+               shape: str | None = None) -> bool:
+        """For "auto": the table lets ``kernel`` run on this dtype at this size / shape key."""
         name = DTYPE_NAMES.get(dtype)
         if name is None or (kernel, name) not in self.enabled:
+            return False
+        if shape is not None and (kernel, name, shape) in self.slower:
             return False
         return pixels is None or pixels >= self.min_pixels.get((kernel, variant, name), 0)
 
@@ -133,9 +138,10 @@ def resolve_backend(name: str | Backend | None = None, device: str | torch.devic
     capability = capability or torch.cuda.get_device_capability(device)
     table = vt.load_table() if table is None else table
     enabled = frozenset((k, d) for k in vt.KERNELS for d in vt.verified_dtypes(table, k, capability, triton))
-    min_px = {(t.kernel, t.variant, t.dtype): t.min_pixels for t in table.thresholds
-              if t.capability == vt.capability_str(capability)}
-    return Backend("auto", device=device, enabled=enabled, min_pixels=min_px)
+    cap = vt.capability_str(capability)
+    min_px = {(t.kernel, t.variant, t.dtype): t.min_pixels for t in table.thresholds if t.capability == cap}
+    slower = frozenset((w.kernel, w.dtype, w.shape) for w in table.slower if w.capability == cap)
+    return Backend("auto", device=device, enabled=enabled, min_pixels=min_px, slower=slower)
 
 
 @functools.lru_cache(maxsize=16)
@@ -144,12 +150,13 @@ def _auto_for(device: torch.device) -> Backend:
 
 
 def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: str = "", variant: str = "",
-               pixels: int | None = None, grad_ok: bool = False, why_not: str | None = None) -> bool:
+               pixels: int | None = None, shape: str | None = None, grad_ok: bool = False,
+               why_not: str | None = None) -> bool:
     """Decide whether ``kernel`` should run on ``tensors``.
 
     ``backend``: a resolved :class:`Backend` (pipelines), a name, or None (the environment variable).
-    ``kernel``/``variant``/``pixels``: what "auto" looks up in the verified table (kernel name from
-    ``verified.KERNELS``; variant and spatial size for the per-shape thresholds).
+    ``kernel``/``variant``/``pixels``/``shape``: what "auto" looks up in the verified table (kernel name from
+    ``verified.KERNELS``; variant and spatial size for the thresholds; a shape key for the ``[[slower]]`` rows).
     ``grad_ok``: the kernel has a backward, so inputs that require grad are fine.
     ``why_not``: a caller-side reason the kernel cannot take these inputs (unsupported shape, ...); None if it can.
     Returns False for the PyTorch path; raises ValueError for an unknown backend name and RuntimeError when
@@ -181,7 +188,7 @@ def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: st
             resolved = _auto_for(tensors[0].device)
         elif resolved.device != tensors[0].device:
             return False  # verified for another device
-        return resolved.allows(kernel, tensors[0].dtype, variant, pixels)
+        return resolved.allows(kernel, tensors[0].dtype, variant, pixels, shape)
     if reason is None and not on_cuda and not interpreter_enabled():
         reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)"
     if reason is None:

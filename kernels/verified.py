@@ -1,14 +1,16 @@
 """The verified-kernel table (kernels/verified.toml): where each Triton kernel passed the GPU suite.
 
 ``backend="auto"`` runs a kernel only on a (kernel, compute capability, Triton major.minor, dtype) listed here,
-and only at shapes at or above the measured thresholds (``[[threshold]]``: below them PyTorch was faster on that
-device). The table is data written by tools, never by hand:
+only at shapes at or above the measured thresholds (``[[threshold]]``: below them PyTorch was faster on that
+device) and not at the shapes where the kernel lost to PyTorch's best (``[[slower]]``). The table is data written
+by tools, never by hand:
 
 - ``[[verified]]`` rows come from :func:`entries_from_junit`: the pytest junit XML of a GPU run
   (``benchmarks/write_verified.py``, called by ``benchmarks/gpu_check.sh``). A run with any failure or error
   writes nothing: a kernel is verified only by a green run of the whole suite.
-- ``[[threshold]]`` rows come from :func:`thresholds_from_norm_results`: a kernel benchmark JSON
-  (``examples/bench_norm.py``) of the same device.
+- ``[[threshold]]`` rows come from :func:`thresholds_from_norm_results` (``examples/bench_norm.py`` JSON) and
+  ``[[slower]]`` rows from :func:`slower_from_attention_results` / :func:`slower_from_temporal_results`
+  (``examples/bench_attention.py`` / ``bench_temporal.py`` JSON) of the same device.
 
 Pure data functions (no torch, no triton) so the CPU tests cover them and the writer runs anywhere.
 """
@@ -68,9 +70,22 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class Slower:
+    """At ``shape`` ("Lq x Lk x D" for attention, "F x C" for temporal attention) ``kernel`` was slower than the
+    best PyTorch path on that device: "auto" takes PyTorch there."""
+
+    kernel: str
+    capability: str
+    dtype: str
+    shape: str
+    source: str
+
+
+@dataclass(frozen=True)
 class Table:
     verified: tuple[Verified, ...] = ()
     thresholds: tuple[Threshold, ...] = ()
+    slower: tuple[Slower, ...] = ()
 
 
 def major_minor(version: str) -> str:
@@ -115,7 +130,17 @@ def parse_table(text: str, source: str = "verified.toml") -> Table:
                              "capability, dtype, min_pixels, source") from e
         _check_names(source, f"[[threshold]] row {i}", t.kernel, (t.dtype,))
         thresholds.append(t)
-    return Table(tuple(verified), tuple(thresholds))
+    slower = []
+    for i, row in enumerate(data.get("slower", [])):
+        try:
+            w = Slower(row["kernel"], capability_str(row["capability"]), row["dtype"], str(row["shape"]),
+                       row["source"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{source}: [[slower]] row {i} lacks or mistypes {e}; expected kernel, capability, "
+                             "dtype, shape, source") from e
+        _check_names(source, f"[[slower]] row {i}", w.kernel, (w.dtype,))
+        slower.append(w)
+    return Table(tuple(verified), tuple(thresholds), tuple(slower))
 
 
 def _check_names(source: str, where: str, kernel: str, dtypes: Iterable[str]) -> None:
@@ -148,6 +173,9 @@ def render_table(table: Table, header: str = "") -> str:
         out += ["", "[[threshold]]", f'kernel = "{t.kernel}"', f'variant = "{t.variant}"',
                 f'capability = "{t.capability}"', f'dtype = "{t.dtype}"', f"min_pixels = {t.min_pixels}",
                 f'source = "{t.source}"']
+    for w in sorted(table.slower, key=lambda w: (w.kernel, w.capability, w.dtype, w.shape)):
+        out += ["", "[[slower]]", f'kernel = "{w.kernel}"', f'capability = "{w.capability}"', f'dtype = "{w.dtype}"',
+                f'shape = "{w.shape}"', f'source = "{w.source}"']
     return "\n".join(out) + "\n"
 
 
@@ -167,12 +195,15 @@ def write_table(table: Table, path: str | os.PathLike = TABLE_PATH, header: str 
 
 
 def merge(old: Table, new: Table) -> Table:
-    """``new`` rows replace ``old`` rows for the same (kernel, capability, triton) / threshold key."""
+    """``new`` rows replace ``old`` rows for the same (kernel, capability, triton) / threshold key; new
+    measurements of a (kernel, capability, dtype) replace all its old ``[[slower]]`` shapes."""
     vkey = lambda v: (v.kernel, v.capability, v.triton)  # noqa: E731
     tkey = lambda t: (t.kernel, t.variant, t.capability, t.dtype)  # noqa: E731
-    nv, nt = {vkey(v) for v in new.verified}, {tkey(t) for t in new.thresholds}
+    skey = lambda w: (w.kernel, w.capability, w.dtype)  # noqa: E731
+    nv, nt, ns = {vkey(v) for v in new.verified}, {tkey(t) for t in new.thresholds}, {skey(w) for w in new.slower}
     return Table(tuple(v for v in old.verified if vkey(v) not in nv) + new.verified,
-                 tuple(t for t in old.thresholds if tkey(t) not in nt) + new.thresholds)
+                 tuple(t for t in old.thresholds if tkey(t) not in nt) + new.thresholds,
+                 tuple(w for w in old.slower if skey(w) not in ns) + new.slower)
 
 
 # ---------------------------------------------------------------------------------------------- lookups
@@ -251,9 +282,7 @@ def thresholds_from_norm_results(results: Mapping, source: str) -> list[Threshol
     kernel beat PyTorch at that size and at every larger one measured; a mode where PyTorch won at the largest
     size gets a threshold above every measured size (the kernel is never chosen there).
     """
-    cap = capability_str(tuple(results["capability"]))
-    dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(
-        results["benchmark"].split("-")[-1], "float16")
+    cap, dtype = _bench_context(results)
     times: dict[tuple[str, int], dict[str, float]] = {}
     for row in results["results"]:
         if row.get("op") != "group_norm+silu" or "ms" not in row:
@@ -275,3 +304,43 @@ def thresholds_from_norm_results(results: Mapping, source: str) -> list[Threshol
         value = sizes[-1] + 1 if threshold == math.inf else int(threshold)
         out.append(Threshold("group_norm", variant, cap, dtype, value, source))
     return out
+
+
+def _bench_context(results: Mapping) -> tuple[str, str]:
+    cap = capability_str(tuple(results["capability"]))
+    dtype = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}.get(results["benchmark"].split("-")[-1],
+                                                                             "float16")
+    return cap, dtype
+
+
+def _slower(rows: Iterable[Mapping], key, ours: str, theirs, kernel: str, cap: str, dtype: str,
+            source: str) -> list[Slower]:
+    """Shapes where variant ``ours`` was slower than the fastest variant accepted by ``theirs`` (or failed)."""
+    by_shape: dict[str, dict[str, float]] = {}
+    for row in rows:
+        times = by_shape.setdefault(key(row), {})
+        if "ms" in row:
+            times[row["variant"]] = row["ms"]
+    out = []
+    for shape, times in sorted(by_shape.items()):
+        best = min((ms for v, ms in times.items() if theirs(v)), default=None)
+        if best is not None and (ours not in times or times[ours] > best):
+            out.append(Slower(kernel, cap, dtype, shape, source))
+    return out
+
+
+def slower_from_attention_results(results: Mapping, source: str) -> list[Slower]:
+    """Shapes (Lq x Lk x D) where the attention kernel as dispatched ("triton split-D") lost to the best SDPA
+    backend in an ``examples/bench_attention.py`` JSON."""
+    cap, dtype = _bench_context(results)
+    return _slower(results["results"], lambda r: f"{r['Lq']}x{r['Lk']}x{r['D']}", "triton split-D",
+                   lambda v: v.startswith("sdpa"), "attention", cap, dtype, source)
+
+
+def slower_from_temporal_results(results: Mapping, source: str) -> list[Slower]:
+    """Shapes (F x C) where the fused temporal attention block lost to the PyTorch block in an
+    ``examples/bench_temporal.py`` JSON."""
+    cap, dtype = _bench_context(results)
+    blocks = [r for r in results["results"] if r.get("part") == "block"]
+    return _slower(blocks, lambda r: f"{r['F']}x{r['C']}", "fused block (triton)", lambda v: v == "torch block",
+                   "temporal_attention", cap, dtype, source)

@@ -136,14 +136,19 @@ def test_write_verified_script_merges_rows_and_refuses_red_runs(tmp_path) -> Non
     vt.write_table(_table(kernels=("attention",), cap="8.0"), table)
     xml = tmp_path / "gpu.xml"
     xml.write_text(_junit(GREEN))
+    attention = tmp_path / "attention-fp16-x.json"
+    attention.write_text(json.dumps(_attention_results()))
     cmd = [sys.executable, str(ROOT / "benchmarks/write_verified.py"), str(xml), "--table", str(table),
-           "--capability", "9.0", "--triton", "3.6.1", "--norm-json", str(NORM_H200)]
+           "--capability", "9.0", "--triton", "3.6.1", "--norm-json", str(NORM_H200), "--attention-json",
+           str(attention), "--temporal-json", str(tmp_path / "not-run.json")]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     got = vt.load_table(table)
     assert {(v.kernel, v.capability) for v in got.verified} == {("attention", "8.0"), ("group_norm", "9.0"),
                                                                ("geglu", "9.0")}
     assert {t.min_pixels for t in got.thresholds} == {1024, 256}
+    assert {w.shape for w in got.slower} == {"4096x77x40", "64x77x160"}
+    assert "not-run.json not found (benchmark not run), skipped" in done.stdout
     xml.write_text(_junit(GREEN + [("test_kernel_norm", "test_gpu_x", "failed")]))
     before = table.read_text()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -277,3 +282,53 @@ def test_load_pipeline_compiles_after_choosing_the_backend(monkeypatch) -> None:
     load_pipeline(backend="auto", compile="reduce-overhead")
     assert load_pipeline().compile_mode is None
     assert calls == [("default", "torch"), ("reduce-overhead", "auto")]
+
+
+def _attention_results() -> dict:
+    rows = []
+    for (lq, lk, d), times in {(4096, 4096, 40): {"triton split-D": 1.0, "sdpa flash": 1.2, "sdpa cudnn": None},
+                               (4096, 77, 40): {"triton split-D": 0.5, "sdpa flash": 0.4},
+                               (64, 77, 160): {"triton split-D": None, "sdpa math": 0.1}}.items():
+        for variant, ms in times.items():
+            row = {"Lq": lq, "Lk": lk, "D": d, "variant": variant}
+            rows.append({**row, "ms": ms} if ms is not None else {**row, "error": "No available kernel"})
+    return {"benchmark": "attention-fp16", "capability": [9, 0], "results": rows}
+
+
+def test_shapes_where_pytorch_wins_are_derived_and_take_pytorch() -> None:
+    slower = vt.slower_from_attention_results(_attention_results(), "attention.json")
+    assert sorted(w.shape for w in slower) == ["4096x77x40", "64x77x160"]  # lost to flash; failed where math ran
+    temporal = {"benchmark": "temporal-bf16", "capability": [9, 0], "results": [
+        {"part": "block", "F": 16, "C": 320, "variant": "fused block (triton)", "ms": 2.0},
+        {"part": "block", "F": 16, "C": 320, "variant": "torch block", "ms": 3.0},
+        {"part": "block", "F": 16, "C": 1280, "variant": "fused block (triton)", "ms": 2.0},
+        {"part": "block", "F": 16, "C": 1280, "variant": "torch block", "ms": 1.0},
+        {"part": "core", "F": 16, "C": 1280, "variant": "triton core", "ms": 9.0}]}
+    t_slower = vt.slower_from_temporal_results(temporal, "temporal.json")
+    assert [(w.kernel, w.dtype, w.shape) for w in t_slower] == [("temporal_attention", "bfloat16", "16x1280")]
+    table = vt.Table(_table(kernels=("attention", "temporal_attention"), dtypes=("float16", "bfloat16")).verified,
+                     (), tuple(slower + t_slower))
+    auto = _auto(table)
+    assert kb.use_triton(auto, FakeTensor(), kernel="attention", shape="4096x4096x40")
+    assert not kb.use_triton(auto, FakeTensor(), kernel="attention", shape="4096x77x40")
+    assert kb.use_triton(auto, FakeTensor(torch.bfloat16), kernel="temporal_attention", shape="16x320")
+    assert not kb.use_triton(auto, FakeTensor(torch.bfloat16), kernel="temporal_attention", shape="16x1280")
+    assert kb.use_triton(auto, FakeTensor(), kernel="temporal_attention", shape="16x1280")  # fp16 not measured slower
+    path = vt.TABLE_PATH.with_name("unused")
+    assert vt.parse_table(vt.render_table(table), str(path)).slower == tuple(sorted(
+        table.slower, key=lambda w: (w.kernel, w.capability, w.dtype, w.shape)))
+
+
+def test_entry_points_report_their_shape_keys(monkeypatch) -> None:
+    from animatediff_lite import attention as attention_module
+
+    seen = []
+    spy = lambda backend, *t, **kw: seen.append((kw["kernel"], kw.get("shape"))) or False  # noqa: E731
+    monkeypatch.setattr(attention_module, "use_triton", spy)
+    monkeypatch.setattr(ops, "use_triton", spy)
+    q, kv = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    attention_module.attention(q, kv, kv)
+    c = 16
+    w = torch.randn(c, c)
+    ops.temporal_attention(torch.randn(3, 4, c), None, None, w, w, w, w, None, heads=2)
+    assert seen == [("attention", "5x7x8"), ("temporal_attention", "4x16")]
