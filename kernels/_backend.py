@@ -128,6 +128,12 @@ def resolve_backend(name: str | Backend | None = None, device: str | torch.devic
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and capability is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
+    if value == "triton" and strict:  # asked for by name: say now, not at the first op, if it cannot run
+        if not triton_available():
+            raise ValueError("backend='triton': triton is not installed (pip install triton, or backend='auto')")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(f"backend='triton' on {device}: the kernels need a CUDA device (or TRITON_INTERPRET=1 "
+                             "set before import, for tests); use backend='auto' or 'torch'")
     if value != "auto":
         return Backend(value, strict=strict and value == "triton", device=device)
     if device.type != "cuda":

@@ -185,6 +185,17 @@ def test_triton_still_forces_and_torch_never_runs_kernels() -> None:
         kb.resolve_backend("cuda")
 
 
+def test_forcing_triton_where_it_cannot_run_fails_at_load(monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' on cpu: the kernels need a CUDA device"):
+        kb.resolve_backend("triton", "cpu")
+    monkeypatch.setattr(kb, "_TRITON_AVAILABLE", False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        kb.resolve_backend("triton", torch.device("cuda", 0))
+    monkeypatch.setenv(kb.ENV_VAR, "triton")  # through the environment: not strict, PyTorch where it cannot run
+    assert kb.resolve_backend(None, "cpu").name == "triton" and not kb.resolve_backend(None, "cpu").strict
+
+
 def test_thresholds_send_small_shapes_to_pytorch() -> None:
     """Per-frame GroupNorm below 32x32 and joint below 16x16 take PyTorch on a device with those thresholds."""
     table = vt.load_table()  # the H200 thresholds, with the kernel verified here by a fake row
