@@ -13,7 +13,8 @@ table is a non-persistent buffer at ``...attention_blocks.{n}.pos_encoder.pe`` (
 Fused projections: each temporal attention keeps cat([to_q, to_k, to_v]) (3C, C) and the PE projected through it
 ((L, 3C), fp32) as non-persistent buffers made once (not in ``state_dict``: keys and files are unchanged) and
 remade only when a projection weight changes (an in-place LoRA merge moves its version counter; a load, ``.to``
-or reassignment changes its storage). See :meth:`TemporalAttention.fused_projections`.
+or reassignment changes its storage). See :meth:`TemporalAttention.fused_projections`. Cost: the q/k/v weights
+are held twice (236 MiB in fp16 for SD1.5's v2 motion modules); ``set_fused_projections(model, False)`` frees it.
 """
 
 from __future__ import annotations
