@@ -94,12 +94,11 @@ for p in $parts; do
         ;;
     tests)  # -v names each result as it lands (a run cut by its limit still says which failed); junit for the table
         rm -f "$junit_k" "$junit_g"
-        step 130 python3 -m pytest -v -p no:cacheprovider $(par 12) $(tmo 100) -rfE --junitxml "$junit_k" \
-            tests/test_kernel_attention.py tests/test_kernel_norm.py tests/test_kernel_temporal.py \
-            tests/test_kernel_dispatch.py tests/test_kernel_levers.py tests/test_motion.py
+        kfiles="tests/test_kernel_attention.py tests/test_kernel_norm.py tests/test_kernel_temporal.py
+                tests/test_kernel_dispatch.py tests/test_kernel_levers.py tests/test_motion.py"
+        step 130 python3 -m pytest -v -p no:cacheprovider $(par 12) $(tmo 100) -rfE --junitxml "$junit_k" $kfiles
         step 110 python3 -m pytest -v -p no:cacheprovider $(par 12) $(tmo 100) -rfE --junitxml "$junit_g" -m gpu tests \
-            --ignore tests/test_kernel_attention.py --ignore tests/test_kernel_norm.py \
-            --ignore tests/test_kernel_temporal.py --ignore tests/test_motion.py
+            $(for f in $kfiles; do echo --ignore "$f"; done)
         ;;
     norm)
         step 60 python3 examples/bench_norm.py --dtype fp16
