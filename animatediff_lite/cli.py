@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--models-dir", default="models", help="with --preset: folder holding StableDiffusion/, "
                    "Motion_Module/, DreamBooth_LoRA/, MotionLoRA/ (default ./models)")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    g.add_argument("--backend", choices=("auto", "triton", "torch"), default=None,
+                   help="kernels: auto = verified Triton kernels only (kernels/verified.toml), else PyTorch "
+                        "(default: $ANIMATEDIFF_LITE_BACKEND, else auto)")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the UNet (fullgraph); MODE e.g. reduce-overhead for CUDA graphs")
     g.add_argument("--per-prompt", action="store_true",
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
@@ -150,7 +155,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
                     progress=not args.no_progress)
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
-                   motion_module_version=args.motion_module_version, device=device, dtype=dtype)
+                   motion_module_version=args.motion_module_version, device=device, dtype=dtype,
+                   backend=args.backend, compile=args.compile or False)
     rank, world = _ranks()
     if preset is None and (args.per_prompt or world > 1):
         if args.seed is None:

@@ -50,6 +50,7 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(c, c)
         self.v_proj = nn.Linear(c, c)
         self.out_proj = nn.Linear(c, c)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, c = x.shape
@@ -57,7 +58,8 @@ class SelfAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(n, length, self.num_heads, c // self.num_heads).transpose(1, 2)  # (n, H, L, D)
 
-        out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), causal=True)
+        out = attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), causal=True,
+                        backend=self.kernel_backend)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, c))
 
 

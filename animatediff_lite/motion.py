@@ -9,6 +9,12 @@ Layout: frames are folded into the batch, ``x`` is (B*F, C, H, W) with the ``fra
 contiguous, the same layout the UNet's spatial layers use, so no transposes are needed between them.
 Parameter names follow the original AnimateDiff checkpoints (``temporal_transformer.*``); the position
 table is a non-persistent buffer at ``...attention_blocks.{n}.pos_encoder.pe`` (not in ``state_dict``).
+
+Fused projections: each temporal attention keeps cat([to_q, to_k, to_v]) (3C, C) and the PE projected through it
+((L, 3C), fp32) as non-persistent buffers made once (not in ``state_dict``: keys and files are unchanged) and
+remade only when a projection weight changes (an in-place LoRA merge moves its version counter; a load, ``.to``
+or reassignment changes its storage). See :meth:`TemporalAttention.fused_projections`. Cost: the q/k/v weights
+are held twice (236 MiB in fp16 for SD1.5's v2 motion modules); ``set_fused_projections(model, False)`` frees it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import nn
 
 from .attention import attention
 from .config import MotionConfig
+from .kernels._backend import needs_grad
 from .ops import geglu, group_norm, temporal_attention
 
 
@@ -67,6 +74,41 @@ class TemporalAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # ".0" in the key names, as in the checkpoints
         self.pos_encoder = PositionEncoding(dim, max_len)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend); None: the environment variable
+        self.fuse = True  # keep the fused q/k/v weight (a benchmark lever; False concatenates per call)
+        self.register_buffer("qkv_weight", None, persistent=False)  # (3C, C) = cat(to_q, to_k, to_v)
+        self.register_buffer("pe_qkv", None, persistent=False)  # (L, 3C) fp32 = pe @ qkv_weight^T
+        self._fused_key: tuple | None = None
+
+    def _projection_key(self) -> tuple:
+        ws = (self.to_q.weight, self.to_k.weight, self.to_v.weight, self.pos_encoder.pe)
+        return tuple((w.device, w.dtype, w.data_ptr(), w._version) for w in ws)
+
+    def fused_projections(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(qkv_weight (3C, C), pe_qkv (L, 3C) fp32), made once; (None, None) when ``fuse`` is off.
+
+        Remade when a projection weight or the PE table changed since: in place (its version counter moves, as
+        in a LoRA/MotionLoRA merge or unmerge) or by replacement (load, ``.to``: another storage). Inside a
+        torch.compile trace the cache is used as it stands (``Pipeline`` refreshes it before each generation),
+        and made inside the graph if there is none.
+        """
+        if not self.fuse:
+            return None, None
+        if torch.compiler.is_compiling():
+            if self.qkv_weight is not None:
+                return self.qkv_weight, self.pe_qkv
+            return self._fuse()
+        key = self._projection_key()
+        if key != self._fused_key:
+            self.qkv_weight, self.pe_qkv = self._fuse()
+            self._fused_key = key
+        return self.qkv_weight, self.pe_qkv
+
+    def _fuse(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])  # (3C, C)
+            pe = self.pos_encoder.pe.reshape(-1, w.shape[1]).to(w.device, torch.float32) @ w.float().t()
+        return w, pe
 
     def has_hooks(self) -> bool:
         """True when a forward hook sits on a projection, so the fused op (which reads weights) cannot be used."""
@@ -78,7 +120,7 @@ class TemporalAttention(nn.Module):
         x = x + self.pos_encoder.pe[:, :f].to(x.dtype)  # the PE feeds q, k and v (not the residual)
         h, d = self.num_heads, c // self.num_heads
         q, k, v = (proj(x).reshape(n, f, h, d).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = attention(q, k, v)  # (N, heads, F, d)
+        out = attention(q, k, v, backend=self.kernel_backend)  # (N, heads, F, d)
         return self.to_out[0](out.transpose(1, 2).reshape(n, f, c))
 
 
@@ -91,9 +133,10 @@ class FeedForward(nn.Module):
         proj.proj = nn.Linear(dim, 2 * mult * dim)
         # net.1 is a dropout in the reference; an Identity keeps the index of net.2.
         self.net = nn.ModuleList([proj, nn.Identity(), nn.Linear(mult * dim, dim)])
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](geglu(self.net[0].proj(x)))
+        return self.net[2](geglu(self.net[0].proj(x), backend=self.kernel_backend))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -113,9 +156,13 @@ class TemporalTransformerBlock(nn.Module):
             if attn.has_hooks():  # e.g. MotionLoRA training adapters: they live on the projection modules
                 x = attn(norm(x)) + x
             else:  # LayerNorm + PE + attention + out proj + residual as one op (fused kernel on CUDA)
+                # The cache serves inference only: trained projections change every step and need their own grads.
+                trained = needs_grad(attn.to_q.weight, attn.to_k.weight, attn.to_v.weight)
+                qkv_weight, pe_qkv = (None, None) if trained else attn.fused_projections()
                 x = temporal_attention(x, norm.weight, norm.bias, attn.to_q.weight, attn.to_k.weight,
                                        attn.to_v.weight, attn.to_out[0].weight, attn.to_out[0].bias,
-                                       attn.num_heads, pe=attn.pos_encoder.pe, eps=norm.eps)
+                                       attn.num_heads, pe=attn.pos_encoder.pe, eps=norm.eps,
+                                       backend=attn.kernel_backend, qkv_weight=qkv_weight, pe_qkv=pe_qkv)
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -128,12 +175,14 @@ class TemporalTransformer(nn.Module):
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, config)])
         self.proj_out = nn.Linear(channels, channels)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
         bf, c, hgt, wid = x.shape
         b = bf // frames
         # Per-frame statistics, as in the original (diffusers normalises jointly over frames instead).
-        h = group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        h = group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps,
+                       backend=self.kernel_backend)
         # (B*F, C, H, W) -> (B*H*W, F, C): one sequence of frames per pixel.
         h = h.reshape(b, frames, c, hgt * wid).permute(0, 3, 1, 2).reshape(b * hgt * wid, frames, c)
         h = self.proj_in(h)
@@ -183,6 +232,25 @@ class MotionModule(nn.Module):
         if x.shape[0] % frames:
             raise ValueError(f"batch {x.shape[0]} of the motion module input is not a multiple of frames={frames}")
         return self.temporal_transformer(x, frames)
+
+
+def refresh_fused_projections(model: nn.Module) -> int:
+    """Bring every temporal attention's fused q/k/v cache of ``model`` up to date (outside any compiled graph);
+    returns how many there are."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, TemporalAttention):
+            module.fused_projections()
+            count += 1
+    return count
+
+
+def set_fused_projections(model: nn.Module, enabled: bool) -> None:
+    """Switch the fused q/k/v weights of every temporal attention on or off (off frees the caches)."""
+    for module in model.modules():
+        if isinstance(module, TemporalAttention):
+            module.fuse = enabled
+            module.qkv_weight = module.pe_qkv = module._fused_key = None
 
 
 def check_frames(frames: int, max_len: int) -> None:

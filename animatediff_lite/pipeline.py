@@ -13,11 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .kernels._backend import Backend, resolve_backend
+from .motion import refresh_fused_projections
+from .ops import set_backend
 from .scheduler import DDIM, num_steps_check
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
 
@@ -51,13 +55,15 @@ class Pipeline:
     Attributes: ``tokenizer`` (texts -> (n, 77) ids), ``text_encoder`` (ids -> (n, 77, D)), ``vae``
     (``decode(latents (B, 4, F, h, w)) -> (B, 3, F, H, W)``), ``unet`` (``(B, 4, F, h, w), t, (B, 77, D)
     -> (B, 4, F, h, w)``), ``scheduler`` (:class:`DDIM`), ``device``, ``dtype`` and ``decode_chunk_size``
-    (frames the VAE decodes at once: memory does not grow with the frame count).
+    (frames the VAE decodes at once: memory does not grow with the frame count), ``backend`` (the kernel choice,
+    resolved once for ``device``: see :meth:`set_backend`).
     Build it with :func:`animatediff_lite.load_pipeline`.
     """
 
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, vae: torch.nn.Module, unet: torch.nn.Module,
                  scheduler: DDIM | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, decode_chunk_size: int = 8) -> None:
+                 dtype: torch.dtype = torch.float32, decode_chunk_size: int = 8,
+                 backend: str | Backend | None = None) -> None:
         self.device, self.dtype = check_device_dtype(device, dtype)
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
@@ -68,12 +74,66 @@ class Pipeline:
         # What __call__ uses for arguments left as None: AnimateDiff's settings, or what a model was trained
         # for (the embedded default model makes 8 frames of 32x32).
         self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
+        self.compile_mode: str | None = None  # set by compile()
+        self._backend_request = backend
+        self.set_backend(backend)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
-        """Move every model to ``device`` / cast to ``dtype`` (in place); returns self."""
+    def set_backend(self, backend: str | Backend | None = None) -> Backend:
+        """Choose the kernels once for this pipeline: "auto" | "triton" | "torch", or None for the environment
+        variable ANIMATEDIFF_LITE_BACKEND (default "auto").
+
+        "auto" runs a Triton kernel only where kernels/verified.toml lists it as verified for this device's compute
+        capability, the installed Triton and the dtype, at sizes where it was measured faster; else PyTorch.
+        "triton" forces the kernels (RuntimeError where one cannot run); "torch" never uses them. Every model
+        module gets the resolved :class:`Backend`; no op reads the environment afterwards. Returns it.
+        """
+        self._backend_request = backend
+        self.backend = resolve_backend(backend, self.device)
+        for m in (self.text_encoder, self.vae, self.unet):
+            if isinstance(m, torch.nn.Module):
+                set_backend(m, self.backend, self.device)
+        return self.backend
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           backend: str | Backend | None = None) -> Pipeline:
+        """Move every model to ``device`` / cast to ``dtype`` (in place); returns self.
+
+        The kernel backend is resolved again for the new device: ``backend`` if given, else what was asked for
+        before (a name, or None for the environment variable).
+        """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
         for m in (self.text_encoder, self.vae, self.unet):
             m.to(self.device, self.dtype)
+        request = backend if backend is not None else self._backend_request
+        self.set_backend(request.name if isinstance(request, Backend) else request)
+        return self
+
+    def compile(self, mode: str = "default", compiler: str = "inductor") -> Pipeline:
+        """Compile the UNet3D in place with ``torch.compile(fullgraph=True)``: one graph, no break (tested).
+
+        ``mode``: a torch.compile mode; "reduce-overhead" also captures the fixed-shape denoising step in CUDA
+        graphs on CUDA (unmeasured so far: see benchmarks/results/README.md). The module keeps its state-dict
+        keys (``nn.Module.compile``, no ``_orig_mod.`` prefix). The first generation pays the compile time; a
+        new shape (frames, size, batch) compiles again. ``compiler``: the torch.compile backend ("inductor"; tests
+        use "aot_eager", which needs no C++ toolchain). Returns self.
+        """
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+        refresh_fused_projections(self.unet)  # the compiled graph reads these caches as they stand
+        self.unet.compile(fullgraph=True, dynamic=False, backend=compiler, mode=None if mode == "default" else mode)
+        self.compile_mode = mode
+        return self
+
+    def channels_last(self, enabled: bool = True) -> Pipeline:
+        """Store the UNet and VAE convolution activations/weights channels-last (NHWC), or back; returns self.
+
+        A lever for cuDNN's NHWC convolutions on tensor cores; results are the same up to rounding.
+        """
+        fmt = torch.channels_last if enabled else torch.contiguous_format
+        for m in (self.unet, self.vae):
+            for conv in m.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    conv.to(memory_format=fmt)  # cuDNN follows the weight's layout, so activations become NHWC
         return self
 
     @property
@@ -96,7 +156,11 @@ class Pipeline:
         guided = embeds.shape[0] == 2 * x.shape[0]
         inp = torch.cat([x, x]) if guided else x
         timestep = torch.tensor(t, dtype=torch.long, device=x.device)
-        out = self.unet(inp, timestep, embeds)
+        if self.compile_mode == "reduce-overhead" and inp.is_cuda:
+            torch.compiler.cudagraph_mark_step_begin()  # one replay per call; its outputs are reused memory
+            out = self.unet(inp, timestep, embeds).clone()
+        else:
+            out = self.unet(inp, timestep, embeds)
         if not guided:
             return out
         uncond, cond = out.chunk(2)
@@ -150,6 +214,8 @@ class Pipeline:
             generator = torch.Generator("cpu").manual_seed(seed)
         x = self._initial_latents(shape, generator, latents)
 
+        if isinstance(self.unet, torch.nn.Module):  # weights may have changed since (LoRA merge); cheap otherwise
+            refresh_fused_projections(self.unet)
         sched = self.scheduler
         for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
             eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)

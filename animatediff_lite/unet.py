@@ -101,6 +101,7 @@ class UNet3D(nn.Module):
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def reset_buffers(self) -> None:
         """Recompute the motion modules' position tables (needed after a meta-device build)."""
@@ -167,6 +168,6 @@ class UNet3D(nn.Module):
 
         norm = self.conv_norm_out
         x = group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True,
-                       frames=f if self.joint_norm else None)
+                       frames=f if self.joint_norm else None, backend=self.kernel_backend)
         x = self.conv_out(x)
         return x.reshape(b, f, -1, hgt, wid).permute(0, 2, 1, 3, 4)  # (B, C_out, F, h, w)

@@ -34,10 +34,11 @@ class ResnetBlock(nn.Module):
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def _norm(self, norm: nn.GroupNorm, x: torch.Tensor, frames: int) -> torch.Tensor:
         return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=True,
-                          frames=frames if self.joint_norm else None)
+                          frames=frames if self.joint_norm else None, backend=self.kernel_backend)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, frames: int) -> torch.Tensor:
         """x (B*F, Cin, H, W), temb (B, T) already through SiLU -> (B*F, Cout, H, W)."""
@@ -63,6 +64,7 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(kv_dim, dim, bias=False)
         self.to_v = nn.Linear(kv_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         ctx = x if context is None else context
@@ -71,7 +73,7 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).reshape(n, length, h, c // h).transpose(1, 2)  # (N, heads, L, d)
         k = self.to_k(ctx).reshape(n, ctx.shape[1], h, c // h).transpose(1, 2)
         v = self.to_v(ctx).reshape(n, ctx.shape[1], h, c // h).transpose(1, 2)
-        out = attention(q, k, v).transpose(1, 2).reshape(n, length, c)
+        out = attention(q, k, v, backend=self.kernel_backend).transpose(1, 2).reshape(n, length, c)
         return self.to_out[0](out)
 
 
@@ -112,11 +114,13 @@ class SpatialTransformer(nn.Module):
             [BasicTransformerBlock(channels, heads, config.cross_attention_dim)
              for _ in range(config.transformer_layers_per_block)])
         self.proj_out = proj(channels, channels)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W), context (N, S, D) -> (N, C, H, W)."""
         n, c, hgt, wid = x.shape
-        h = group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        h = group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps,
+                       backend=self.kernel_backend)
         if not self.linear:
             h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(n, hgt * wid, c)  # (N, H*W, C) tokens

@@ -25,8 +25,8 @@ def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
-def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
-    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
+def _norm_act(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True, backend=None) -> torch.Tensor:
+    return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu, backend=backend)
 
 
 class ResnetBlock(nn.Module):
@@ -39,10 +39,11 @@ class ResnetBlock(nn.Module):
         self.norm2 = _norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_norm_act(self.norm1, x))
-        h = self.conv2(_norm_act(self.norm2, h))
+        h = self.conv1(_norm_act(self.norm1, x, backend=self.kernel_backend))
+        h = self.conv2(_norm_act(self.norm2, h, backend=self.kernel_backend))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -58,12 +59,14 @@ class SelfAttention(nn.Module):
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        t = _norm_act(self.group_norm, x, silu=False).reshape(n, c, h * w).transpose(1, 2)  # (N, HW, C)
+        t = _norm_act(self.group_norm, x, silu=False, backend=self.kernel_backend)
+        t = t.reshape(n, c, h * w).transpose(1, 2)  # (N, HW, C)
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # (N, 1, HW, C)
-        out = self.to_out[0](attention(q, k, v).squeeze(1))  # (N, HW, C)
+        out = self.to_out[0](attention(q, k, v, backend=self.kernel_backend).squeeze(1))  # (N, HW, C)
         return x + out.transpose(1, 2).reshape(n, c, h, w)
 
 
@@ -142,13 +145,14 @@ class Encoder(nn.Module):
         self.mid_block = MidBlock(ch[-1], g)
         self.conv_norm_out = _norm(ch[-1], g)
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(_norm_act(self.conv_norm_out, x))
+        return self.conv_out(_norm_act(self.conv_norm_out, x, backend=self.kernel_backend))
 
 
 class Decoder(nn.Module):
@@ -164,12 +168,13 @@ class Decoder(nn.Module):
             for i in range(len(ch))])
         self.conv_norm_out = _norm(ch[-1], g)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(_norm_act(self.conv_norm_out, x))
+        return self.conv_out(_norm_act(self.conv_norm_out, x, backend=self.kernel_backend))
 
 
 class AutoencoderKL(nn.Module):

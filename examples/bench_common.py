@@ -107,6 +107,45 @@ def write_json(name: str, context: dict, rows: list[dict], out_dir: Path | None 
     return path
 
 
+class DeviceFault(RuntimeError):
+    """A variant broke the CUDA context (illegal address, ...): nothing after it can run in this process."""
+
+
+def is_device_fault(e: BaseException) -> bool:
+    """True for errors that poison the CUDA context, as opposed to a variant refusing a shape or dtype."""
+    fault_type = getattr(torch, "AcceleratorError", None)  # a RuntimeError subclass (torch >= 2.8)
+    text = str(e)
+    return (fault_type is not None and isinstance(e, fault_type)) or "illegal memory access" in text or \
+        "unspecified launch failure" in text or "misaligned address" in text
+
+
+def measure(row: dict, fn: Callable[[], object], check: Callable[[object], dict] | None = None) -> dict:
+    """One variant: ``check(fn())`` (extra fields such as rel_err), then the timing; returns the completed row.
+
+    The device is synchronised after each call, so an asynchronous fault is charged to the variant that caused
+    it (the H200 run of 2026-11-28 blamed bench_temporal's block part for a fault of its core part, because a
+    broad ``except RuntimeError`` recorded the fault as an error row and the next variants too). A variant that
+    refuses its inputs (e.g. an SDPA backend not built for the shape) gives an ``error`` row; a device fault
+    raises :class:`DeviceFault` naming the variant.
+    """
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    try:
+        out = fn()
+        sync()
+        extra = check(out) if check is not None else {}
+        timing = bench(fn)
+        sync()
+    except RuntimeError as e:
+        if is_device_fault(e):
+            raise DeviceFault(f"device fault in variant {row.get('variant')!r} at {row}: "
+                              f"{str(e).splitlines()[0]}") from e
+        return {**row, "error": str(e).splitlines()[0][:120]}
+    return {**row, **timing, **extra}
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp32."""
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -132,11 +171,22 @@ def run_benchmark(name: str, description: str, shapes: list[tuple], benches: lis
     dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     ctx = device_context()
     peak = ctx["measured"][ceiling]
-    rows = []
+    rows, fault = [], None
     for shape in shapes[:quick] if quick and args.quick else shapes:
         for fn in benches:
-            rows += fn(*shape, dtype, args.dtype, peak)
+            try:
+                rows += fn(*shape, dtype, args.dtype, peak)
+            except DeviceFault as e:  # the context is gone: keep what was measured, say where it broke
+                fault = str(e)
+                rows.append({"variant": "DEVICE FAULT", "error": fault[:300]})
+                break
+        if fault:
+            break
         torch.cuda.empty_cache()
     print(f"{ctx['device']}  torch {ctx['torch']}  triton {ctx['triton']}  measured {ceiling} {peak:.0f}")
     print_table(rows, columns)
-    return write_json(f"{name}-{args.dtype}", ctx, rows)
+    path = write_json(f"{name}-{args.dtype}", ctx, rows)
+    if fault:
+        print(f"bench_{name}: {fault}", file=sys.stderr)
+        sys.exit(1)
+    return path

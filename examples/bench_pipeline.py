@@ -20,6 +20,13 @@ report gives the max abs difference of our video against that (and against unpat
     python examples/bench_pipeline.py --size tiny                    # CPU
     python examples/bench_pipeline.py --size sd15 --compile          # CUDA, eager and torch.compile'd UNets
     python examples/bench_pipeline.py --size sd15 --profile          # + where the time goes (profile-*.txt)
+    python examples/bench_pipeline.py --size sd15 --variants ours ours+triton ours+nofuse ours+cl --profile
+
+Levers of our pipeline, each switched on by a "+name" suffix of a variant (combinable: ours+triton+compile):
+compile (Pipeline.compile, fullgraph; diffusers: torch.compile of its UNet), cudagraphs (compile mode
+"reduce-overhead"), triton / torch (backend forced; plain "ours" is backend "auto", the verified kernels only),
+nofuse (q/k/v concatenated per call instead of fused once at load), cl (channels-last convolutions). Every row
+also reports the VAE decode's time and share of the whole call (``decode_s``, ``decode_share``).
 
 Writes benchmarks/results/bench_pipeline-<device>-<size>[-<label>].json.
 """
@@ -46,6 +53,20 @@ from bench_common import RESULTS, device_slug, print_table
 PROMPT = "a corgi running on the beach, golden hour"
 NEGATIVE = ""
 EAGER, COMPILED = ("diffusers", "ours"), ("diffusers+compile", "ours+compile")
+LEVERS = {"compile": "torch.compile'd UNet", "cudagraphs": "compile mode reduce-overhead (CUDA graphs)",
+          "triton": "backend='triton'", "torch": "backend='torch'", "nofuse": "q/k/v concatenated per call",
+          "cl": "channels-last convolutions"}
+
+
+def parse_variant(name: str) -> tuple[str, frozenset[str]]:
+    """"ours+triton+compile" -> ("ours", {"triton", "compile"}); ValueError naming the variant otherwise."""
+    side, *flags = name.split("+")
+    allowed = set(LEVERS) if side == "ours" else {"compile"}
+    bad = [f for f in flags if f not in allowed]
+    if side not in EAGER or bad or len(set(flags)) != len(flags) or {"triton", "torch"} <= set(flags):
+        raise ValueError(f"--variants: {name!r} is not diffusers[+compile] or ours[+lever...] with levers from "
+                         f"{sorted(LEVERS)} (each once; not both triton and torch)")
+    return side, frozenset(flags)
 
 
 @dataclass(frozen=True)
@@ -195,10 +216,21 @@ def per_frame_motion_norms(pipe) -> None:
             m.norm = norm.to(m.norm.weight.device, m.norm.weight.dtype)
 
 
-def load_ours(folder: Path, device: str, dtype: torch.dtype):
+def load_ours(folder: Path, device: str, dtype: torch.dtype, levers: frozenset[str] = frozenset()):
+    """Our pipeline with the given levers (see LEVERS) switched on."""
     from animatediff_lite.loading.pipeline_load import load_pipeline
+    from animatediff_lite.motion import set_fused_projections
 
-    return load_pipeline(base=folder / "sd", motion_module=folder / "motion_adapter", device=device, dtype=dtype)
+    backend = "triton" if "triton" in levers else "torch" if "torch" in levers else "auto"
+    pipe = load_pipeline(base=folder / "sd", motion_module=folder / "motion_adapter", device=device, dtype=dtype,
+                         backend=backend)
+    if "nofuse" in levers:
+        set_fused_projections(pipe.unet, False)
+    if "cl" in levers:
+        pipe.channels_last()
+    if "compile" in levers or "cudagraphs" in levers:
+        pipe.compile("reduce-overhead" if "cudagraphs" in levers else "default")
+    return pipe
 
 
 def _import_side(side: str) -> None:
@@ -217,7 +249,8 @@ def _sync(device: str) -> None:
 
 
 def generate(side: str, pipe, latents: torch.Tensor, spec: Size, device: str) -> tuple[torch.Tensor, list[float]]:
-    """One generation from the given latents; returns the video (B, F, 3, H, W) float32 CPU and step end times."""
+    """One generation from the given latents; returns the video (B, F, 3, H, W) float32 CPU and the step end times
+    followed by the end time of the call (the last gap is the VAE decode and the output conversion)."""
     stamps: list[float] = []
 
     def stamp() -> None:
@@ -239,8 +272,10 @@ def generate(side: str, pipe, latents: torch.Tensor, spec: Size, device: str) ->
             video = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=f, height=height, width=width,
                          num_inference_steps=spec.steps, guidance_scale=spec.guidance, latents=latents.clone(),
                          output_type="pt", callback_on_step_end=on_step_end).frames
+    video = video.float().cpu()
     _sync(device)
-    return video.float().cpu(), stamps
+    stamps.append(time.perf_counter())
+    return video, stamps
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -326,11 +361,11 @@ def _weights_bytes(modules) -> int:
 def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict]:
     """Load, warm up and time one variant; returns (result row, videos by name)."""
     spec, device, dtype = SIZES[args.size], args.device, _dtype(args)
-    side, compiled = variant.split("+")[0], variant.endswith("+compile")
+    side, levers = parse_variant(variant)
     _import_side(side)  # load_s counts loading, not the first import of a library
     mem = Memory(device)
     t0 = time.perf_counter()
-    pipe = load_ours(folder, device, dtype) if side == "ours" else load_diffusers(folder, device, dtype)
+    pipe = load_ours(folder, device, dtype, levers) if side == "ours" else load_diffusers(folder, device, dtype)
     _sync(device)
     load_s = time.perf_counter() - t0
     # Every model the pipeline holds (diffusers also keeps the MotionAdapter it copied into its UNet).
@@ -338,11 +373,11 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
     if side == "diffusers":
         modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     weights = _weights_bytes(modules)
-    if compiled:
+    if side == "diffusers" and "compile" in levers:
         pipe.unet = torch.compile(pipe.unet, mode=args.compile_mode)
     latents = latents.to(device, dtype)
 
-    times, step_times = [], []
+    times, step_times, decode_times = [], [], []
     mem.loaded()
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -352,6 +387,9 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
         t0 = time.perf_counter()
         video, stamps = generate(side, pipe, latents, spec, device)
         times.append(time.perf_counter() - t0)
+        stamps, end = stamps[:-1], stamps[-1]
+        if stamps:
+            decode_times.append(end - stamps[-1])
         if len(stamps) > 1:  # steps 1..n-1: the first one would include text encoding
             step_times.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
     memory = mem.peak()
@@ -362,7 +400,8 @@ def run_variant(variant: str, folder: Path, latents: torch.Tensor, args: argpars
         per_frame_motion_norms(pipe)
         videos["diffusers_per_frame_norm"], _ = generate(side, pipe, latents, spec, device)
 
-    row = {"variant": variant, "runs_s": times, "step_runs_s": step_times, "warmup_s": warmup_s,
+    row = {"variant": variant, "levers": sorted(levers), "runs_s": times, "step_runs_s": step_times,
+           "decode_runs_s": decode_times, "warmup_s": warmup_s,
            "load_s": load_s, "weights_bytes": weights, "memory_method": mem.method, **memory}
     del pipe, modules
     gc.collect()
@@ -394,8 +433,11 @@ def summarise(rounds: list[dict]) -> dict:
     """One row from the rows of one variant's rounds: all timed runs pooled, the largest peak."""
     times = [t for r in rounds for t in r["runs_s"]]
     steps = [t for r in rounds for t in r["step_runs_s"]]
+    decodes = [t for r in rounds for t in r.get("decode_runs_s", [])]
     step_s = statistics.median(steps) if steps else None
-    row = {**rounds[-1], "runs_s": times, "step_runs_s": steps, "rounds": len(rounds)}
+    decode_s = statistics.median(decodes) if decodes else None
+    row = {**rounds[-1], "runs_s": times, "step_runs_s": steps, "decode_runs_s": decodes, "rounds": len(rounds)}
+    row.update(decode_s=decode_s, decode_share=decode_s / statistics.median(times) if decode_s else None)
     row.update(total_s=statistics.median(times), min_s=min(times), max_s=max(times), step_s=step_s,
                it_per_s=1 / step_s if step_s else None, load_s=statistics.median(r["load_s"] for r in rounds),
                peak_bytes=max(r["peak_bytes"] for r in rounds),
@@ -457,7 +499,7 @@ def _diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float | None:
 def _ratios(rows: dict[str, dict]) -> dict:
     """Speed-up (their time / ours) and memory ratio (ours / theirs) of our variants against diffusers'."""
     out = {}
-    for ours in ("ours", "ours+compile"):
+    for ours in (v for v in rows if v.startswith("ours")):
         for theirs in ("diffusers", "diffusers+compile"):
             if ours in rows and theirs in rows:
                 key = f"{ours} vs {theirs}"
@@ -494,7 +536,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also time both pipelines with torch.compile'd UNets")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
-    p.add_argument("--variants", nargs="+", default=None, help=f"subset of {EAGER + COMPILED}")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help=f"diffusers[+compile], ours[+lever...] with levers {sorted(LEVERS)} (default: {EAGER})")
     p.add_argument("--in-process", action="store_true",
                    help="run all variants in this process (faster start; CPU peak RSS then less honest)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -508,6 +551,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for v in args.variants or ():
+        parse_variant(v)
     if args.size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {args.size!r}")
     return args
@@ -587,19 +632,21 @@ def main(argv: list[str] | None = None) -> dict:
     agreement = {
         "ours vs diffusers (per-frame motion norm)": _diff(ours, videos.get("diffusers_per_frame_norm")),
         "ours vs diffusers (unpatched, joint motion norm)": _diff(ours, videos.get("diffusers")),
-        "ours+compile vs ours": _diff(videos.get("ours+compile"), ours),
         "diffusers+compile vs diffusers": _diff(videos.get("diffusers+compile"), videos.get("diffusers")),
+        **{f"{v} vs ours": _diff(videos.get(v), ours) for v in variants if v.startswith("ours+")},
     }
     agreement = {k: v for k, v in agreement.items() if v is not None}
     ratios = _ratios(rows)
 
     table = [{"variant": v, "median_s": r["total_s"], "min_s": r["min_s"], "it/s": r["it_per_s"] or "",
+              "decode_s": r["decode_s"] or "", "decode_%": 100 * r["decode_share"] if r["decode_share"] else "",
               "load_s": r["load_s"], "peak_MiB": r["peak_bytes"] / 2**20, "loaded_MiB": r["after_load_bytes"] / 2**20,
               "weights_MiB": r["weights_bytes"] / 2**20} for v, r in rows.items()]
     print(f"\n{args.size}: {spec.frames} frames {spec.height}x{spec.width}, {spec.steps} DDIM steps, "
           f"guidance {spec.guidance}, {dtype}, {args.device}, {spec.runs} timed runs x {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads")
-    print_table(table, ["variant", "median_s", "min_s", "it/s", "load_s", "peak_MiB", "loaded_MiB", "weights_MiB"])
+    print_table(table, ["variant", "median_s", "min_s", "it/s", "decode_s", "decode_%", "load_s", "peak_MiB",
+                        "loaded_MiB", "weights_MiB"])
     for key, r in ratios.items():
         print(f"{key}: speed-up {r['speedup']:.3f}x median, {r['speedup_min']:.3f}x best run, denoising steps "
               f"{r.get('step_speedup', float('nan')):.3f}x; peak memory ratio {r['memory_ratio']:.3f}")
@@ -623,7 +670,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "weights included (CUDA max_memory_allocated; CPU peak resident set, VmHWM); after_load_bytes: "
                  "resident after loading (our safetensors weights are memory-mapped and become resident when first "
                  "used); weights_bytes: parameters + buffers the pipeline holds (diffusers keeps the MotionAdapter "
-                 "beside the UNet it copied it into); VAE decode chunk: diffusers 16 frames (its default), ours 8.",
+                 "beside the UNet it copied it into); VAE decode chunk: diffusers 16 frames (its default), ours 8; "
+                 "decode_s / decode_share: from the last step's end to the video on the CPU (VAE decode, "
+                 "post-processing, copy), median, and its share of total_s; levers: see LEVERS in the script.",
         "results": list(rows.values()), "ratios": ratios, "max_abs_diff": agreement,
         "video_stats": _video_stats(ours) if ours is not None else None,
     }

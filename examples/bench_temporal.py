@@ -17,7 +17,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from bench_common import bench, rel_err, run_benchmark
+from bench_common import measure, rel_err, run_benchmark
 
 FRAMES, HEADS = 16, 8
 LEVELS = [("64x64", 2 * 64 * 64, 320), ("32x32", 2 * 32 * 32, 640), ("16x16", 2 * 16 * 16, 1280),
@@ -54,14 +54,12 @@ def bench_core(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str, 
     rows = []
     for name, fn in core.items():
         row = {"level": label, "N": n, "C": c, "F": FRAMES, "dtype": dtype_name, "part": "core", "variant": name}
-        try:
-            err = rel_err(fn(), ref_no_pe if name.startswith("sdpa") else ref)
-            t = bench(fn)
-        except RuntimeError as e:
-            rows.append({**row, "error": str(e).splitlines()[0][:120]})
-            continue
-        gbps = nbytes / t["ms"] / 1e6
-        rows.append({**row, **t, "GBps": gbps, "pct_bw": 100 * gbps / bw, "rel_err": err})
+        want = ref_no_pe if name.startswith("sdpa") else ref
+        row = measure(row, fn, lambda out, want=want: {"rel_err": rel_err(out, want)})
+        if "ms" in row:
+            gbps = nbytes / row["ms"] / 1e6
+            row.update(GBps=gbps, pct_bw=100 * gbps / bw)
+        rows.append(row)
     return rows
 
 
@@ -82,11 +80,9 @@ def bench_block(label: str, n: int, c: int, dtype: torch.dtype, dtype_name: str,
     rows = []
     for name, backend in [("fused block (triton)", "triton"), ("torch block", "torch")]:
         fn = functools.partial(ops.temporal_attention, x, heads=HEADS, pe=pe, backend=backend, **p)
+        row = {"level": label, "N": n, "C": c, "F": FRAMES, "dtype": dtype_name, "part": "block", "variant": name}
         with torch.no_grad():
-            err = rel_err(fn() - x, ref - x.float())
-            t = bench(fn)
-        rows.append({"level": label, "N": n, "C": c, "F": FRAMES, "dtype": dtype_name, "part": "block",
-                     "variant": name, **t, "rel_err": err})
+            rows.append(measure(row, fn, lambda out: {"rel_err": rel_err(out - x, ref - x.float())}))
     return rows
 
 

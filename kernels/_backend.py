@@ -1,28 +1,42 @@
-"""Backend choice shared by the fused kernels: Triton where it can run, PyTorch everywhere else.
+"""Backend choice shared by the fused kernels: a verified Triton kernel where it is known to be right and faster,
+PyTorch everywhere else.
 
-One switch per call: the ``backend`` argument ("auto" | "triton" | "torch"), defaulting to the
-environment variable ``ANIMATEDIFF_LITE_BACKEND`` and then to "auto".
+Names: "auto" | "triton" | "torch".
 
-- "auto":   Triton for CUDA tensors when triton imports, PyTorch otherwise (CPU always uses PyTorch,
-            even under ``TRITON_INTERPRET=1``, so CPU model code never pays for the interpreter).
+- "auto":   a Triton kernel only where ``kernels/verified.toml`` lists it as having passed the GPU suite on this
+            device's compute capability, this Triton major.minor and this dtype, and only at sizes at or above the
+            table's measured thresholds (below them PyTorch was faster on that device). Everywhere else, CPU
+            included, PyTorch (SDPA, F.group_norm, ...). An empty table means PyTorch everywhere.
 - "triton": Triton wherever it can run: CUDA tensors, or CPU tensors when the kernels were imported with
-            ``TRITON_INTERPRET=1`` (the CPU tests). Passed as an argument it is strict (raises if the kernel
-            cannot run); set through the environment it falls back to PyTorch where Triton cannot run.
+            ``TRITON_INTERPRET=1`` (the CPU tests). Passed explicitly it is strict (raises if the kernel cannot
+            run); set through the environment it falls back to PyTorch where Triton cannot run.
 - "torch":  always the PyTorch reference.
+
+Chosen once: :func:`resolve_backend` turns a name (or, for None, the environment variable
+``ANIMATEDIFF_LITE_BACKEND``, else "auto") into a :class:`Backend` for one device, reading the table and the
+device's capability once; pipelines hold it and their modules pass it to every op (``set_backend`` in
+animatediff_lite/ops.py). Ops called with a plain name resolve "auto" through a per-device cache; only an op
+called with ``backend=None`` outside a configured model reads the environment variable (tests, quick scripts).
 
 Autograd: kernels without a backward are used only when no input requires grad (see ``needs_grad``).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import os
+from dataclasses import dataclass, field
 
 import torch
+
+from . import verified as vt
 
 ENV_VAR = "ANIMATEDIFF_LITE_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 # Looked up once at import (cheap: no import of triton); a module constant keeps torch.compile from tracing
@@ -33,6 +47,14 @@ _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """True when the triton package can be imported (checked once, without importing it)."""
     return _TRITON_AVAILABLE
+
+
+def triton_version() -> str | None:
+    """The installed triton's version string (from its metadata, without importing it), None without triton."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def interpreter_enabled() -> bool:
@@ -50,19 +72,108 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def use_triton(backend: str | None, *tensors: torch.Tensor, grad_ok: bool = False, why_not: str | None = None) -> bool:
-    """Decide whether a kernel should run on ``tensors``.
+@dataclass(frozen=True)
+class Backend:
+    """One pipeline's kernel choice, resolved once for one device by :func:`resolve_backend`.
 
+    ``name``: "auto" | "triton" | "torch". ``strict``: "triton" was asked for explicitly (raise where a kernel
+    cannot run) rather than through the environment. ``device``: the device "auto" was resolved for (tensors
+    elsewhere take PyTorch). ``enabled``: (kernel, dtype name) pairs "auto" may run (verified on ``device``).
+    ``min_pixels``: (kernel, variant, dtype name) -> H*W below which "auto" takes PyTorch. ``slower``: (kernel,
+    dtype name, shape key) where the kernel lost to PyTorch on this device.
+    """
+
+    name: str = "auto"
+    strict: bool = False
+    device: torch.device | None = None
+    enabled: frozenset[tuple[str, str]] = frozenset()
+    min_pixels: dict[tuple[str, str, str], int] = field(default_factory=dict, compare=False, hash=False)
+    slower: frozenset[tuple[str, str, str]] = frozenset()
+
+    def allows(self, kernel: str, dtype: torch.dtype, variant: str = "", pixels: int | None = None,
+               shape: str | None = None) -> bool:
+        """For "auto": the table lets ``kernel`` run on this dtype at this size / shape key."""
+        name = DTYPE_NAMES.get(dtype)
+        if name is None or (kernel, name) not in self.enabled:
+            return False
+        if shape is not None and (kernel, name, shape) in self.slower:
+            return False
+        return pixels is None or pixels >= self.min_pixels.get((kernel, variant, name), 0)
+
+
+TORCH = Backend("torch")
+
+
+def check_name(name: str, source: str = "backend") -> str:
+    """Lower-cased backend name; ValueError naming ``source`` for an unknown one."""
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def resolve_backend(name: str | Backend | None = None, device: str | torch.device = "cpu",
+                    table: vt.Table | None = None, capability: tuple[int, int] | None = None,
+                    triton: str | None = None) -> Backend:
+    """The :class:`Backend` for ``device``, decided once.
+
+    ``name``: "auto" | "triton" | "torch", a Backend (returned as is), or None for the environment variable
+    ANIMATEDIFF_LITE_BACKEND (default "auto"). For "auto" on CUDA the verified table (``table``, default the
+    committed kernels/verified.toml) is matched against the device's compute capability and the installed
+    Triton's major.minor (``capability``/``triton`` override both, for tests).
+    """
+    if isinstance(name, Backend):
+        return name
+    strict = name is not None
+    value = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR) if name is None else check_name(name)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and capability is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if value == "triton" and strict:  # asked for by name: say now, not at the first op, if it cannot run
+        if not triton_available():
+            raise ValueError("backend='triton': triton is not installed (pip install triton, or backend='auto')")
+        if device.type != "cuda" and not interpreter_enabled():
+            raise ValueError(f"backend='triton' on {device}: the kernels need a CUDA device (or TRITON_INTERPRET=1 "
+                             "set before import, for tests); use backend='auto' or 'torch'")
+    if value != "auto":
+        return Backend(value, strict=strict and value == "triton", device=device)
+    if device.type != "cuda":
+        return Backend("auto", device=device)
+    triton = triton or triton_version()
+    if triton is None:
+        return Backend("auto", device=device)
+    capability = capability or torch.cuda.get_device_capability(device)
+    table = vt.load_table() if table is None else table
+    enabled = frozenset((k, d) for k in vt.KERNELS for d in vt.verified_dtypes(table, k, capability, triton))
+    cap = vt.capability_str(capability)
+    min_px = {(t.kernel, t.variant, t.dtype): t.min_pixels for t in table.thresholds if t.capability == cap}
+    slower = frozenset((w.kernel, w.dtype, w.shape) for w in table.slower if w.capability == cap)
+    return Backend("auto", device=device, enabled=enabled, min_pixels=min_px, slower=slower)
+
+
+@functools.lru_cache(maxsize=16)
+def _auto_for(device: torch.device) -> Backend:
+    return resolve_backend("auto", device)
+
+
+def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: str = "", variant: str = "",
+               pixels: int | None = None, shape: str | None = None, grad_ok: bool = False,
+               why_not: str | None = None) -> bool:
+    """Decide whether ``kernel`` should run on ``tensors``.
+
+    ``backend``: a resolved :class:`Backend` (pipelines), a name, or None (the environment variable).
+    ``kernel``/``variant``/``pixels``/``shape``: what "auto" looks up in the verified table (kernel name from
+    ``verified.KERNELS``; variant and spatial size for the thresholds; a shape key for the ``[[slower]]`` rows).
     ``grad_ok``: the kernel has a backward, so inputs that require grad are fine.
     ``why_not``: a caller-side reason the kernel cannot take these inputs (unsupported shape, ...); None if it can.
     Returns False for the PyTorch path; raises ValueError for an unknown backend name and RuntimeError when
-    the caller passed backend="triton" explicitly but the kernel cannot run.
+    "triton" was asked for explicitly but the kernel cannot run.
     """
-    strict = backend is not None
-    name = (backend if backend is not None else os.environ.get(ENV_VAR, "auto")).lower() or "auto"
-    if name not in BACKENDS:
-        source = "backend" if strict else ENV_VAR
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    if isinstance(backend, Backend):
+        name, strict, resolved = backend.name, backend.strict, backend
+    else:
+        strict = backend is not None
+        name = check_name(backend) if strict else check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+        resolved = None
     if name == "torch":
         return False
     reason = why_not
@@ -76,14 +187,19 @@ def use_triton(backend: str | None, *tensors: torch.Tensor, grad_ok: bool = Fals
         # Not an error even when strict: training must keep working, the reference is differentiable.
         return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if reason is None and not on_cuda:
-        if name == "auto":
+    if name == "auto":
+        if reason is not None or not on_cuda or not tensors:
             return False
-        if not interpreter_enabled():
-            reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)"
+        if resolved is None:
+            resolved = _auto_for(tensors[0].device)
+        elif resolved.device != tensors[0].device:
+            return False  # verified for another device
+        return resolved.allows(kernel, tensors[0].dtype, variant, pixels, shape)
+    if reason is None and not on_cuda and not interpreter_enabled():
+        reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)"
     if reason is None:
         return True
-    if strict and name == "triton":
+    if strict:
         raise RuntimeError(f"backend='triton' requested but the kernel cannot run: {reason}")
     return False
 

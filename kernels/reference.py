@@ -9,10 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# PyTorch's CUDA SDPA kernels (memory-efficient: the batch on grid axis z; cuDNN: a 16-bit batch) fail for a batch of
+# 65,536 or more (pytorch/pytorch#142228, #181085). Temporal attention's batch is batch * pixels (65,536 at 1024x1024
+# with CFG and two videos), so every PyTorch path goes through sdpa() below, which splits the batch.
+SDPA_MAX_BATCH = 65535
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention on (B, H, L, D), in batch chunks of at most SDPA_MAX_BATCH (same result)."""
+    b = q.shape[0]
+    if b <= SDPA_MAX_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    m = SDPA_MAX_BATCH
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + m], k[i:i + m], v[i:i + m], is_causal=causal)
+                      for i in range(0, b, m)])
+
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return sdpa(q, k, v, causal)
 
 
 def temporal_attention_core_reference(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, heads: int) -> torch.Tensor:
@@ -26,26 +41,32 @@ def temporal_attention_core_reference(qkv: torch.Tensor, pe_qkv: torch.Tensor | 
     if pe_qkv is not None:
         qkv = qkv + pe_qkv.to(qkv.dtype)
     q, k, v = (t.reshape(n, f, heads, c // heads).transpose(1, 2) for t in qkv.split(c, dim=-1))
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, F, d)
+    out = sdpa(q, k, v)  # (N, heads, F, d)
     return out.transpose(1, 2).reshape(n, f, c)
 
 
 def temporal_attention_reference(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None,
                                  q_weight: torch.Tensor, k_weight: torch.Tensor, v_weight: torch.Tensor,
                                  out_weight: torch.Tensor, out_bias: torch.Tensor | None, heads: int,
-                                 pe: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+                                 pe: torch.Tensor | None = None, eps: float = 1e-5,
+                                 qkv_weight: torch.Tensor | None = None) -> torch.Tensor:
     """One AnimateDiff temporal self-attention block with its residual, x (N, F, C) -> (N, F, C).
 
     x + to_out(attention(q, k, v)) with q/k/v = (LayerNorm(x) + pe[:F]) @ W^T (no bias): the PE feeds q, k
-    and v but not the residual. pe: (L, C) or (1, L, C), L >= F.
+    and v but not the residual. pe: (L, C) or (1, L, C), L >= F. ``qkv_weight``: cat([q, k, v]) (3C, C), if
+    given one matmul replaces the three (same products; the separate weights are then unused).
     """
     n, f, c = x.shape
     h = F.layer_norm(x, (c,), norm_weight, norm_bias, eps)
     if pe is not None:
         h = h + pe.reshape(-1, c)[:f].to(h.dtype)
     d = c // heads
-    q, k, v = (F.linear(h, w).reshape(n, f, heads, d).transpose(1, 2) for w in (q_weight, k_weight, v_weight))
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, f, c)
+    if qkv_weight is not None:
+        projected = F.linear(h, qkv_weight.to(h.dtype)).split(c, dim=-1)  # one (N*F, C) x (C, 3C) matmul
+    else:
+        projected = tuple(F.linear(h, w) for w in (q_weight, k_weight, v_weight))
+    q, k, v = (t.reshape(n, f, heads, d).transpose(1, 2) for t in projected)
+    out = sdpa(q, k, v).transpose(1, 2).reshape(n, f, c)
     return x + F.linear(out, out_weight, out_bias)
 
 

@@ -83,3 +83,22 @@ def test_profile_table_and_result_label(bench, cache: Path, tmp_path: Path) -> N
     assert (tmp_path / "bench_pipeline-cpu-micro-try.json").is_file()
     table = (tmp_path / "profile-ours-cpu-micro.txt").read_text()
     assert table.startswith("ours, micro, sorted by cpu_time_total") and "aten::conv2d" in table
+
+
+def test_levers_switch_on_and_off_with_decode_share(bench, cache: Path, tmp_path: Path) -> None:
+    """Each lever is a variant suffix: the variants run, report the VAE decode's share, and give our video."""
+    # (ours+triton is not run here: the whole pipeline through the Triton interpreter takes minutes on a CPU.)
+    result = _run(bench, cache, tmp_path, "--in-process", "--variants", "ours", "ours+torch+nofuse+cl", "ours+nofuse")
+    rows = {r["variant"]: r for r in result["results"]}
+    assert rows["ours+torch+nofuse+cl"]["levers"] == ["cl", "nofuse", "torch"]
+    for row in rows.values():
+        assert 0 < row["decode_s"] < row["total_s"] and 0 < row["decode_share"] < 1
+    for name in ("ours+torch+nofuse+cl", "ours+nofuse"):
+        assert result["max_abs_diff"][f"{name} vs ours"] <= ATOL, name
+
+
+@pytest.mark.parametrize("name", ["ours+fast", "diffusers+triton", "ours+torch+triton", "theirs", "ours+cl+cl"])
+def test_unknown_variants_are_refused(bench, name: str) -> None:
+    with pytest.raises(ValueError, match="--variants"):
+        bench.parse_variant(name)
+    assert bench.parse_variant("ours+cudagraphs+cl") == ("ours", frozenset({"cudagraphs", "cl"}))

@@ -150,3 +150,27 @@ def test_custom_op_registration(kernel_device):
     q, k, v = _qkv(1, 2, 9, 13, 16, torch.float32, kernel_device, seed=7)
     torch.library.opcheck(flash_attention_op, (q, k, v, False),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_pytorch_path_splits_batches_past_the_cuda_sdpa_grid_limit(monkeypatch):
+    """CUDA SDPA fails for a batch >= 65,536 (temporal attention at 1024x1024, two videos with CFG; the reference in
+    test_gpu_more_than_65535_programs): the PyTorch paths split the batch. Limit shrunk to 3 to test on CPU."""
+    import torch.nn.functional as F
+
+    from animatediff_lite.kernels import reference
+    from animatediff_lite.kernels.reference import temporal_attention_core_reference
+
+    batches = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(reference.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: batches.append(q.shape[0]) or real(q, *a, **kw))
+    q, k, v = _qkv(8, 2, 5, 6, 4, torch.float32, "cpu", seed=9)
+    whole = attention(q, k, v, causal=False, backend="torch")
+    qkv = torch.randn(7, 4, 3 * 8, generator=torch.Generator().manual_seed(1))
+    core = temporal_attention_core_reference(qkv, None, 2)
+    assert batches == [8, 7]
+    batches.clear()
+    monkeypatch.setattr(reference, "SDPA_MAX_BATCH", 3)
+    torch.testing.assert_close(attention(q, k, v, backend="torch"), whole, atol=0, rtol=0)
+    torch.testing.assert_close(temporal_attention_core_reference(qkv, None, 2), core, atol=0, rtol=0)
+    assert batches == [3, 3, 2, 3, 3, 1]

@@ -177,3 +177,27 @@ def test_wide_row_tiles_refused_for_split_head_dims(kernel_device):
     qkv = torch.zeros(4, 16, 3 * 2 * 40, device=kernel_device)
     with pytest.raises(ValueError, match="block_r=64 with head dim 40"):
         temporal_attention_core(qkv, None, 2, block_r=64)
+
+
+@pytest.mark.parametrize("n,f,heads,d,block_r,warps", [
+    (7, 16, 8, 40, 16, None),  # bench_temporal's block_r=16 tiling
+    (9, 16, 3, 40, 32, 2),  # its 2-warp tiling; 27 sequences in programs of 2: the last one is partial
+    (7, 16, 3, 40, None, None),  # the default tiling, partial last program
+    (5, 13, 4, 80, None, None),  # 13 frames: rows 26..31 of every 32-row tile hold no sequence
+    (3, 16, 2, 16, 64, None),  # 4 sequences per program, 6 in all
+])
+def test_core_reads_nothing_outside_its_input(n, f, heads, d, block_r, warps, kernel_device, compare):
+    """qkv as a view inside a NaN-filled buffer: any unmasked read outside it (a wrong offset, a row or column mask
+    missing on the partial last program) puts NaN in the output. Covers the tilings bench_temporal ran on the H200
+    (block_r=16, 2 warps) at odd N, where the last program is partial."""
+    from animatediff_lite.kernels.temporal_attention import temporal_attention_core
+
+    c = heads * d
+    big = torch.full((n + 4, f + 1, 3 * c + 24), float("nan"), device=kernel_device)
+    qkv = big[2:2 + n, :f, 8:8 + 3 * c]
+    qkv.copy_(_randn(n, f, 3 * c, device=kernel_device, seed=13))
+    pe_qkv = _randn(f, 3 * c, device=kernel_device, seed=14)
+    out = temporal_attention_core(qkv, pe_qkv, heads, block_r=block_r, num_warps=warps)
+    assert torch.isfinite(out).all(), "read outside the input"
+    compare(f"guarded {(n, heads, d, block_r, warps)}", out, temporal_attention_core_reference(qkv, pe_qkv, heads),
+            2e-5, 1e-5)

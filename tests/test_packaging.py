@@ -23,6 +23,7 @@ def test_wheel_contains_kernels_and_assets(tmp_path):
     assert {f"animatediff_lite/kernels/{n}" for n in kernel_files} <= names
     assert "animatediff_lite/assets/bpe_simple_vocab_16e6.txt.gz" in names
     assert "animatediff_lite/assets/presets.toml" in names
+    assert "animatediff_lite/kernels/verified.toml" in names  # backend="auto" reads it
     assert not any(n.startswith("kernels/") for n in names)  # no top-level "kernels" package (a PyPI name clash)
     # The wheel imports on its own: unpack it and import the kernels package from there.
     target = tmp_path / "site"

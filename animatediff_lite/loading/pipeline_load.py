@@ -39,7 +39,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   dreambooth: str | os.PathLike | None = None, loras: Sequence[LoraSpec] = (),
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  scheduler: DDIMConfig | None = None) -> Pipeline:
+                  scheduler: DDIMConfig | None = None, backend: str | None = None,
+                  compile: bool | str = False) -> Pipeline:
     """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -52,6 +53,9 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see :mod:`animatediff_lite.lora`.
     scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`). With no weights at all it returns
     the embedded default model (:mod:`animatediff_lite.loading.default_model`).
+    backend: kernel choice, resolved once ("auto" | "triton" | "torch"; None: ANIMATEDIFF_LITE_BACKEND, else
+    "auto"), see :meth:`Pipeline.set_backend`. compile: True (or a torch.compile mode such as "reduce-overhead")
+    compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`.
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -69,8 +73,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
             raise ValueError(f"{', '.join(others)} given {where}: the embedded default model takes no other "
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
         if base_ckpt is None:
-            return load_default_pipeline(device, dtype)
-        return default_pipeline_from_checkpoint(base_ckpt, device, dtype)
+            return _finish(load_default_pipeline(device, dtype), backend, compile)
+        return _finish(default_pipeline_from_checkpoint(base_ckpt, device, dtype), backend, compile)
     if base_ckpt.layout not in BASE_LAYOUTS:
         raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be "
                               f"{BASE_WHAT}")
@@ -84,7 +88,13 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
     if lora_ckpts or motion_lora_ckpts:
         apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
-    return pipe
+    return _finish(pipe, backend, compile)
+
+
+def _finish(pipe: Pipeline, backend: str | None, compile: bool | str) -> Pipeline:
+    """The kernel backend (once, for the pipeline's device) and the optional compile, after every weight change."""
+    pipe.set_backend(backend)
+    return pipe.compile("default" if compile is True else compile) if compile else pipe
 
 
 def _read_again_or_reuse(path: str | os.PathLike | None, base: Checkpoint | None, what: str) -> Checkpoint | None:
