@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     v.add_argument("--kl-weight", type=float, default=1e-5)
     e = sub.add_parser("export", help="score a stage-2 run on the held-out prompts and write the default-model file")
     e.add_argument("run", help="output.dir of `animatediff-lite train examples/train_default_model.toml`")
-    e.add_argument("--out", default="animatediff_lite/assets/default_model.safetensors")
+    e.add_argument("--out", required=True, help="the file to write (the shipped one is "
+                   "animatediff_lite/assets/default_model.safetensors)")
     e.add_argument("--checkpoint", default="", help="a checkpoints/step_N folder of the run (default: the latest)")
     e.add_argument("--eval-steps", type=int, default=int(DEFAULT_SAMPLE["steps"]))
     e.add_argument("--guidance", type=float, default=float(DEFAULT_SAMPLE["guidance_scale"]))
