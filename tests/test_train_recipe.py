@@ -265,3 +265,24 @@ def test_recipe_runs_through_the_cli_and_exports(tmp_path):
     assert pipe.vae.config.scaling_factor == pytest.approx(scale)
     video = pipe("a red circle moving up", seed=0, steps=2, progress=False, num_frames=8, height=32, width=32)
     assert video.shape == (1, 8, 3, 32, 32)
+
+
+def test_loss_weight_cap(tmp_path):
+    from animatediff_lite.train.models import Trainee
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, *args):
+            return torch.zeros_like(x)
+
+    trainee = Trainee(Zero(), Zero(), None)
+    target = torch.stack([torch.full((4, 2, 2, 2), 1.0), torch.full((4, 2, 2, 2), 2.0)])  # per-sample MSE 1 and 4
+    x, t, ids = torch.zeros_like(target), torch.tensor([10, 900]), torch.zeros(2, 77)
+    assert trainee(x, t, ids, target).item() == pytest.approx(2.5)
+    assert trainee(x, t, ids, target, torch.tensor([1.0, 3.0])).item() == pytest.approx((1 + 12) / 2)
+    plain = train(tiny(tmp_path / "plain", train__max_steps=1, output__save_every=1))
+    weighted = train(tiny(tmp_path / "w", train__max_steps=1, output__save_every=1, noise__loss_weight_cap=25))
+    assert math.isfinite(weighted["losses"][0]) and weighted["losses"][0] > plain["losses"][0]  # weights >= 1
+    with pytest.raises(ValueError, match="loss_weight_cap"):
+        tiny(tmp_path, noise__loss_weight_cap=25, noise__prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="loss_weight_cap"):
+        tiny(tmp_path, noise__loss_weight_cap=0.5)

@@ -88,6 +88,7 @@ class NoiseSection:
     beta_schedule: str = "linear"  # AnimateDiff trains with plain linear betas
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction" (recorded in the saved files' metadata)
     high_t_share: float = 0.0  # share of timesteps drawn from the noisier half instead of uniformly
+    loss_weight_cap: float = 0.0  # > 0 (epsilon only): weight each sample's MSE by min(1 / alpha_bar_t, cap)
 
 
 @dataclass
@@ -167,6 +168,10 @@ class TrainConfig:
             (self.noise.prediction_type in PREDICTION_TYPES,
              f"noise.prediction_type must be one of {PREDICTION_TYPES}"),
             (0 <= self.noise.high_t_share <= 1, "noise.high_t_share must be in [0, 1]"),
+            (self.noise.loss_weight_cap == 0 or (self.noise.loss_weight_cap >= 1
+                                                 and self.noise.prediction_type == "epsilon"),
+             "noise.loss_weight_cap must be 0 (off) or >= 1, with noise.prediction_type = 'epsilon' "
+             "(v-prediction already weights every noise level)"),
             (self.text_stage.steps >= 0 and self.text_stage.batch_size >= 1, "bad text_stage.steps/batch_size"),
             (not self.text_stage.steps or bool(self.text_stage.groups),
              "text_stage.steps > 0 needs text_stage.groups (the caption words each probe tells apart)"),

@@ -337,10 +337,13 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         latents, t, ids, noise = prepare(batch, run)
         run.skipped += int(batch["skipped"].sum())
         target = noise if cfg.noise.prediction_type == "epsilon" else run.noise_sched.velocity(latents, noise, t)
+        weight = None
+        if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
+            weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
         sync = i == len(batches) - 1
         with run.model.no_sync() if (d.world > 1 and not sync) else nullcontext():
             with torch.autocast(d.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target)
+                loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target, weight)
             run.scaler.scale(loss / len(batches)).backward()
         micro_losses.append(loss.detach())
     run.scaler.unscale_(run.optimizer)

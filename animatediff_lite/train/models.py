@@ -133,11 +133,17 @@ class Trainee(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.lora = unet, text_encoder, lora
 
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """noisy, target (B, 4, F, h, w); t (B,); ids (B, 77) -> scalar MSE (target: noise or velocity)."""
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, target: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        """noisy, target (B, 4, F, h, w); t (B,); ids (B, 77); weight (B,) or None -> scalar MSE to the target
+        (noise or velocity), each sample's MSE times its weight when given."""
         text = self.text_encoder(ids)  # (B, 77, D)
         pred = self.unet(noisy, t, text)
-        return F.mse_loss(pred.float(), target.float())
+        if weight is None:
+            return F.mse_loss(pred.float(), target.float())
+        per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        # A mean, not sum(w * l) / sum(w): the batch's weights must not rescale it, so ranks stay equivalent.
+        return (weight * per_sample).mean()
 
 
 def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module):
