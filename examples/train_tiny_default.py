@@ -39,7 +39,8 @@ from animatediff_lite.scheduler import DDIM, DDIMConfig
 from animatediff_lite.synthetic import render_clip, split_specs
 from animatediff_lite.tokenizer import Tokenizer
 from animatediff_lite.train.config import load_config
-from animatediff_lite.train.loop import build_models, noise_schedule
+from animatediff_lite.train.loop import noise_schedule
+from animatediff_lite.train.models import build_models
 from animatediff_lite.vae import AutoencoderKL
 
 

@@ -33,14 +33,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, to_dict
 from ..loading.io import atomic_write, load_strict, save_state_dict
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
-from .data import LatentDataset, TimeReversed, build_video_dataset, collate, latent_cache_matches, write_latent_cache
+from .data import collate
+from .inputs import ResumableSampler, build_dataset
 from .models import (
     MOTION_TAG,
     MotionLoRA,
@@ -130,7 +131,8 @@ def setup(cfg: TrainConfig) -> Run:
     state = ckpt.load_training_state(resume) if resume is not None else None
 
     tokenizer, text_encoder, vae, unet, model_cfg = build_models(cfg, d.device)
-    dataset = build_dataset(cfg, vae, d)  # data.latent_std may set vae.config.scaling_factor
+    # data.latent_std may set vae.config.scaling_factor
+    dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
         model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
     text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state, resume)
@@ -171,68 +173,6 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
     n = cfg.noise
     return DDIM(DDIMConfig(num_train_timesteps=n.num_train_timesteps, beta_start=n.beta_start, beta_end=n.beta_end,
                            beta_schedule=n.beta_schedule, prediction_type=n.prediction_type))
-
-
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler (shuffled by seed + epoch, this rank's share) that can start mid-epoch."""
-
-    def __init__(self, dataset, world: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def build_dataset(cfg: TrainConfig, vae: nn.Module, d: Dist):
-    """The training samples: videos (files or synthetic), optionally as a latent cache, optionally time-reversed."""
-    data = cfg.data
-    if data.synthetic:
-        from .synthetic_data import SyntheticClips  # lazy: only the default-model recipe uses procedural clips
-        source = SyntheticClips(data.synthetic, data.synthetic_clips, data.frames, data.size,
-                                data.synthetic_direction_share, seed=cfg.train.seed)
-        log.info("dataset: %d synthetic clips (%s combinations)", len(source), data.synthetic)
-    else:
-        source = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
-                                     frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
-    dataset = source
-    if data.latent_cache:
-        dataset = _latent_cache(cfg, source, vae, d)
-    if data.reverse_share > 0:
-        dataset = TimeReversed(dataset, data.reverse_share, data.reverse_words, seed=cfg.train.seed)
-    return dataset
-
-
-def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, d: Dist) -> LatentDataset:
-    data = cfg.data
-    settings = {"csv": data.csv, "root": data.root, "folder": data.folder, "frames": data.frames,
-                "stride": data.stride, "size": data.size, "seed": cfg.train.seed, "n": len(source),
-                "synthetic": [data.synthetic, data.synthetic_clips, data.synthetic_direction_share],
-                "vae": [cfg.model.vae, vae.config.scaling_factor]}
-    if d.main and not latent_cache_matches(data.latent_cache, settings):
-        log.info("encoding %d clips into the latent cache %s", len(source), data.latent_cache)
-        latents, captions = [], []
-        with torch.no_grad():
-            for i in range(len(source)):
-                s = source[i]
-                g = torch.Generator().manual_seed(s["sample_seed"])
-                z = vae.encode(s["video"][None].to(d.device), generator=g)[0]
-                latents.append(z.cpu().to(torch.float16))
-                captions.append(s["caption"])
-        write_latent_cache(data.latent_cache, latents, captions, settings)
-    _barrier(d)
-    cached = LatentDataset(data.latent_cache, seed=cfg.train.seed)
-    if data.latent_std > 0:
-        # Like SD's 0.18215: scale latents to a chosen std, and keep the factor with the VAE for sampling.
-        cached.scale = data.latent_std / float(cached.all_latents().std())
-        vae.config = dataclasses.replace(vae.config, scaling_factor=vae.config.scaling_factor * cached.scale)
-        log.info("latents scaled by %.5f to std %g: VAE scaling_factor %.5f", cached.scale, data.latent_std,
-                 vae.config.scaling_factor)
-    return cached
 
 
 def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset, state: dict | None,
