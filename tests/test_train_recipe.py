@@ -83,12 +83,17 @@ def test_ema_update_and_swap():
         EMA(p, decay=1.0)
 
 
-def test_ema_exported_and_resumed_bitwise(tmp_path):
-    kw = dict(train__modules="unet", train__ema_decay=0.9, output__save_every=2)
+def test_ema_and_text_stage_exported_and_resumed_bitwise(tmp_path):
+    kw = dict(train__modules="unet", train__ema_decay=0.9, output__save_every=2, text_stage__steps=3,
+              text_stage__groups='[["red", "green", "blue"], ["circle", "square", "triangle"]]')
     full = train(tiny(tmp_path / "full", train__max_steps=4, **kw))
     half = train(tiny(tmp_path / "half", train__max_steps=2, **kw))
     resumed = train(tiny(tmp_path / "half", train__max_steps=4, **kw))
     assert half["steps"] == 2 and resumed["losses"] == full["losses"][2:]
+    stages = [json.loads(x).get("stage") for x in open(tmp_path / "half" / "log.jsonl")]
+    assert stages.count("text") == 1  # the resumed run took the text encoder from the checkpoint
+    te = read_state_dict(tmp_path / "half" / "text_encoder.safetensors")
+    assert all(torch.equal(v, full["text_encoder"].state_dict()[k]) for k, v in te.items())
     assert all(torch.equal(full["ema"][k], resumed["ema"][k]) for k in full["ema"])
     state = ckpt.load_training_state(tmp_path / "full" / "checkpoints" / "step_00000004")
     assert set(state["ema"]) == set(state["trainable"])
@@ -99,7 +104,7 @@ def test_ema_exported_and_resumed_bitwise(tmp_path):
     assert sum(moved) > 0.9 * len(moved)  # ... not the raw weights
     assert all(torch.equal(exported[k], v) for k, v in read_state_dict(tmp_path / "half" / "unet.safetensors").items())
     assert read_safetensors_metadata(tmp_path / "full" / "unet.safetensors")["weights"] == "ema"
-    train(tiny(tmp_path / "plain", train__max_steps=1, train__modules="unet", output__save_every=1))
+    train(tiny(tmp_path / "plain", train__max_steps=1, train__modules="unet", output__save_every=1))  # no EMA
     with pytest.raises(ValueError, match="EMA lacks"):  # a checkpoint made without EMA cannot resume with one
         train(tiny(tmp_path / "plain", train__max_steps=2, train__modules="unet", train__ema_decay=0.9))
 

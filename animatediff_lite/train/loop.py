@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, to_dict
-from ..loading.io import atomic_write, load_strict, save_state_dict
+from ..loading.io import atomic_write, save_state_dict
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
@@ -182,7 +182,7 @@ def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: n
     if ts.steps == 0:
         return None
     if state is not None and "text_encoder" in state:
-        load_strict(text_encoder, state["text_encoder"], resume, "the text stage's text encoder")
+        text_encoder.load_state_dict(state["text_encoder"])  # copies onto the encoder's device
         text_encoder.requires_grad_(False)
     else:
         records = pretrain_text_encoder(text_encoder, tokenizer, dataset.captions, ts.groups, ts.steps, ts.lr,
