@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--to", choices=("diffusers", "ldm"), required=True)
     cu.set_defaults(func=cmd_convert_unet)
 
-    t = sub.add_parser("train", help="train a motion module", description="Train a motion module from a config.")
+    t = sub.add_parser("train", help="train a motion module, MotionLoRA, UNet or the default model",
+                       description="Train from a TOML config (every key: examples/train_config.toml; the default "
+                                   "model's recipe: examples/train_default_model.toml; docs/training.md).")
     t.add_argument("config", help="training config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs overriding the config")
     t.set_defaults(func=cmd_train)

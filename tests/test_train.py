@@ -116,7 +116,11 @@ def test_ddp_two_gloo_ranks_match_one_rank_with_double_batch(tmp_path, clips):
     # around zero, different in the two summation orders) get updates of ~lr with a random sign. A larger
     # eps keeps the comparison about the gradients, which must agree to float precision.
     csv_path = clips[0]
-    train(config(tmp_path / "one", csv_path, train__max_steps=3, output__save_every=3, optim__eps=1e-4))
+    # The recipe features ride along: v-prediction, noisier-half timesteps, cosine LR, EMA (the exported file).
+    recipe = {"noise.prediction_type": "v_prediction", "noise.high_t_share": "0.5", "optim.schedule": "cosine",
+              "optim.warmup_steps": "1", "train.ema_decay": "0.5"}
+    train(config(tmp_path / "one", csv_path, train__max_steps=3, output__save_every=3, optim__eps=1e-4,
+                 **{k.replace(".", "__"): v for k, v in recipe.items()}))
     script = tmp_path / "run.py"
     script.write_text("import sys, torch\ntorch.set_num_threads(1)\nfrom animatediff_lite.train import main\n"
                       "main(sys.argv[1:])\n")
@@ -124,6 +128,7 @@ def test_ddp_two_gloo_ranks_match_one_rank_with_double_batch(tmp_path, clips):
             "--data.size", str(SIZE), "--data.num_workers", "0", "--output.dir", str(tmp_path / "two"),
             "--train.batch_size", "1", "--optim.lr", "3e-3", "--train.max_steps", "3", "--output.save_every", "3",
             "--train.device", "cpu", "--optim.eps", "1e-4", "--output.log_every", "1"]
+    args += [x for k, v in recipe.items() for x in (f"--{k}", v)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *args], capture_output=True, text=True, timeout=300, env=env)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..loading.io import atomic_write, save_state_dict
+from ..atomic import atomic_write
+from ..loading.io import save_state_dict
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -39,8 +40,9 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]],
-                    training_state: dict, keep_last: int) -> Path:
-    """Write ``weights`` (file name -> state dict) and ``training_state`` as checkpoint ``step``.
+                    training_state: dict, keep_last: int, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``weights`` (file name -> state dict, with safetensors ``metadata``) and ``training_state`` as
+    checkpoint ``step``.
 
     Also copies each weights file to ``out_dir`` itself (the latest result, replaced atomically), then
     deletes all but the newest ``keep_last`` checkpoint folders. Returns the checkpoint folder.
@@ -51,7 +53,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str,
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name, state in weights.items():
-        save_state_dict(state, tmp / name)
+        save_state_dict(state, tmp / name, metadata)
     atomic_write(tmp / "training_state.pt", lambda p: torch.save(training_state, p))
     if final.exists():
         shutil.rmtree(final)

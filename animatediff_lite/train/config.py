@@ -14,8 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TRAIN_MODULES = ("motion", "motion_lora", "all")
+TRAIN_MODULES = ("motion", "motion_lora", "unet", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
+PRESETS = ("tiny", "sd15", "default")
+LR_SCHEDULES = ("constant", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SYNTHETIC_SETS = ("train", "all")
 
 
 @dataclass
@@ -29,20 +33,27 @@ class DataSection:
     size: int = 256
     num_workers: int = 2
     latent_cache: str = ""  # folder for precomputed VAE latents (made on first use; fixed frame windows)
+    latent_std: float = 0.0  # > 0: rescale the cached latents to this std and store the factor in the VAE config
+    reverse_share: float = 0.0  # share of samples played backwards with the words of reverse_words swapped
+    reverse_words: list = field(default_factory=list)  # "moving left:moving right" pairs, swapped both ways
+    synthetic: str = ""  # or: procedural clips (animatediff_lite.synthetic): "train" (held-out combos left out), "all"
+    synthetic_clips: int = 3000  # clips in the synthetic pool (fixed renders)
+    synthetic_direction_share: float = 0.0  # > 0: this share of the pool moves left/right/up/down; 0: uniform
 
 
 @dataclass
 class ModelSection:
-    preset: str = ""  # "tiny" or "sd15": random init from animatediff_lite.config (tests, the default model)
+    preset: str = ""  # "tiny", "sd15" or "default" (the embedded model's sizes): random init
     init_seed: int = 0  # seed of the random init for a preset
     base: str = ""  # or: SD1.5 weights, a diffusers folder or a single LDM file (through load_pipeline)
     motion_module: str = ""  # start from this motion module (fine-tune); empty: zero-init proj_out
     motion_version: str = "v2"  # "v1", "v2" or "v3" layout for a fresh motion module
+    vae: str = ""  # a preset's VAE weights (native keys, e.g. the default-model recipe's VAE stage); frozen
 
 
 @dataclass
 class TrainSection:
-    modules: str = "motion"  # "motion", "motion_lora" (rank-r adapters on a frozen motion module) or "all"
+    modules: str = "motion"  # "motion", "motion_lora" (adapters on a frozen motion module), "unet" or "all"
     lora_rank: int = 4
     max_steps: int = 1000
     batch_size: int = 1  # per rank and micro-step
@@ -52,6 +63,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     caption_dropout: float = 0.1
     max_grad_norm: float = 1.0  # 0 disables clipping
+    ema_decay: float = 0.0  # > 0: keep an EMA of the trained weights (exported, resumed); 0: none
     device: str = ""  # default: cuda:{LOCAL_RANK} when available, else cpu
 
 
@@ -63,6 +75,9 @@ class OptimSection:
     beta2: float = 0.999
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    schedule: str = "constant"  # "constant" or "cosine" (after warm-up, down to lr * min_lr_ratio)
+    decay_steps: int = 0  # length of the cosine; 0: train.max_steps (set it to stop early on a longer schedule)
+    min_lr_ratio: float = 0.0  # the cosine's floor as a fraction of lr
 
 
 @dataclass
@@ -71,6 +86,17 @@ class NoiseSection:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "linear"  # AnimateDiff trains with plain linear betas
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction" (recorded in the saved files' metadata)
+    high_t_share: float = 0.0  # share of timesteps drawn from the noisier half instead of uniformly
+    loss_weight_cap: float = 0.0  # > 0 (epsilon only): weight each sample's MSE by min(1 / alpha_bar_t, cap)
+
+
+@dataclass
+class TextStageSection:
+    steps: int = 0  # > 0: pretrain the text encoder on caption-word probes first, then freeze it
+    lr: float = 2e-3
+    batch_size: int = 32
+    groups: list = field(default_factory=list)  # word groups, e.g. [["circle", "square"], ["red", "blue"]]
 
 
 @dataclass
@@ -101,6 +127,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     noise: NoiseSection = field(default_factory=NoiseSection)
+    text_stage: TextStageSection = field(default_factory=TextStageSection)
     output: OutputSection = field(default_factory=OutputSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
 
@@ -111,7 +138,8 @@ class TrainConfig:
             (self.train.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}"),
             (bool(self.model.preset) != bool(self.model.base),
              "set exactly one of model.preset ('tiny', 'sd15') and model.base (a weights path)"),
-            (self.model.preset in ("", "tiny", "sd15"), "model.preset must be 'tiny' or 'sd15'"),
+            (self.model.preset in ("", *PRESETS), f"model.preset must be one of {PRESETS}"),
+            (not self.model.vae or bool(self.model.preset), "model.vae is for a preset (model.base has its VAE)"),
             (self.train.lora_rank >= 1, "train.lora_rank must be >= 1"),
             (self.train.modules != "motion_lora" or bool(self.model.motion_module),
              "train.modules = 'motion_lora' needs model.motion_module (the motion module the LoRA adapts)"),
@@ -121,6 +149,36 @@ class TrainConfig:
             (self.output.save_every >= 1 and self.output.keep_last >= 1 and self.output.log_every >= 1,
              "output.save_every, output.keep_last and output.log_every must be >= 1"),
             (self.data.frames >= 1 and self.data.stride >= 1 and self.data.size >= 8, "bad data.frames/stride/size"),
+            (not (self.data.synthetic and (self.data.csv or self.data.folder)),
+             "set one of data.csv, data.folder and data.synthetic"),
+            (self.data.synthetic in ("", *SYNTHETIC_SETS), f"data.synthetic must be one of {SYNTHETIC_SETS}"),
+            (self.data.synthetic_clips >= 1, "data.synthetic_clips must be >= 1"),
+            (0 <= self.data.synthetic_direction_share <= 1, "data.synthetic_direction_share must be in [0, 1]"),
+            (0 <= self.data.reverse_share <= 1, "data.reverse_share must be in [0, 1]"),
+            (all(isinstance(w, str) and w.count(":") == 1 for w in self.data.reverse_words),
+             'data.reverse_words must be "word:opposite" strings, e.g. "moving left:moving right"'),
+            (self.data.latent_std >= 0, "data.latent_std must be >= 0"),
+            (not self.data.latent_std or bool(self.data.latent_cache),
+             "data.latent_std needs data.latent_cache (the std is measured on the cached latents)"),
+            (self.optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of {LR_SCHEDULES}"),
+            (self.optim.warmup_steps >= 0 and self.optim.decay_steps >= 0,
+             "optim.warmup_steps and optim.decay_steps must be >= 0"),
+            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
+            (0 <= self.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
+            (self.noise.prediction_type in PREDICTION_TYPES,
+             f"noise.prediction_type must be one of {PREDICTION_TYPES}"),
+            (0 <= self.noise.high_t_share <= 1, "noise.high_t_share must be in [0, 1]"),
+            (self.noise.loss_weight_cap == 0 or (self.noise.loss_weight_cap >= 1
+                                                 and self.noise.prediction_type == "epsilon"),
+             "noise.loss_weight_cap must be 0 (off) or >= 1, with noise.prediction_type = 'epsilon' "
+             "(v-prediction already weights every noise level)"),
+            (self.text_stage.steps >= 0 and self.text_stage.batch_size >= 1, "bad text_stage.steps/batch_size"),
+            (not self.text_stage.steps or bool(self.text_stage.groups),
+             "text_stage.steps > 0 needs text_stage.groups (the caption words each probe tells apart)"),
+            (all(isinstance(g, list) and len(g) >= 2 and all(isinstance(w, str) for w in g)
+                 for g in self.text_stage.groups), "text_stage.groups must be lists of >= 2 words each"),
+            (not self.text_stage.steps or self.train.modules not in ("all",),
+             "text_stage pretrains then freezes the text encoder: use train.modules 'unet' or 'motion', not 'all'"),
         ]
         for ok, message in checks:
             if not ok:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,10 @@ class VideoDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def captions(self) -> list[str]:
+        return [item.caption for item in self.items]
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -268,7 +273,8 @@ SHARD = 1024
 def write_latent_cache(folder: str | os.PathLike, latents: list[torch.Tensor], captions: list[str],
                        settings: dict) -> None:
     """Write per-sample latents (each (4, F, h, w)) and captions as a cache folder (atomic per file)."""
-    from ..loading.io import atomic_write, save_state_dict
+    from ..atomic import atomic_write
+    from ..loading.io import save_state_dict
 
     folder = Path(folder)
     sizes = []
@@ -292,14 +298,22 @@ def latent_cache_matches(folder: str | os.PathLike, settings: dict) -> bool:
 
 
 class LatentDataset(Dataset):
-    """Samples of a latent cache: dict with ``latents`` (4, F, h, w), ``caption``, ``index``,
+    """Samples of a latent cache: dict with ``latents`` (4, F, h, w) times ``scale``, ``caption``, ``index``,
     ``sample_seed``, ``skipped`` (always 0)."""
 
-    def __init__(self, folder: str | os.PathLike, seed: int = 0):
+    def __init__(self, folder: str | os.PathLike, seed: int = 0, scale: float = 1.0):
         self.folder = Path(folder)
         index = json.loads((self.folder / "index.json").read_text())
         self.captions, self.shards, self.seed, self.epoch = index["captions"], index["shards"], seed, 0
+        self.scale = scale
         self._offsets = np.cumsum([0, *self.shards])
+
+    def all_latents(self) -> torch.Tensor:
+        """Every cached latent, unscaled, as one float32 tensor (N, 4, F, h, w)."""
+        from safetensors.torch import load_file
+
+        return torch.cat([load_file(str(self.folder / f"latents_{k:05d}.safetensors"))["latents"].float()
+                          for k in range(len(self.shards))])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -314,8 +328,56 @@ class LatentDataset(Dataset):
         with safe_open(str(self.folder / f"latents_{shard:05d}.safetensors"), "pt") as f:
             k = index - int(self._offsets[shard])
             latents = f.get_slice("latents")[k:k + 1][0].float()
+        if self.scale != 1.0:
+            latents = latents * self.scale
         return {"latents": latents, "caption": self.captions[index], "index": index,
                 "sample_seed": sample_seed(self.seed, self.epoch, index), "skipped": 0}
+
+
+class TimeReversed(Dataset):
+    """Plays a share of ``dataset``'s samples backwards, with the caption's motion words swapped.
+
+    ``pairs`` are "word:opposite" strings ("moving left:moving right"), swapped both ways. A sample is
+    reversed only when its swapped caption is one of the dataset's own captions, so a combination the data
+    leaves out (a held-out test prompt) is never made; a caption without any of the words reverses as it is.
+    Works on ``video`` (3, F, H, W) and cached ``latents`` (4, F, h, w) alike: the VAE codes frames one by one,
+    so reversing latents is reversing the clip. The draw comes from (seed, epoch, index), like the rest.
+    """
+
+    def __init__(self, dataset, share: float, pairs: list[str], seed: int = 0):
+        self.dataset, self.share, self.seed, self.epoch = dataset, share, seed, 0
+        self.opposite: dict[str, str] = {}
+        for pair in pairs:
+            a, b = (w.strip() for w in pair.split(":"))
+            self.opposite.update({a: b, b: a})
+        words = sorted(self.opposite, key=len, reverse=True)
+        self._pattern = re.compile("|".join(rf"\b{re.escape(w)}\b" for w in words)) if words else None
+        self.captions = list(dataset.captions)
+        self._known = set(self.captions)
+
+    def swapped(self, caption: str) -> str:
+        """``caption`` with every listed word replaced by its opposite."""
+        if self._pattern is None:
+            return caption
+        return self._pattern.sub(lambda m: self.opposite[m.group(0)], caption)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        if np.random.default_rng([self.seed, self.epoch, index, 13]).random() >= self.share:
+            return sample
+        caption = self.swapped(sample["caption"])
+        if caption in self._known:
+            key = "latents" if "latents" in sample else "video"
+            sample[key] = sample[key].flip(1)  # (C, F, ...): dim 1 is time
+            sample["caption"] = caption
+        return sample
 
 
 def collate(samples: list[dict]) -> dict:

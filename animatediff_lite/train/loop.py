@@ -1,13 +1,19 @@
-"""The training loop, top to bottom: one process or torchrun (DDP), motion modules / MotionLoRA / whole model.
+"""The training loop, top to bottom: one process or torchrun (DDP), motion modules / MotionLoRA / UNet / whole model.
 
     animatediff-lite train run.toml --optim.lr 3e-4
     torchrun --nproc_per_node 4 -m animatediff_lite train run.toml
 
-Objective: epsilon-prediction MSE on VAE latents noised with the linear-beta DDPM schedule; captions are
-replaced by "" with probability ``train.caption_dropout``. Everything a step draws for a sample (VAE
-posterior noise, timestep, caption dropout, noise) comes from that sample's own seed (see
-``train/data.py``), so N ranks with batch b train exactly like 1 rank with batch N*b, and a resumed run
-continues bit for bit. Rank 0 logs (JSONL + progress bar), validates and saves; the others wait at a barrier.
+``train(cfg)`` is ``setup`` (models, optional text stage, data, optimiser, LR schedule, EMA, resume), then
+``train_step`` per optimiser step and ``save`` every ``output.save_every`` steps.
+
+Objective: MSE to the noise (``noise.prediction_type = "epsilon"``) or to the velocity ("v_prediction") on
+VAE latents noised with the linear-beta DDPM schedule; timesteps uniform, or a share from the noisier half
+(``noise.high_t_share``); captions replaced by "" with probability ``train.caption_dropout``. Everything a
+step draws for a sample (VAE posterior noise, timestep, caption dropout, noise, time reversal) comes from
+that sample's own seed (see ``train/data.py``), so N ranks with batch b train exactly like 1 rank with batch
+N*b, and a resumed run continues bit for bit. Rank 0 logs (JSONL + progress bar), validates and saves; the
+others wait at a barrier. With ``train.ema_decay`` the exported weight files hold the EMA of the weights
+(the raw weights and the EMA are both in ``training_state.pt``).
 """
 
 from __future__ import annotations
@@ -19,30 +25,39 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
-from ..config import MOTION_VERSIONS, SD15, TINY, ModelConfig, to_dict
-from ..loading.io import atomic_write, save_state_dict
-from ..loading.motion_load import motion_state_to_original
+from ..atomic import atomic_write
+from ..config import ModelConfig, to_dict
+from ..loading.io import save_state_dict
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
-from .data import LatentDataset, build_video_dataset, collate, latent_cache_matches, write_latent_cache
+from .data import collate
+from .inputs import ResumableSampler, build_dataset
+from .models import (
+    MOTION_TAG,
+    MotionLoRA,
+    Trainee,
+    build_models,
+    build_preset,
+    export_weights,
+    select_trainable,
+)
+from .schedule import EMA, lr_factor
+from .text_stage import pretrain_text_encoder
 
 log = logging.getLogger("animatediff_lite.train")
-MOTION_TAG = ".motion_modules."
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FILE_FORMAT = "animatediff-lite-train/1"
 
-
-# ----------------------------------------------------------------------------------------------- setup
 
 @dataclass
 class Dist:
@@ -55,6 +70,39 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+
+@dataclass
+class Run:
+    """What ``setup`` builds and each ``train_step`` advances (step, epoch, position in the epoch)."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    tokenizer: object
+    text_encoder: nn.Module
+    vae: nn.Module
+    unet: nn.Module
+    lora: MotionLoRA | None
+    params: dict[str, nn.Parameter]
+    model: nn.Module  # the Trainee, or DDP around it
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    noise_sched: DDIM
+    ema: EMA | None
+    dataset: object
+    sampler: ResumableSampler
+    model_cfg: ModelConfig | None  # a preset's sizes (with the measured latent scale), None for model.base
+    text_state: dict | None  # the text stage's frozen encoder, kept in checkpoints so a resume skips the stage
+    amp_dtype: torch.dtype | None
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0  # micro-batches of this epoch consumed
+    skipped: int = 0
+    t0: float = field(default_factory=time.time)
+
+
+# ----------------------------------------------------------------------------------------------- setup
 
 def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
@@ -70,185 +118,8 @@ def setup_distributed(device: str) -> Dist:
     return Dist(rank, world, local_rank, dev)
 
 
-def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Module, ModelConfig]:
-    """(tokenizer, text_encoder, vae, unet, model config) of a preset with seeded random init."""
-    from ..clip import TextEncoder
-    from ..tokenizer import Tokenizer
-    from ..unet import UNet3D
-    from ..vae import AutoencoderKL
-
-    base = {"tiny": TINY, "sd15": SD15}[cfg.model.preset]
-    motion = dataclasses.replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version])
-    model_cfg = dataclasses.replace(base, motion=motion)
-    torch.manual_seed(cfg.model.init_seed)
-    text_encoder = TextEncoder(model_cfg.clip)
-    vae = AutoencoderKL(model_cfg.vae)
-    unet = UNet3D(model_cfg.unet, model_cfg.motion)
-    return Tokenizer(), text_encoder, vae, unet, model_cfg
-
-
-def build_models(cfg: TrainConfig, device: torch.device):
-    """Tokenizer, text encoder, VAE and UNet3D (motion module from the file, or fresh) on ``device``, fp32."""
-    if cfg.model.preset:
-        tokenizer, text_encoder, vae, unet, model_cfg = build_preset(cfg)
-        if cfg.model.motion_module:
-            from ..loading.motion_load import load_motion_module
-            load_motion_module(unet, cfg.model.motion_module)
-    else:
-        from ..loading.pipeline_load import load_pipeline
-        pipe = load_pipeline(base=cfg.model.base, motion_module=cfg.model.motion_module or None,
-                             device="cpu", dtype=torch.float32)
-        tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-        if getattr(unet, "motion", None) is None or not any(MOTION_TAG in k for k in unet.state_dict()):
-            raise ValueError("model.base gave a UNet without motion modules; set model.motion_module")
-        if not cfg.model.motion_module:  # fresh motion module: re-init with zero proj_out
-            _reinit_motion(unet)
-        model_cfg = None
-    return tokenizer, text_encoder.to(device), vae.to(device), unet.to(device), model_cfg
-
-
-def _reinit_motion(unet: nn.Module) -> None:
-    from ..motion import MotionModule
-    for m in unet.modules():
-        if isinstance(m, MotionModule):
-            for sub in m.modules():
-                if isinstance(sub, (nn.Linear, nn.LayerNorm, nn.GroupNorm)):
-                    sub.reset_parameters()
-            m._init_weights()
-
-
-# ------------------------------------------------------------------------------------------ MotionLoRA
-
-class MotionLoRA(nn.Module):
-    """Rank-r adapters ``W x + up(down(x))`` on the temporal attention projections of a motion module.
-
-    The adapters live here, not inside the UNet, so the UNet's state_dict keeps its names; forward hooks
-    on the target Linears add the low-rank term. ``up`` starts at zero (the adapted model starts equal to
-    the base), ``down`` ~ N(0, 1/r). :meth:`original_state` gives the original MotionLoRA file layout.
-    """
-
-    def __init__(self, unet: nn.Module, rank: int):
-        super().__init__()
-        self.names: list[str] = []
-        self.down, self.up = nn.ParameterList(), nn.ParameterList()
-        self._hooks = []
-        for name, module in unet.named_modules():
-            if MOTION_TAG in f".{name}" and isinstance(module, nn.Linear) and name.endswith(LORA_TARGETS) \
-                    and ".attention_blocks." in name:
-                down = nn.Parameter(torch.randn(rank, module.in_features) / rank)
-                up = nn.Parameter(torch.zeros(module.out_features, rank))
-                self.names.append(name)
-                self.down.append(down)
-                self.up.append(up)
-                self._hooks.append(module.register_forward_hook(self._hook(len(self.names) - 1)))
-        if not self.names:
-            raise ValueError("the UNet has no motion-module attention projections to adapt")
-
-    def _hook(self, i: int):
-        def add_low_rank(module, args, out):
-            x = args[0]
-            return out + F.linear(F.linear(x, self.down[i].to(x.dtype)), self.up[i].to(x.dtype))
-        return add_low_rank
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-
-    def original_state(self) -> dict[str, torch.Tensor]:
-        """``{module}.processor.{to_q,to_k,to_v,to_out}_lora.{down,up}.weight`` as guoyww/AnimateDiff reads it."""
-        out = {}
-        for name, down, up in zip(self.names, self.down, self.up, strict=True):
-            module, _, proj = name.removesuffix(".0").rpartition(".")
-            out[f"{module}.processor.{proj}_lora.down.weight"] = down.detach().clone()
-            out[f"{module}.processor.{proj}_lora.up.weight"] = up.detach().clone()
-        return out
-
-
-class Trainee(nn.Module):
-    """What DDP wraps: the UNet, the text encoder and the LoRA adapters, with the loss as forward."""
-
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, lora: MotionLoRA | None):
-        super().__init__()
-        self.unet, self.text_encoder, self.lora = unet, text_encoder, lora
-
-    def forward(self, noisy: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """noisy, noise (B, 4, F, h, w); t (B,); ids (B, 77) -> scalar epsilon MSE."""
-        text = self.text_encoder(ids)  # (B, 77, D)
-        pred = self.unet(noisy, t, text)
-        return F.mse_loss(pred.float(), noise.float())
-
-
-def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module):
-    """Freeze everything, then enable the trained part; returns (trainable params by name, lora or None)."""
-    for m in (unet, text_encoder, vae):
-        m.requires_grad_(False)
-    lora = None
-    mode = cfg.train.modules
-    if mode == "motion":
-        for name, p in unet.named_parameters():
-            p.requires_grad_(MOTION_TAG in f".{name}")
-    elif mode == "motion_lora":
-        lora = MotionLoRA(unet, cfg.train.lora_rank)
-    else:  # "all": the whole UNet (motion modules included) and the text encoder; the VAE stays frozen
-        unet.requires_grad_(True)
-        text_encoder.requires_grad_(True)
-    params = {f"unet.{k}": p for k, p in unet.named_parameters() if p.requires_grad}
-    params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters() if p.requires_grad})
-    if lora is not None:
-        params.update({f"lora.{k}": p for k, p in lora.named_parameters()})
-    if not params:
-        raise ValueError(f"train.modules = {mode!r} selects no parameters (does the UNet have motion modules?)")
-    return params, lora
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler (shuffled by seed + epoch, this rank's share) that can start mid-epoch."""
-
-    def __init__(self, dataset, world: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def build_dataset(cfg: TrainConfig, vae: nn.Module, d: Dist):
-    data = cfg.data
-    videos = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
-                                 frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
-    if not data.latent_cache:
-        return videos
-    settings = {"csv": data.csv, "root": data.root, "folder": data.folder, "frames": data.frames,
-                "stride": data.stride, "size": data.size, "seed": cfg.train.seed, "n": len(videos)}
-    if d.main and not latent_cache_matches(data.latent_cache, settings):
-        log.info("encoding %d clips into the latent cache %s", len(videos), data.latent_cache)
-        latents, captions = [], []
-        with torch.no_grad():
-            for i in range(len(videos)):
-                s = videos[i]
-                g = torch.Generator().manual_seed(s["sample_seed"])
-                z = vae.encode(s["video"][None].to(d.device), generator=g)[0]
-                latents.append(z.cpu().to(torch.float16))
-                captions.append(s["caption"])
-        write_latent_cache(data.latent_cache, latents, captions, settings)
-    _barrier(d)
-    return LatentDataset(data.latent_cache, seed=cfg.train.seed)
-
-
-# ------------------------------------------------------------------------------------------------ loop
-
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training run described by ``cfg``.
-
-    Returns a summary: ``steps``, ``losses`` (all-reduced, one per step of this process's run), ``last`` (the
-    last log record), ``output`` (the folder) and the models (``unet``, ``text_encoder``, ``vae``, ``tokenizer``).
-    """
+def setup(cfg: TrainConfig) -> Run:
+    """Build everything a run needs, in order, and restore the latest checkpoint when resuming."""
     cfg.validate()
     d = setup_distributed(cfg.train.device)
     out = Path(cfg.output.dir)
@@ -256,12 +127,16 @@ def train(cfg: TrainConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
     _seed_all(cfg.train.seed + d.rank)
-    precision = cfg.train.precision
-    if precision == "fp16" and d.device.type != "cuda":
-        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
-    amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    amp_dtype = _amp_dtype(cfg.train.precision, d.device)
+    resume = _resume_folder(cfg, out)
+    state = ckpt.load_training_state(resume) if resume is not None else None
 
     tokenizer, text_encoder, vae, unet, model_cfg = build_models(cfg, d.device)
+    # data.latent_std may set vae.config.scaling_factor
+    dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
+    if model_cfg is not None:
+        model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
+    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state, resume)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, lora = select_trainable(cfg, unet, text_encoder, vae)
@@ -272,170 +147,224 @@ def train(cfg: TrainConfig) -> dict:
     text_encoder.train(cfg.train.modules == "all")
     vae.eval()
 
-    dataset = build_dataset(cfg, vae, d)
     sampler = ResumableSampler(dataset, d.world, d.rank, cfg.train.seed)
-    bs = cfg.train.batch_size
-    if sampler.num_samples < bs:
+    if sampler.num_samples < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} clips over {d.world} ranks give {sampler.num_samples} per rank per epoch, "
-                         f"fewer than train.batch_size={bs}")
-    loader_kw = dict(batch_size=bs, sampler=sampler, collate_fn=collate, drop_last=True,
-                     num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-    micro_per_epoch = sampler.num_samples // bs
-
-    trainee = Trainee(unet, text_encoder, lora)
-    model = trainee
+                         f"fewer than train.batch_size={cfg.train.batch_size}")
+    model = trainee = Trainee(unet, text_encoder, lora)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
     o = cfg.optim
     optimizer = torch.optim.AdamW(list(params.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
-    warmup = max(o.warmup_steps, 0)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    noise_sched = DDIM(DDIMConfig(num_train_timesteps=cfg.noise.num_train_timesteps, beta_start=cfg.noise.beta_start,
-                                  beta_end=cfg.noise.beta_end, beta_schedule=cfg.noise.beta_schedule))
+    factor = lr_factor(o.schedule, o.warmup_steps, o.decay_steps or cfg.train.max_steps, o.min_lr_ratio)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
+    ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, lora, params, model, optimizer, lr_sched, scaler,
+              noise_schedule(cfg), ema, dataset, sampler, model_cfg, text_state, amp_dtype)
+    if state is not None:
+        _restore(run, state, resume)
+    return run
 
-    step, epoch, pos = 0, 0, 0
-    resume = _resume_folder(cfg, out)
-    if resume is not None:
-        state = ckpt.load_training_state(resume)
-        missing = set(params) - set(state["trainable"])
-        if missing:
-            raise ValueError(f"{resume}: the checkpoint lacks {len(missing)} trainable tensors "
-                             f"(e.g. {sorted(missing)[0]}); was it made with another train.modules?")
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state["trainable"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_schedule"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, pos = state["step"], state["epoch"], state["position"]
-        ckpt.set_rng_states(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+
+def noise_schedule(cfg: TrainConfig) -> DDIM:
+    """The DDPM noise schedule of ``[noise]`` (also what sampling the trained model must use)."""
+    n = cfg.noise
+    return DDIM(DDIMConfig(num_train_timesteps=n.num_train_timesteps, beta_start=n.beta_start, beta_end=n.beta_end,
+                           beta_schedule=n.beta_schedule, prediction_type=n.prediction_type))
+
+
+def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset, state: dict | None,
+                resume: Path | None) -> dict | None:
+    """Run the text stage (or take its result from the checkpoint being resumed); its frozen encoder's state."""
+    ts = cfg.text_stage
+    if ts.steps == 0:
+        return None
+    if state is not None and "text_encoder" in state:
+        text_encoder.load_state_dict(state["text_encoder"])  # copies onto the encoder's device
+        text_encoder.requires_grad_(False)
+    else:
+        records = pretrain_text_encoder(text_encoder, tokenizer, dataset.captions, ts.groups, ts.steps, ts.lr,
+                                        ts.batch_size, seed=cfg.train.seed, device=d.device)
         if d.main:
-            log.info("resumed from %s at step %d", resume, step)
+            _append_log(out, records)
+            log.info("text stage: %s", records[-1])
+    return {k: v.detach().cpu().clone() for k, v in text_encoder.state_dict().items()}
 
+
+def _restore(run: Run, state: dict, folder: Path) -> None:
+    missing = set(run.params) - set(state["trainable"])
+    if missing:
+        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} trainable tensors "
+                         f"(e.g. {sorted(missing)[0]}); was it made with another train.modules?")
+    with torch.no_grad():
+        for k, p in run.params.items():
+            p.copy_(state["trainable"][k])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.lr_sched.load_state_dict(state["lr_schedule"])
+    run.scaler.load_state_dict(state["scaler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state.get("ema", {}), str(folder))
+    run.step, run.epoch, run.pos = state["step"], state["epoch"], state["position"]
+    ckpt.set_rng_states(state["rng"][min(run.d.rank, len(state["rng"]) - 1)])
+    if run.d.main:
+        log.info("resumed from %s at step %d", folder, run.step)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training run described by ``cfg``.
+
+    Returns a summary: ``steps``, ``losses`` (all-reduced, one per step of this process's run), ``last`` (the
+    last log record), ``output`` (the folder), the models (``unet``, ``text_encoder``, ``vae``, ``tokenizer``;
+    raw weights) and ``ema`` (name -> averaged tensor, or None).
+    """
+    run = setup(cfg)
     pbar = None
-    if d.main:
+    if run.d.main:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
-    log_path = out / "log.jsonl"
-    t0 = time.time()
-    losses, skipped_total, last = [], 0, {}
-    accum = 0
-    micro_losses = []
-    while step < cfg.train.max_steps:
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        sampler.start = pos * bs
-        if pos >= micro_per_epoch:
-            epoch, pos = epoch + 1, 0
-            continue
-        for batch in DataLoader(dataset, **loader_kw):
-            pos += 1
-            accum += 1
-            sync = accum == cfg.train.grad_accum
-            latents, t, ids, noise = _prepare(batch, vae, tokenizer, noise_sched, cfg, d.device)
-            skipped_total += int(batch["skipped"].sum())
-            ctx = model.no_sync() if (d.world > 1 and not sync) else _nullcontext()
-            with ctx:
-                with torch.autocast(d.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    noisy = noise_sched.add_noise(latents, noise, t)
-                    loss = model(noisy, t, ids, noise)
-                scaler.scale(loss / cfg.train.grad_accum).backward()
-            micro_losses.append(loss.detach())
-            if not sync:
-                continue
-            accum = 0
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()),
-                                                       cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0
-                                                       else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr_sched.step()
-            step += 1
-            step_loss = torch.stack(micro_losses).mean()
-            micro_losses = []
-            stats = torch.stack([step_loss.float().cpu(), torch.tensor(float(skipped_total))])
-            if d.world > 1:
-                stats = stats.to(d.device)
-                dist.all_reduce(stats)
-                stats = stats.cpu() / torch.tensor([d.world, 1.0])
-            losses.append(float(stats[0]))
-            last = {"step": step, "loss": float(stats[0]), "lr": optimizer.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm), "epoch": epoch, "skipped_videos": int(stats[1]),
-                    "samples": step * bs * cfg.train.grad_accum * d.world, "elapsed_s": round(time.time() - t0, 3)}
-            if d.main:
-                pbar.update(1)
-                pbar.set_postfix(loss=f"{last['loss']:.4f}")
-                if step % cfg.output.log_every == 0 or step == cfg.train.max_steps:
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-            if step % cfg.output.save_every == 0 or step == cfg.train.max_steps:
-                _save(cfg, out, d, step, epoch, pos, params, unet, text_encoder, lora, optimizer, lr_sched, scaler)
-            if cfg.validation.every and step % cfg.validation.every == 0 and d.main:
-                _validate(cfg, out, step, tokenizer, text_encoder, vae, unet, noise_sched, d.device)
-            if step >= cfg.train.max_steps:
-                break
-        else:
-            epoch, pos = epoch + 1, 0
+        pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    batches = micro_batches(run)
+    losses, last = [], {}
+    while run.step < cfg.train.max_steps:
+        last = train_step(run, [next(batches) for _ in range(cfg.train.grad_accum)])
+        losses.append(last["loss"])
+        if run.d.main:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{last['loss']:.4f}")
+            if run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps:
+                _append_log(run.out, [last])
+        if run.step % cfg.output.save_every == 0 or run.step == cfg.train.max_steps:
+            save(run)
+        if cfg.validation.every and run.step % cfg.validation.every == 0 and run.d.main:
+            validate(run)
     if pbar is not None:
         pbar.close()
-    if lora is not None:
-        lora.remove()
-    # The models come back too, so scripts (the default-model recipe, tests) can use them in-process.
-    summary = {"steps": step, "losses": losses, "last": last, "output": str(out), "unet": unet,
-               "text_encoder": text_encoder, "vae": vae, "tokenizer": tokenizer}
+    if run.lora is not None:
+        run.lora.remove()
+    _barrier(run.d)
+    # The models come back too, so scripts (the default-model export, tests) can use them in-process.
+    return {"steps": run.step, "losses": losses, "last": last, "output": str(run.out), "unet": run.unet,
+            "text_encoder": run.text_encoder, "vae": run.vae, "tokenizer": run.tokenizer,
+            "ema": run.ema.state_dict() if run.ema is not None else None}
+
+
+def micro_batches(run: Run) -> Iterator[dict]:
+    """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
+    bs = run.cfg.train.batch_size
+    micro_per_epoch = run.sampler.num_samples // bs
+    loader_kw = dict(batch_size=bs, sampler=run.sampler, collate_fn=collate, drop_last=True,
+                     num_workers=run.cfg.data.num_workers, pin_memory=run.d.device.type == "cuda")
+    while True:
+        run.sampler.set_epoch(run.epoch)
+        run.dataset.set_epoch(run.epoch)
+        run.sampler.start = run.pos * bs
+        if run.pos < micro_per_epoch:
+            for batch in DataLoader(run.dataset, **loader_kw):
+                run.pos += 1
+                yield batch
+        run.epoch, run.pos = run.epoch + 1, 0
+
+
+def train_step(run: Run, batches: list[dict]) -> dict:
+    """One optimiser step over ``batches`` (gradient accumulation); returns the step's log record."""
+    cfg, d = run.cfg, run.d
+    lr = run.optimizer.param_groups[0]["lr"]
+    micro_losses = []
+    for i, batch in enumerate(batches):
+        latents, t, ids, noise = prepare(batch, run)
+        run.skipped += int(batch["skipped"].sum())
+        target = noise if cfg.noise.prediction_type == "epsilon" else run.noise_sched.velocity(latents, noise, t)
+        weight = None
+        if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
+            weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
+        sync = i == len(batches) - 1
+        with run.model.no_sync() if (d.world > 1 and not sync) else nullcontext():
+            with torch.autocast(d.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+                loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target, weight)
+            run.scaler.scale(loss / len(batches)).backward()
+        micro_losses.append(loss.detach())
+    run.scaler.unscale_(run.optimizer)
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), max_norm)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.lr_sched.step()
+    run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.params, run.step)
+
+    stats = torch.stack([torch.stack(micro_losses).mean().float().cpu(), torch.tensor(float(run.skipped))])
     if d.world > 1:
-        dist.barrier()
-    return summary
+        stats = stats.to(d.device)
+        dist.all_reduce(stats)
+        stats = stats.cpu() / torch.tensor([d.world, 1.0])
+    bs = cfg.train.batch_size
+    return {"step": run.step, "loss": float(stats[0]), "lr": lr, "grad_norm": float(grad_norm), "epoch": run.epoch,
+            "skipped_videos": int(stats[1]), "samples": run.step * bs * cfg.train.grad_accum * d.world,
+            "elapsed_s": round(time.time() - run.t0, 3)}
 
 
-def _prepare(batch: dict, vae, tokenizer, noise_sched: DDIM, cfg: TrainConfig, device):
+def prepare(batch: dict, run: Run):
     """Latents, timesteps, token ids (with caption dropout) and noise for a batch, each sample from its seed."""
+    cfg, device = run.cfg, run.d.device
     gens = [torch.Generator().manual_seed(int(s)) for s in batch["sample_seed"]]
     with torch.no_grad():
         if "latents" in batch:
             latents = batch["latents"].to(device, torch.float32)
         else:
             video = batch["video"].to(device, non_blocking=True)
-            latents = torch.cat([vae.encode(video[i:i + 1], generator=g) for i, g in enumerate(gens)]).float()
+            latents = torch.cat([run.vae.encode(video[i:i + 1], generator=g) for i, g in enumerate(gens)]).float()
     n_t = cfg.noise.num_train_timesteps
-    t = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in gens]).to(device)
+    t = torch.cat([torch.randint(0, n_t, (1,), generator=g) for g in gens])
+    if cfg.noise.high_t_share > 0:  # (no draw otherwise: runs without it keep their random streams)
+        high = torch.cat([torch.rand(1, generator=g) < cfg.noise.high_t_share for g in gens])
+        t = torch.where(high, n_t // 2 + t // 2, t)  # the noisier half, uniformly
     drop = [bool(torch.rand((), generator=g) < cfg.train.caption_dropout) for g in gens]
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(device)
-    ids = tokenizer([("" if dropped else c) for c, dropped in zip(batch["caption"], drop, strict=True)]).to(device)
-    return latents, t, ids, noise
+    ids = run.tokenizer([("" if dropped else c) for c, dropped in zip(batch["caption"], drop, strict=True)])
+    return latents, t.to(device), ids.to(device), noise
 
 
-def _save(cfg, out, d: Dist, step, epoch, pos, params, unet, text_encoder, lora, optimizer, lr_sched, scaler):
+# ------------------------------------------------------------------------------------------------ save
+
+def save(run: Run) -> None:
+    """Checkpoint ``run.step``: exported weights (the EMA when kept) and the full training state, on rank 0."""
     rngs = [ckpt.rng_states()]
-    if d.world > 1:
-        gathered = [None] * d.world
+    if run.d.world > 1:
+        gathered = [None] * run.d.world
         dist.all_gather_object(gathered, rngs[0])
         rngs = gathered
-    if d.main:
-        weights = export_weights(cfg, unet, text_encoder, lora)
-        state = {"step": step, "epoch": epoch, "position": pos, "world": d.world,
-                 "trainable": {k: p.detach().cpu().clone() for k, p in params.items()},
-                 "optimizer": optimizer.state_dict(), "lr_schedule": lr_sched.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": rngs}
-        ckpt.save_checkpoint(out, step, weights, state, cfg.output.keep_last)
-    _barrier(d)
+    if run.d.main:
+        state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
+                 "trainable": {k: p.detach().cpu().clone() for k, p in run.params.items()},
+                 "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
+                 "scaler": run.scaler.state_dict(), "rng": rngs}
+        if run.ema is not None:
+            state["ema"] = run.ema.state_dict()
+        if run.text_state is not None:
+            state["text_encoder"] = run.text_state
+        with _ema_weights(run):
+            weights = export_weights(run.cfg, run.unet, run.text_encoder, run.lora)
+        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, file_metadata(run))
+    _barrier(run.d)
 
 
-def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, lora) -> dict:
-    """The files a checkpoint holds: name -> state dict in the layout other tools load."""
-    if cfg.train.modules == "motion_lora":
-        return {"motion_lora.safetensors": lora.original_state()}
-    motion = {k: v for k, v in unet.state_dict().items() if MOTION_TAG in f".{k}"}
-    weights = {"motion_module.safetensors": motion_state_to_original(motion, max_len=unet.motion.max_position_len)}
-    if cfg.train.modules == "all":
-        weights["unet.safetensors"] = unet.state_dict()
-        weights["text_encoder.safetensors"] = text_encoder.state_dict()
-    return weights
+def file_metadata(run: Run) -> dict[str, str]:
+    """Metadata of every exported weight file: what the weights predict, which step, EMA or raw, the configs."""
+    meta = {"format": FILE_FORMAT, "prediction_type": run.cfg.noise.prediction_type, "step": str(run.step),
+            "weights": "ema" if run.ema is not None else "raw", "train_config": to_json(run.cfg)}
+    if run.model_cfg is not None:
+        meta["model_config"] = json.dumps(to_dict(run.model_cfg))
+    return meta
+
+
+def _ema_weights(run: Run):
+    return run.ema.applied(run.params) if run.ema is not None else nullcontext()
 
 
 def _save_base(out: Path, model_cfg: ModelConfig, unet, text_encoder, vae) -> None:
@@ -447,25 +376,42 @@ def _save_base(out: Path, model_cfg: ModelConfig, unet, text_encoder, vae) -> No
     atomic_write(base / "model_config.json", lambda p: Path(p).write_text(json.dumps(to_dict(model_cfg), indent=2)))
 
 
-def _validate(cfg, out, step, tokenizer, text_encoder, vae, unet, noise_sched, device) -> None:
-    if not cfg.validation.prompts:
+def validate(run: Run) -> None:
+    """Sample ``validation.prompts`` with the current (EMA) weights into ``validation/step_N.gif``."""
+    v = run.cfg.validation
+    if not v.prompts:
         return
-    from ..pipeline import Pipeline
+    from ..pipeline import Pipeline  # lazy: sampling and video writing only when validating
     from ..video import save_video
 
-    v = cfg.validation
-    size = v.size or cfg.data.size
+    unet, text_encoder = run.unet, run.text_encoder
     was_training = (unet.training, text_encoder.training)
     unet.eval()
     text_encoder.eval()
     try:
-        pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(), device=device)
-        video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
-                     guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
-        save_video(video, out / "validation" / f"step_{step:08d}.gif", fps=v.fps)
+        with _ema_weights(run):
+            pipe = Pipeline(run.tokenizer, text_encoder, run.vae, unet, noise_schedule(run.cfg), device=run.d.device)
+            size = v.size or run.cfg.data.size
+            video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
+                         guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
+        save_video(video, run.out / "validation" / f"step_{run.step:08d}.gif", fps=v.fps)
     finally:
         unet.train(was_training[0])
         text_encoder.train(was_training[1])
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _append_log(out: Path, records: list[dict]) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
+    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
@@ -489,14 +435,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``animatediff-lite train CONFIG [--section.key value ...]``."""
     import sys
@@ -511,4 +449,5 @@ def main(argv: list[str] | None = None) -> dict:
     return train(cfg)
 
 
-__all__ = ["MotionLoRA", "ResumableSampler", "build_models", "build_preset", "export_weights", "main", "train"]
+__all__ = ["MotionLoRA", "ResumableSampler", "Run", "build_models", "build_preset", "export_weights", "main",
+           "noise_schedule", "save", "setup", "train", "train_step"]
