@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .scheduler import DDIM, num_steps_check
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
@@ -91,9 +92,13 @@ class Pipeline:
         ids = self.tokenizer(list(prompts)).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
 
-    def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D)."""
+    def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float,
+                      frames: slice | None = None) -> torch.Tensor:
+        """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D),
+        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used."""
         guided = embeds.shape[0] == 2 * x.shape[0]
+        if embeds.dim() == 4:
+            embeds = window_embeddings(embeds, slice(None) if frames is None else frames)
         inp = torch.cat([x, x]) if guided else x
         timestep = torch.tensor(t, dtype=torch.long, device=x.device)
         out = self.unet(inp, timestep, embeds)
@@ -108,7 +113,7 @@ class Pipeline:
         return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).contiguous().cpu()
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | PromptMap, negative_prompt: str | list[str] | PromptMap | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
@@ -119,6 +124,8 @@ class Pipeline:
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
         means ""). Videos are ordered prompt-major: p0 v0, p0 v1, p1 v0, ...
+        Prompt travel: a {frame: text} map as prompt and/or negative_prompt gives every frame its own
+        embedding, interpolated linearly between key frames (see :mod:`animatediff_lite.prompt_travel`).
         Noise: ``seed=s`` draws it from ``torch.Generator("cpu").manual_seed(s)`` exactly as diffusers'
         ``AnimateDiffPipeline`` does with that generator; ``generator`` is used as given (also for eta
         noise); ``latents`` (B, 4, F, H/8, W/8) skips the draw. guidance_scale <= 1 skips the
@@ -134,17 +141,22 @@ class Pipeline:
         width = int(d["width"]) if width is None else width
         steps = int(d["steps"]) if steps is None else steps
         guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
-        prompts, negatives = self._check_prompts(prompt, negative_prompt)
+        travel = is_prompt_map(prompt) or is_prompt_map(negative_prompt)
+        prompts, negatives = ([prompt], []) if travel else self._check_prompts(prompt, negative_prompt)
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
 
-        embeds = self.encode_prompt(prompts).repeat_interleave(num_videos_per_prompt, dim=0)  # (B, 77, D)
-        if guidance_scale > 1:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_videos_per_prompt, dim=0)
-            embeds = torch.cat([uncond, embeds])  # (2B, 77, D), [uncond, cond] like diffusers
+        if travel:  # (B or 2B, F, 77, D): one embedding per frame
+            embeds = travel_embeddings(self.encode_prompt, prompt, negative_prompt, num_frames,
+                                       num_videos_per_prompt, guidance_scale > 1)
+        else:
+            embeds = self.encode_prompt(prompts).repeat_interleave(num_videos_per_prompt, dim=0)  # (B, 77, D)
+            if guidance_scale > 1:
+                uncond = self.encode_prompt(negatives).repeat_interleave(num_videos_per_prompt, dim=0)
+                embeds = torch.cat([uncond, embeds])  # (2B, 77, D), [uncond, cond] like diffusers
 
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -153,7 +165,7 @@ class Pipeline:
         sched = self.scheduler
         for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
             eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
-            eps = windowed(eps_fn, x, windows) if windows else eps_fn(x)
+            eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
             x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
             if callback is not None and (replaced := callback(i, t, x)) is not None:
                 x = replaced.to(x.device, x.dtype)
