@@ -141,3 +141,46 @@ def test_bad_travel_arguments_in_the_pipeline(ours) -> None:
     with pytest.raises(ValueError, match="prompt map keys"):
         _sample(ours, {"x": "a"}, num_frames=4)
     assert check_prompt_map({"3": "b", 1: "a"}, "prompt", 4) == [(1, "a"), (3, "b")]  # TOML/JSON string keys
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _cli_common(models, tmp_path) -> list[str]:
+    return ["generate", "--base", str(models.sd), "--motion-module", str(models.mm), "--frames", "6",
+            "--height", str(H), "--width", str(W), "--steps", str(STEPS), "--guidance", "7.5", "--seed", "5",
+            "--device", "cpu", "--no-progress"]
+
+
+def test_cli_prompt_at_and_prompt_map_files(models, ours, tmp_path) -> None:
+    from animatediff_lite.cli import main
+    from animatediff_lite.video import load_video_frames, save_video
+
+    expected = _sample(ours, {0: "a cat", 3: "a tiger"}, negative_prompt={0: "blurry", 5: "dark"}, num_frames=6,
+                       guidance_scale=7.5, seed=5)
+    save_video(expected, tmp_path / "expected.gif")
+    (tmp_path / "map.toml").write_text('0 = "a cat"\n3 = "a tiger"\n[negative]\n0 = "blurry"\n5 = "dark"\n')
+    (tmp_path / "map.json").write_text('{"3": "a tiger", "negative": {"0": "blurry", "5": "dark"}}')
+    runs = {"toml": ["--prompt-map", str(tmp_path / "map.toml")],
+            "json": ["a cat", "--prompt-map", str(tmp_path / "map.json")],  # positional prompt = frame 0
+            "flags": ["--prompt-at", "0", "a cat", "--prompt-at", "3", "a tiger", "--prompt-map",
+                      str(tmp_path / "map.json")]}
+    for name, extra in runs.items():
+        assert main([*_cli_common(models, tmp_path), *extra, "-o", str(tmp_path / f"{name}.gif")]) == 0
+        assert torch.equal(load_video_frames(tmp_path / f"{name}.gif"), load_video_frames(tmp_path / "expected.gif"))
+
+
+def test_cli_prompt_map_errors_exit_2(models, tmp_path, capsys) -> None:
+    from animatediff_lite.cli import main
+
+    (tmp_path / "bad.json").write_text('{"zero": "a cat"}')
+    (tmp_path / "broken.toml").write_text('0 = "a cat\n')
+    cases = [(["--prompt-at", "x", "a cat"], "--prompt-at: FRAME"),
+             (["--prompt-map", str(tmp_path / "bad.json")], "keys must be frame numbers"),
+             (["--prompt-map", str(tmp_path / "broken.toml")], "not valid TOML"),
+             (["--prompt-map", str(tmp_path / "missing.json")], "cannot read"),
+             (["--prompt-at", "9", "a cat"], "frame 9"),
+             (["a", "b", "--prompt-at", "2", "a cat"], "at most one positional prompt")]
+    for extra, message in cases:
+        assert main([*_cli_common(models, tmp_path), *extra, "-o", str(tmp_path / "x.gif")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(errors) == 1 and message in errors[0], errors
