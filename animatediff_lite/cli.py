@@ -129,7 +129,7 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate_options import prompt_map
+    from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video
 
@@ -152,7 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, **pipeline_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype)
     rank, world = _ranks()

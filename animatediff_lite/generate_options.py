@@ -10,15 +10,26 @@ import argparse
 import json
 from pathlib import Path
 
+from .free_init import METHODS, FreeInit
+
 
 def add_arguments(g: argparse.ArgumentParser) -> None:
-    """Add the prompt-travel flags to the ``generate`` parser."""
+    """Add the prompt-travel, FreeInit and video-to-video flags to the ``generate`` parser."""
     g.add_argument("--prompt-at", nargs=2, action="append", default=[], metavar=("FRAME", "PROMPT"),
                    help="prompt travel: the prompt from frame FRAME on, interpolated between key frames "
                         "(repeatable; a positional prompt is frame 0's unless --prompt-at 0 is given)")
     g.add_argument("--prompt-map", metavar="FILE",
                    help="prompt travel from a TOML or JSON file: frame = \"prompt\" entries, optionally a "
                         "'negative' string or table of frame = \"prompt\"")
+    g.add_argument("--free-init", type=int, metavar="ITERS",
+                   help="FreeInit: sample ITERS rounds, each restarting from the last one's low frequencies "
+                        "(costs ITERS x the sampling time; 3 is usual)")
+    g.add_argument("--free-init-method", choices=METHODS, default="butterworth", help="FreeInit low-pass filter")
+    g.add_argument("--free-init-order", type=float, default=4, help="Butterworth order (default 4)")
+    g.add_argument("--free-init-stop", type=_stops, default=(0.25, 0.25), metavar="SPATIAL[:TEMPORAL]",
+                   help="normalised stop frequencies in [0, 1] (default 0.25:0.25)")
+    g.add_argument("--free-init-fast", action="store_true",
+                   help="coarse-to-fine: round i of n uses steps * (i + 1) / n steps")
 
 
 def prompt_map(args: argparse.Namespace, prompts: list[str]) -> tuple[dict | None, dict | str | None]:
@@ -82,3 +93,22 @@ def _toml_loads(path: Path):
     except ImportError:
         raise ValueError(f"--prompt-map {path}: reading TOML needs Python 3.11+; use a .json file") from None
     return tomllib.loads
+
+
+def _stops(text: str) -> tuple[float, float]:
+    spatial, _, temporal = text.partition(":")
+    try:
+        return float(spatial), float(temporal or spatial)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SPATIAL[:TEMPORAL] numbers, got {text!r}") from None
+
+
+def pipeline_options(args: argparse.Namespace) -> dict:
+    """Pipeline keyword arguments from the FreeInit and video-to-video flags (empty when none is given)."""
+    options: dict = {}
+    if args.free_init is not None:
+        spatial, temporal = args.free_init_stop
+        options["free_init"] = FreeInit(iterations=args.free_init, method=args.free_init_method,
+                                        order=args.free_init_order, spatial_stop=spatial, temporal_stop=temporal,
+                                        use_fast_sampling=args.free_init_fast)
+    return options

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .free_init import FreeInit
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .scheduler import DDIM, num_steps_check
 
@@ -119,7 +120,7 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
-                 callback: StepCallback | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, free_init: FreeInit | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -134,6 +135,9 @@ class Pipeline:
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
         num_frames, height, width, steps, guidance_scale left as None come from ``self.sample_defaults``
         (16 frames, 512x512, 25 steps, guidance 7.5 unless the model says otherwise).
+        free_init: a :class:`~animatediff_lite.free_init.FreeInit` samples ``iterations`` rounds, each
+        restarting from the last one's low frequencies (as diffusers' ``enable_free_init``); callback's
+        step index restarts every round.
         """
         d = {**SAMPLE_DEFAULTS, **self.sample_defaults}
         num_frames = int(d["num_frames"]) if num_frames is None else num_frames
@@ -143,6 +147,8 @@ class Pipeline:
         guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
         travel = is_prompt_map(prompt) or is_prompt_map(negative_prompt)
         prompts, negatives = ([prompt], []) if travel else self._check_prompts(prompt, negative_prompt)
+        if free_init is not None and not isinstance(free_init, FreeInit):
+            raise ValueError(f"free_init must be an animatediff_lite.FreeInit or None, got {type(free_init).__name__}")
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
         batch = len(prompts) * num_videos_per_prompt
@@ -163,12 +169,18 @@ class Pipeline:
         x = self._initial_latents(shape, generator, latents)
 
         sched = self.scheduler
-        for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
-            eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
-            eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
-            x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
-            if callback is not None and (replaced := callback(i, t, x)) is not None:
-                x = replaced.to(x.device, x.dtype)
+        initial_noise = x
+        # FreeInit: several sampling rounds, each restarting from the last one's result (free_init.py)
+        for rnd, rnd_steps in enumerate(free_init.round_steps(steps) if free_init else [steps]):
+            if rnd:
+                x = free_init.reinitialize(x, initial_noise, sched, generator)
+            timesteps = sched.timesteps(rnd_steps).tolist()
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
+                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
+                eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
+                x = sched.step(eps, t, x, sched.prev_timestep(t, rnd_steps), eta=eta, generator=generator)
+                if callback is not None and (replaced := callback(i, t, x)) is not None:
+                    x = replaced.to(x.device, x.dtype)
         return self.decode(x)
 
     @property
