@@ -30,6 +30,10 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
                    help="normalised stop frequencies in [0, 1] (default 0.25:0.25)")
     g.add_argument("--free-init-fast", action="store_true",
                    help="coarse-to-fine: round i of n uses steps * (i + 1) / n steps")
+    g.add_argument("--video", metavar="FILE", help="video-to-video: input GIF/MP4/WebP or folder of PNG frames "
+                   "(frames and size come from it)")
+    g.add_argument("--strength", type=float, help="with --video: share of the schedule re-run, in (0, 1] "
+                   "(default 0.8; low keeps more of the input)")
 
 
 def prompt_map(args: argparse.Namespace, prompts: list[str]) -> tuple[dict | None, dict | str | None]:
@@ -111,4 +115,8 @@ def pipeline_options(args: argparse.Namespace) -> dict:
         options["free_init"] = FreeInit(iterations=args.free_init, method=args.free_init_method,
                                         order=args.free_init_order, spatial_stop=spatial, temporal_stop=temporal,
                                         use_fast_sampling=args.free_init_fast)
+    if args.video is not None:
+        options["video"] = args.video
+    if args.strength is not None:
+        options["strength"] = args.strength
     return options

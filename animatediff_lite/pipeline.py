@@ -16,6 +16,7 @@ from .context import context_windows, windowed
 from .free_init import FreeInit
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .scheduler import DDIM, num_steps_check
+from .video_input import check_strength, check_video_call, check_video_size, read_video, start_from_video
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -120,7 +121,8 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
-                 callback: StepCallback | None = None, free_init: FreeInit | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, free_init: FreeInit | None = None,
+                 video=None, strength: float | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -138,7 +140,17 @@ class Pipeline:
         free_init: a :class:`~animatediff_lite.free_init.FreeInit` samples ``iterations`` rounds, each
         restarting from the last one's low frequencies (as diffusers' ``enable_free_init``); callback's
         step index restarts every round.
+        video: video-to-video from a (frames, 3, H, W) float tensor in [0, 1], a list of PIL images or a
+        GIF/MP4 path; num_frames/height/width come from it. strength in (0, 1] (default 0.8): the share of
+        the schedule run from the noised input (as diffusers' ``AnimateDiffVideoToVideoPipeline``).
         """
+        if video is not None:  # video-to-video: frames and size come from the input (video_input.py)
+            frames_in = read_video(video)
+            num_frames, height, width = check_video_size(frames_in, num_frames, height, width)
+            strength = check_strength(0.8 if strength is None else strength)
+            check_video_call(num_frames, self.max_frames, context_frames, latents, free_init)
+        elif strength is not None:
+            raise ValueError("strength applies to video-to-video only; pass video= as well")
         d = {**SAMPLE_DEFAULTS, **self.sample_defaults}
         num_frames = int(d["num_frames"]) if num_frames is None else num_frames
         height = int(d["height"]) if height is None else height
@@ -166,7 +178,12 @@ class Pipeline:
 
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        x = self._initial_latents(shape, generator, latents)
+        start = 0
+        if video is not None:
+            start, x = start_from_video(self.vae, self.scheduler, frames_in, strength, steps, batch, generator,
+                                        self.device, self.dtype, self.decode_chunk_size)
+        else:
+            x = self._initial_latents(shape, generator, latents)
 
         sched = self.scheduler
         initial_noise = x
@@ -174,7 +191,7 @@ class Pipeline:
         for rnd, rnd_steps in enumerate(free_init.round_steps(steps) if free_init else [steps]):
             if rnd:
                 x = free_init.reinitialize(x, initial_noise, sched, generator)
-            timesteps = sched.timesteps(rnd_steps).tolist()
+            timesteps = sched.timesteps(rnd_steps).tolist()[start:]  # video-to-video starts later
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
                 eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
                 eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
