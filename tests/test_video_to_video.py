@@ -148,3 +148,16 @@ def test_cli_video_and_strength(models, ours, tmp_path, capsys) -> None:
     assert "strength must be a number in (0, 1]" in capsys.readouterr().err
     assert main([*common[:-1], str(tmp_path / "none.mp4"), "-o", str(tmp_path / "x.gif")]) == 2
     assert "video: cannot read" in capsys.readouterr().err
+
+
+def test_all_three_on_the_embedded_default_model() -> None:
+    import animatediff_lite as ad
+
+    kwargs = dict(steps=10, seed=0, progress=False)
+    travel = ad.generate({0: "a red circle moving up", 7: "a blue square moving left"}, **kwargs)
+    assert travel.shape == (1, 8, 3, 32, 32)
+    assert ad.generate("a red circle moving up", free_init=ad.FreeInit(iterations=2), **kwargs).shape == travel.shape
+    near = ad.generate("a blue square moving left", video=travel[0], strength=0.3, **kwargs)
+    far = ad.generate("a blue square moving left", video=travel[0], strength=1.0, **kwargs)
+    # a low strength keeps more of the input video
+    assert (near - travel).abs().mean() < (far - travel).abs().mean()
