@@ -16,7 +16,7 @@ from .context import context_windows, windowed
 from .free_init import FreeInit
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .scheduler import DDIM, num_steps_check
-from .video_input import check_strength, check_video_call, check_video_size, read_video, start_from_video
+from .video_input import VideoInput, check_strength, check_video_call, check_video_size, read_video, start_from_video
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -122,7 +122,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
                  callback: StepCallback | None = None, free_init: FreeInit | None = None,
-                 video=None, strength: float | None = None) -> torch.Tensor:
+                 video: VideoInput | None = None, strength: float | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None

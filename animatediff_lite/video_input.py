@@ -15,13 +15,15 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .video import load_video_frames
 
+VideoInput = torch.Tensor | Sequence[Image.Image] | str | os.PathLike
 NOISE_GROUP = 16  # frames per posterior-noise draw: diffusers' default decode_chunk_size, used when encoding
 
 
-def read_video(video, name: str = "video") -> torch.Tensor:
+def read_video(video: VideoInput, name: str = "video") -> torch.Tensor:
     """A (F, 3, H, W) float tensor in [0, 1], a list of PIL images or a GIF/MP4/WebP/PNG-folder path
     -> float32 CPU (F, 3, H, W) in [0, 1]. ValueError naming ``name`` for anything else or an unreadable file."""
     if isinstance(video, (str, os.PathLike)):
@@ -29,8 +31,9 @@ def read_video(video, name: str = "video") -> torch.Tensor:
             frames = load_video_frames(video)
         except ValueError as e:
             raise ValueError(f"{name}: cannot read {os.fspath(video)!r}: {e}") from e
-        except OSError as e:  # PIL/ffmpeg: not an image or video file
-            raise ValueError(f"{name}: cannot read {os.fspath(video)!r} as a GIF/MP4/WebP or PNG folder ({e})") from e
+        except (OSError, RuntimeError) as e:  # PIL/ffmpeg: not an image or video file
+            raise ValueError(f"{name}: cannot read {os.fspath(video)!r} as a GIF/MP4/WebP or PNG folder "
+                             f"({_one_line(e)})") from e
     elif isinstance(video, torch.Tensor):
         if video.dim() != 4 or video.shape[1] != 3 or not video.is_floating_point():
             raise ValueError(f"{name}: expected a float tensor (frames, 3, height, width) in [0, 1], "
@@ -52,10 +55,19 @@ def read_video(video, name: str = "video") -> torch.Tensor:
     return frames
 
 
+def _one_line(error: Exception) -> str:
+    # ffmpeg errors carry its whole log: keep the first line and the final reason
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ... ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else type(error).__name__
+
+
 def check_video_size(frames: torch.Tensor, num_frames: int | None, height: int | None, width: int | None,
                      name: str = "video") -> tuple[int, int, int]:
     """(num_frames, height, width) of the input video; a value that was given must agree with it."""
     f, _, h, w = frames.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"{name}: frames are {h}x{w} (height x width); both must be multiples of 8, "
+                         "resize or crop the video")
     for arg, given, actual in (("num_frames", num_frames, f), ("height", height, h), ("width", width, w)):
         if given is not None and given != actual:
             raise ValueError(f"{name}: the input has {arg}={actual} but {arg}={given} was passed; "
@@ -133,5 +145,5 @@ def start_from_video(vae, scheduler, frames: torch.Tensor, strength: float, step
     return start, noised_latents(scheduler, latents, t, generator)
 
 
-__all__ = ["NOISE_GROUP", "check_strength", "check_video_call", "check_video_size", "encode_video", "first_step",
-           "noised_latents", "read_video", "start_from_video"]
+__all__ = ["NOISE_GROUP", "VideoInput", "check_strength", "check_video_call", "check_video_size", "encode_video",
+           "first_step", "noised_latents", "read_video", "start_from_video"]

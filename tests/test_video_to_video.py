@@ -105,6 +105,7 @@ def test_strength_picks_the_schedule_tail() -> None:
 
 def _bad_cases(tmp_path):
     (tmp_path / "notes.gif").write_text("not a gif")
+    (tmp_path / "notes.mp4").write_text("not an mp4")
     ok = _clip(4)
     return [
         (dict(video=ok, height=24), "video: the input has height=16 but height=24"),
@@ -116,6 +117,8 @@ def _bad_cases(tmp_path):
         (dict(video=torch.zeros(33, 3, H, W)), "video: has 33 frames, more than the motion module's limit of 32"),
         (dict(video=tmp_path / "notes.gif"), "video: cannot read"),
         (dict(video=tmp_path / "missing.mp4"), "video: cannot read"),
+        (dict(video=tmp_path / "notes.mp4"), "video: cannot read .*notes.mp4"),
+        (dict(video=torch.zeros(4, 3, 20, 16)), "video: frames are 20x16"),
         (dict(video=ok * 2), "video: values must be finite and in \\[0, 1\\]"),
         (dict(video=ok[:, :2]), "video: expected a float tensor"),
         (dict(video=(ok * 255).byte()), "video: expected a float tensor"),
@@ -129,8 +132,9 @@ def _bad_cases(tmp_path):
 def test_bad_inputs_name_the_argument(ours, tmp_path) -> None:
     for kwargs, message in _bad_cases(tmp_path):
         kwargs = {"steps": 2, **kwargs}
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=message) as info:
             ours(PROMPTS[0], progress=False, **kwargs)
+        assert "\n" not in str(info.value)  # one line for the CLI (ffmpeg's log is cut)
 
 
 def test_cli_video_and_strength(models, ours, tmp_path, capsys) -> None:
