@@ -165,3 +165,20 @@ def test_all_three_on_the_embedded_default_model() -> None:
     far = ad.generate("a blue square moving left", video=travel[0], strength=1.0, **kwargs)
     # a low strength keeps more of the input video
     assert (near - travel).abs().mean() < (far - travel).abs().mean()
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_follows_cpu_for_all_three(models, ours, monkeypatch) -> None:
+    # CPU generators on a CUDA pipeline: the same draws, moved; TF32 off so fp32 means fp32 (see test_pipeline.py)
+    from animatediff_lite.loading.pipeline_load import load_pipeline
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    gpu = load_pipeline(models.sd, motion_module=models.mm, device="cuda", dtype=torch.float32)
+    runs = [dict(prompt={0: PROMPTS[0], 3: PROMPTS[1]}, num_frames=4, height=H, width=W),
+            dict(prompt=PROMPTS[0], num_frames=4, height=H, width=W,
+                 free_init=FreeInit(iterations=2, method="gaussian")),
+            dict(prompt=PROMPTS[1], video=_clip(4), strength=0.6)]
+    for kwargs in runs:
+        common = dict(steps=3, guidance_scale=7.5, seed=6, progress=False, **kwargs)
+        _check(f"cuda fp32 vs cpu: {sorted(kwargs)}", gpu(**common), ours(**common), atol=1e-3)
