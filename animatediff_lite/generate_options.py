@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from .free_init import METHODS, FreeInit
@@ -44,9 +45,9 @@ def prompt_map(args: argparse.Namespace, prompts: list[str]) -> tuple[dict | Non
     """
     if not args.prompt_at and not args.prompt_map:
         return None, None
-    if len(prompts) > 1 or args.preset or args.per_prompt:
+    if len(prompts) > 1 or args.preset or args.per_prompt or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("--prompt-at/--prompt-map make one travelling video: give at most one positional prompt "
-                         "and no --prompts/--preset/--per-prompt")
+                         "and no --prompts/--preset/--per-prompt, and run without torchrun")
     mapping: dict[int, str] = {}
     negative: dict[int, str] | str | None = None
     if args.prompt_map:

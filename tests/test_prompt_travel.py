@@ -169,7 +169,7 @@ def test_cli_prompt_at_and_prompt_map_files(models, ours, tmp_path) -> None:
         assert torch.equal(load_video_frames(tmp_path / f"{name}.gif"), load_video_frames(tmp_path / "expected.gif"))
 
 
-def test_cli_prompt_map_errors_exit_2(models, tmp_path, capsys) -> None:
+def test_cli_prompt_map_errors_exit_2(models, tmp_path, capsys, monkeypatch) -> None:
     from animatediff_lite.cli import main
 
     (tmp_path / "bad.json").write_text('{"zero": "a cat"}')
@@ -184,3 +184,6 @@ def test_cli_prompt_map_errors_exit_2(models, tmp_path, capsys) -> None:
         assert main([*_cli_common(models, tmp_path), *extra, "-o", str(tmp_path / "x.gif")]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(errors) == 1 and message in errors[0], errors
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun splits prompts over ranks: one travelling video cannot be split
+    assert main([*_cli_common(models, tmp_path), "--prompt-at", "2", "a cat", "-o", str(tmp_path / "x.gif")]) == 2
+    assert "run without torchrun" in capsys.readouterr().err
