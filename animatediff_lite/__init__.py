@@ -12,6 +12,7 @@ Public API (see README.md)::
 from .api import generate
 from .config import SD15, TINY, CLIPConfig, ModelConfig, MotionConfig, UNetConfig, VAEConfig
 from .errors import CheckpointError
+from .free_init import FreeInit
 from .loading.pipeline_load import load_pipeline
 from .lora import apply_loras, merge_lora, unmerge
 from .pipeline import Pipeline
@@ -27,6 +28,7 @@ __all__ = [
     "CLIPConfig",
     "CheckpointError",
     "DDIMConfig",
+    "FreeInit",
     "ModelConfig",
     "MotionConfig",
     "Pipeline",

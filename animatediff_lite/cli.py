@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .errors import CheckpointError
+from .generate_options import add_arguments as add_travel_video_arguments
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-prompt", action="store_true",
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
+    add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
@@ -134,6 +136,7 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video
 
@@ -141,13 +144,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts:
         lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
+    travel, travel_negative = prompt_map(args, prompts)
     preset = None
     if args.preset:
         from .presets import get_preset
 
         preset = get_preset(args.preset)
-    elif not prompts:
-        raise ValueError("give a prompt (positional), --prompts FILE or --preset NAME")
+    elif not prompts and travel is None:
+        raise ValueError("give a prompt (positional), --prompts FILE, --prompt-at/--prompt-map or --preset NAME")
     device, dtype = _device_dtype(args)
     sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, None),
                     height=_pick(args.height, preset and preset.height, None),
@@ -155,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, **pipeline_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
                    backend=args.backend, compile=args.compile or False)
@@ -176,7 +180,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
         print(f"seed: {seed}", file=sys.stderr)
         pipe = load_pipeline(motion_module=args.motion_module, **weights)
-        video = pipe(prompts, negative_prompt=args.negative or "", seed=seed, **sampling)
+        negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
+        video = pipe(travel or prompts, negative_prompt=negative, seed=seed, **sampling)
         out = save_video(video, args.out or "out.gif", fps=args.fps)
         print(out)
         return 0

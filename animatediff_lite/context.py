@@ -32,18 +32,19 @@ def context_windows(num_frames: int, context_frames: int, overlap: int) -> list[
     return [list(range(s, s + size)) for s in starts]
 
 
-def windowed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-             windows: list[list[int]]) -> torch.Tensor:
+def windowed(fn: Callable[..., torch.Tensor], x: torch.Tensor, windows: list[list[int]],
+             pass_frames: bool = False) -> torch.Tensor:
     """Apply ``fn`` to each frame window of x (B, C, F, h, w) and average overlaps -> (B, C', F, h, w).
 
     ``fn`` maps (B, C, f, h, w) to (B, C', f, h, w). A single window over all frames gives exactly
-    ``fn(x)`` (adding to zero and dividing by one are exact).
+    ``fn(x)`` (adding to zero and dividing by one are exact). ``pass_frames``: call ``fn(window, frames=...)``
+    with the window's frame slice (per-frame conditioning such as prompt travel picks its frames by it).
     """
     total: torch.Tensor | None = None
     count = torch.zeros(x.shape[2])  # on the CPU: the coverage check below must not sync a GPU
     for idx in windows:
         sl = slice(idx[0], idx[-1] + 1)  # windows are contiguous: slice rather than gather
-        out = fn(x[:, :, sl])
+        out = fn(x[:, :, sl], frames=sl) if pass_frames else fn(x[:, :, sl])
         if total is None:
             total = torch.zeros(out.shape[:2] + x.shape[2:], dtype=out.dtype, device=out.device)
         total[:, :, sl] += out

@@ -13,10 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
 from .ops import set_backend
+from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .scheduler import DDIM, num_steps_check
+from .video_input import VideoInput, check_strength, check_video_call, check_video_size, read_video, start_from_video
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -151,9 +154,13 @@ class Pipeline:
         ids = self.tokenizer(list(prompts)).to(self.device)
         return self.text_encoder(ids).to(self.dtype)
 
-    def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-        """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D)."""
+    def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float,
+                      frames: slice | None = None) -> torch.Tensor:
+        """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D),
+        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used."""
         guided = embeds.shape[0] == 2 * x.shape[0]
+        if embeds.dim() == 4:
+            embeds = window_embeddings(embeds, slice(None) if frames is None else frames)
         inp = torch.cat([x, x]) if guided else x
         timestep = torch.tensor(t, dtype=torch.long, device=x.device)
         if self.compile_mode == "reduce-overhead" and inp.is_cuda:
@@ -172,17 +179,20 @@ class Pipeline:
         return (video * 0.5 + 0.5).clamp(0, 1).transpose(1, 2).contiguous().cpu()
 
     @torch.inference_mode()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+    def __call__(self, prompt: str | list[str] | PromptMap, negative_prompt: str | list[str] | PromptMap | None = None,
                  num_frames: int | None = None, height: int | None = None, width: int | None = None,
                  steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
-                 callback: StepCallback | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, free_init: FreeInit | None = None,
+                 video: VideoInput | None = None, strength: float | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
         means ""). Videos are ordered prompt-major: p0 v0, p0 v1, p1 v0, ...
+        Prompt travel: a {frame: text} map as prompt and/or negative_prompt gives every frame its own
+        embedding, interpolated linearly between key frames (see :mod:`animatediff_lite.prompt_travel`).
         Noise: ``seed=s`` draws it from ``torch.Generator("cpu").manual_seed(s)`` exactly as diffusers'
         ``AnimateDiffPipeline`` does with that generator; ``generator`` is used as given (also for eta
         noise); ``latents`` (B, 4, F, H/8, W/8) skips the draw. guidance_scale <= 1 skips the
@@ -191,38 +201,69 @@ class Pipeline:
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
         num_frames, height, width, steps, guidance_scale left as None come from ``self.sample_defaults``
         (16 frames, 512x512, 25 steps, guidance 7.5 unless the model says otherwise).
+        free_init: a :class:`~animatediff_lite.free_init.FreeInit` samples ``iterations`` rounds, each
+        restarting from the last one's low frequencies (as diffusers' ``enable_free_init``); callback's
+        step index restarts every round.
+        video: video-to-video from a (frames, 3, H, W) float tensor in [0, 1], a list of PIL images or a
+        GIF/MP4 path; num_frames/height/width come from it. strength in (0, 1] (default 0.8): the share of
+        the schedule run from the noised input (as diffusers' ``AnimateDiffVideoToVideoPipeline``).
         """
+        if video is not None:  # video-to-video: frames and size come from the input (video_input.py)
+            frames_in = read_video(video)
+            num_frames, height, width = check_video_size(frames_in, num_frames, height, width)
+            strength = check_strength(0.8 if strength is None else strength)
+            check_video_call(num_frames, self.max_frames, context_frames, latents, free_init)
+        elif strength is not None:
+            raise ValueError("strength applies to video-to-video only; pass video= as well")
         d = {**SAMPLE_DEFAULTS, **self.sample_defaults}
         num_frames = int(d["num_frames"]) if num_frames is None else num_frames
         height = int(d["height"]) if height is None else height
         width = int(d["width"]) if width is None else width
         steps = int(d["steps"]) if steps is None else steps
         guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
-        prompts, negatives = self._check_prompts(prompt, negative_prompt)
+        travel = is_prompt_map(prompt) or is_prompt_map(negative_prompt)
+        prompts, negatives = ([prompt], []) if travel else self._check_prompts(prompt, negative_prompt)
+        if free_init is not None and not isinstance(free_init, FreeInit):
+            raise ValueError(f"free_init must be an animatediff_lite.FreeInit or None, got {type(free_init).__name__}")
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
 
-        embeds = self.encode_prompt(prompts).repeat_interleave(num_videos_per_prompt, dim=0)  # (B, 77, D)
-        if guidance_scale > 1:
-            uncond = self.encode_prompt(negatives).repeat_interleave(num_videos_per_prompt, dim=0)
-            embeds = torch.cat([uncond, embeds])  # (2B, 77, D), [uncond, cond] like diffusers
+        if travel:  # (B or 2B, F, 77, D): one embedding per frame
+            embeds = travel_embeddings(self.encode_prompt, prompt, negative_prompt, num_frames,
+                                       num_videos_per_prompt, guidance_scale > 1)
+        else:
+            embeds = self.encode_prompt(prompts).repeat_interleave(num_videos_per_prompt, dim=0)  # (B, 77, D)
+            if guidance_scale > 1:
+                uncond = self.encode_prompt(negatives).repeat_interleave(num_videos_per_prompt, dim=0)
+                embeds = torch.cat([uncond, embeds])  # (2B, 77, D), [uncond, cond] like diffusers
 
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        x = self._initial_latents(shape, generator, latents)
+        start = 0
+        if video is not None:
+            start, x = start_from_video(self.vae, self.scheduler, frames_in, strength, steps, batch, generator,
+                                        self.device, self.dtype, self.decode_chunk_size)
+        else:
+            x = self._initial_latents(shape, generator, latents)
 
         if isinstance(self.unet, torch.nn.Module):  # weights may have changed since (LoRA merge); cheap otherwise
             refresh_fused_projections(self.unet)
         sched = self.scheduler
-        for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
-            eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
-            eps = windowed(eps_fn, x, windows) if windows else eps_fn(x)
-            x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
-            if callback is not None and (replaced := callback(i, t, x)) is not None:
-                x = replaced.to(x.device, x.dtype)
+        initial_noise = x
+        # FreeInit: several sampling rounds, each restarting from the last one's result (free_init.py)
+        for rnd, rnd_steps in enumerate(free_init.round_steps(steps) if free_init else [steps]):
+            if rnd:
+                x = free_init.reinitialize(x, initial_noise, sched, generator)
+            timesteps = sched.timesteps(rnd_steps).tolist()[start:]  # video-to-video starts later
+            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
+                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
+                eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
+                x = sched.step(eps, t, x, sched.prev_timestep(t, rnd_steps), eta=eta, generator=generator)
+                if callback is not None and (replaced := callback(i, t, x)) is not None:
+                    x = replaced.to(x.device, x.dtype)
         return self.decode(x)
 
     @property
