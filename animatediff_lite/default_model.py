@@ -182,6 +182,7 @@ def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype
     tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
+    pipe.trained_for = {k: int(pipe.sample_defaults[k]) for k in ("num_frames", "height", "width")}  # its clips
     return pipe
 
 

@@ -13,6 +13,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
+from .checks import finite_number, warn_untrained
 from .context import context_windows, windowed
 from .scheduler import DDIM, num_steps_check
 
@@ -69,6 +70,9 @@ class Pipeline:
         # What __call__ uses for arguments left as None: AnimateDiff's settings, or what a model was trained
         # for (the embedded default model makes 8 frames of 32x32).
         self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
+        # Sizes the model was trained on, where the model records them ({"num_frames": 8, "height": 32, ...});
+        # other sizes are allowed but warned about. None: unknown, never warned.
+        self.trained_for: dict[str, int] | None = None
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Pipeline:
         """Move every model to ``device`` / cast to ``dtype`` (in place); returns self."""
@@ -134,10 +138,12 @@ class Pipeline:
         height = int(d["height"]) if height is None else height
         width = int(d["width"]) if width is None else width
         steps = int(d["steps"]) if steps is None else steps
-        guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
+        guidance_scale = finite_number("guidance_scale", d["guidance_scale"] if guidance_scale is None
+                                       else guidance_scale, minimum=0)
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
+        warn_untrained(self.trained_for, num_frames=context_frames or num_frames, height=height, width=width)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -213,8 +219,7 @@ class Pipeline:
         num_steps_check(steps)
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        finite_number("eta", eta, minimum=0)
         if seed is not None and generator is not None:
             raise ValueError("seed and generator: pass one of them, not both")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64):
@@ -232,14 +237,16 @@ class Pipeline:
 
 
 def generate(prompt: str | list[str], out: str | os.PathLike | None = None, fps: float = 8,
-             **kwargs) -> torch.Tensor:
+             threads: int | None = None, **kwargs) -> torch.Tensor:
     """One call on the embedded default model: ``load_pipeline()(prompt, **kwargs)``, saved to ``out`` if given.
 
-    kwargs are :meth:`Pipeline.__call__` arguments. Returns the video (B, F, 3, H, W) float32 in [0, 1].
+    kwargs are :meth:`Pipeline.__call__` arguments; threads as in :func:`~animatediff_lite.load_pipeline`.
+    Returns the video (B, F, 3, H, W) float32 in [0, 1].
     """
     from .loading.pipeline_load import load_pipeline  # loading builds pipelines: import here, one way
 
-    video = load_pipeline()(prompt, **kwargs)
+    finite_number("fps", fps, minimum=0, exclusive=True)  # before sampling, not after it
+    video = load_pipeline(threads=threads)(prompt, **kwargs)
     if out is not None:
         from .video import save_video
 

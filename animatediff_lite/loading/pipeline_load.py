@@ -17,6 +17,7 @@ import torch
 from ..errors import CheckpointError
 from ..pipeline import Pipeline, check_device_dtype
 from ..scheduler import DDIM, DDIMConfig
+from ..threads import apply_threads
 from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
 from .detect import LAYOUTS, detect_layout
 from .io import read_state_dict
@@ -32,7 +33,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   dreambooth: str | os.PathLike | None = None, loras: Sequence[LoraSpec] = (),
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  scheduler: DDIMConfig | None = None) -> Pipeline:
+                  scheduler: DDIMConfig | None = None, threads: int | None = None) -> Pipeline:
     """Build a text-to-video pipeline from weight files.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -44,9 +45,12 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     scale)`` pairs merged into the weights (kohya LoRA and the v3 domain adapter / MotionLoRA), see
     :mod:`animatediff_lite.lora`. scheduler: DDIM settings, default AnimateDiff's (:class:`DDIMConfig`).
     With no weights at all it returns the embedded default model (:mod:`animatediff_lite.default_model`).
+    threads: CPU threads for this process (None: 1 on the CPU unless OMP_NUM_THREADS is set, see
+    :mod:`animatediff_lite.threads`).
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
+    apply_threads(threads, device)
     if base is None:
         given = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
                                       ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]

@@ -1,0 +1,109 @@
+"""Measure CPU generation time against the intra-op thread count, idle and under load (docs/threads.md).
+
+Each cell runs in a fresh process (threads are process-wide): load the model, one warm-up generation, then
+``--repeats`` timed generations; the cell reports their median. Models: the embedded default model at its
+trained size (8 frames of 32x32, 20 steps) and a random-weight "mid" model between the tiny test configs and
+SD1.5 (UNet widths 64/128/256, 16 frames of 64x64, 10 steps), built from the config dataclasses.
+Load: "busy" starts ``--busy`` bounded busy-loop processes (one per core by default) for the cell's duration,
+on top of whatever else the machine runs (the load average is recorded next to each cell).
+
+    OMP_NUM_THREADS= python examples/threads_table.py --threads 1 2 --repeats 3 --json threads.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BUSY_LOOP = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
+
+
+def build(model: str):
+    """(pipeline, sampling kwargs) for one model name."""
+    import torch
+
+    import animatediff_lite as ad
+
+    if model == "default":
+        pipe = ad.load_pipeline()
+        return pipe, {}
+    from animatediff_lite.clip import TextEncoder
+    from animatediff_lite.config import CLIPConfig, MotionConfig, UNetConfig, VAEConfig
+    from animatediff_lite.tokenizer import Tokenizer
+    from animatediff_lite.unet import UNet3D
+    from animatediff_lite.vae import AutoencoderKL
+
+    torch.manual_seed(0)
+    clip = TextEncoder(CLIPConfig(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4))
+    vae = AutoencoderKL(VAEConfig(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16))
+    unet = UNet3D(UNetConfig(block_out_channels=(64, 128, 256), down_cross_attention=(True, True, False),
+                             layers_per_block=1, cross_attention_dim=256, attention_head_dim=4, norm_num_groups=16),
+                  MotionConfig(num_heads=4, norm_num_groups=16))
+    pipe = ad.Pipeline(Tokenizer(), clip.eval(), vae.eval(), unet.eval())
+    return pipe, dict(num_frames=16, height=64, width=64, steps=10, guidance_scale=7.5)
+
+
+def child(model: str, threads: int, repeats: int) -> None:
+    """Run inside the measuring process: print one JSON line with the times."""
+    import torch
+
+    torch.set_num_threads(threads)
+    pipe, kwargs = build(model)
+    pipe("a red circle moving up", seed=0, progress=False, **kwargs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        pipe("a red circle moving up", seed=0, progress=False, **kwargs)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"threads": torch.get_num_threads(), "times": times}))
+
+
+def run_cell(model: str, threads: int, repeats: int, busy: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    load_before = os.getloadavg()[0]
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=900)]) for _ in range(busy)]
+    try:
+        out = subprocess.run([sys.executable, __file__, "--child", model, str(threads), str(repeats)], env=env,
+                             capture_output=True, text=True, timeout=1800, check=True).stdout
+    finally:
+        for p in loops:  # bounded anyway (900 s); stop them as soon as the cell is done
+            p.terminate()
+            p.wait()
+    result = json.loads(out.strip().splitlines()[-1])
+    return {"model": model, "threads": threads, "busy_loops": busy, "load_avg_1min_before": load_before,
+            "median_s": statistics.median(result["times"]), "times_s": result["times"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", nargs=3, metavar=("MODEL", "THREADS", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--models", nargs="+", default=["default", "mid"], choices=("default", "mid"))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count() or 1])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for 'busy'")
+    parser.add_argument("--json", help="also write the cells to this JSON file")
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return
+    cells = []
+    for model in args.models:
+        for busy in (0, args.busy):
+            for threads in args.threads:
+                cell = run_cell(model, threads, args.repeats, busy)
+                cells.append(cell)
+                print(f"{model:8s} threads={threads} busy_loops={busy} load={cell['load_avg_1min_before']:.2f} "
+                      f"median {cell['median_s']:.2f} s  ({', '.join(f'{t:.2f}' for t in cell['times_s'])})",
+                      flush=True)
+                if args.json:  # rewritten after every cell: a cut run keeps what it measured
+                    with open(args.json, "w", encoding="utf-8") as f:
+                        json.dump({"cpu_count": os.cpu_count(), "cells": cells}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
