@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require_oracle
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -165,8 +166,8 @@ def test_convert_motion_keeps_v1_pe_length_and_native_config(tmp_path):
 def tiny_models(tmp_path_factory):
     """A tiny SD folder saved by diffusers/transformers plus an original-layout v2 motion module, laid out
     like upstream's models/ folder (StableDiffusion/, Motion_Module/)."""
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    diffusers = require_oracle("diffusers")
+    transformers = require_oracle("transformers")
     from animatediff_lite.unet import UNet3D
 
     root = tmp_path_factory.mktemp("models")
