@@ -23,15 +23,15 @@ import time
 BUSY_LOOP = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
 
 
-def build(model: str):
-    """(pipeline, sampling kwargs) for one model name."""
+def build(model: str, threads: int):
+    """(pipeline, sampling kwargs) for one model name, running on ``threads`` CPU threads."""
     import torch
 
     import animatediff_lite as ad
 
     if model == "default":
-        pipe = ad.load_pipeline()
-        return pipe, {}
+        return ad.load_pipeline(threads=threads), {}
+    torch.set_num_threads(threads)
     from animatediff_lite.clip import TextEncoder
     from animatediff_lite.config import CLIPConfig, MotionConfig, UNetConfig, VAEConfig
     from animatediff_lite.tokenizer import Tokenizer
@@ -52,8 +52,7 @@ def child(model: str, threads: int, repeats: int) -> None:
     """Run inside the measuring process: print one JSON line with the times."""
     import torch
 
-    torch.set_num_threads(threads)
-    pipe, kwargs = build(model)
+    pipe, kwargs = build(model, threads)
     pipe("a red circle moving up", seed=0, progress=False, **kwargs)  # warm-up
     times = []
     for _ in range(repeats):
@@ -63,8 +62,10 @@ def child(model: str, threads: int, repeats: int) -> None:
     print(json.dumps({"threads": torch.get_num_threads(), "times": times}))
 
 
-def run_cell(model: str, threads: int, repeats: int, busy: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+def run_cell(model: str, threads: int, repeats: int, busy: int, passive: bool = False) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    if passive:  # OpenMP workers sleep instead of spinning while they wait (read once, when torch starts)
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     load_before = os.getloadavg()[0]
     loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=900)]) for _ in range(busy)]
     try:
@@ -75,7 +76,8 @@ def run_cell(model: str, threads: int, repeats: int, busy: int) -> dict:
             p.terminate()
             p.wait()
     result = json.loads(out.strip().splitlines()[-1])
-    return {"model": model, "threads": threads, "busy_loops": busy, "load_avg_1min_before": load_before,
+    return {"model": model, "threads": result["threads"], "omp_wait_policy": "PASSIVE" if passive else "default",
+            "busy_loops": busy, "load_avg_1min_before": load_before,
             "median_s": statistics.median(result["times"]), "times_s": result["times"]}
 
 
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count() or 1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for 'busy'")
+    parser.add_argument("--passive", action="store_true", help="also run every thread count > 1 with "
+                        "OMP_WAIT_POLICY=PASSIVE")
     parser.add_argument("--json", help="also write the cells to this JSON file")
     args = parser.parse_args()
     if args.child:
@@ -94,10 +98,12 @@ def main() -> None:
     cells = []
     for model in args.models:
         for busy in (0, args.busy):
-            for threads in args.threads:
-                cell = run_cell(model, threads, args.repeats, busy)
+            variants = [(n, False) for n in args.threads] + [(n, True) for n in args.threads if args.passive and n > 1]
+            for threads, passive in variants:
+                cell = run_cell(model, threads, args.repeats, busy, passive)
                 cells.append(cell)
-                print(f"{model:8s} threads={threads} busy_loops={busy} load={cell['load_avg_1min_before']:.2f} "
+                print(f"{model:8s} threads={cell['threads']}{' PASSIVE' if passive else ''} busy_loops={busy} "
+                      f"load={cell['load_avg_1min_before']:.2f} "
                       f"median {cell['median_s']:.2f} s  ({', '.join(f'{t:.2f}' for t in cell['times_s'])})",
                       flush=True)
                 if args.json:  # rewritten after every cell: a cut run keeps what it measured
