@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="noise seed (CPU generator, like diffusers); default: random, printed")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
-    g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more "
-                   "threads are 5-10x slower when other work shares the cores, see docs/threads.md)")
+    g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more threads "
+                   "were up to 25x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
+                   "unless set, see docs/threads.md)")
     g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
     g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); default "
@@ -245,6 +246,10 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads > 1:
+        # Idle OpenMP workers sleep instead of spinning: spinning made 2 threads 10-25x slower than 1 on a busy
+        # 2-core machine, sleeping 2-3x (docs/threads.md). Read when torch starts, which is below in a CLI run.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .loading.pipeline_load import load_pipeline
     from .video import save_video, video_format
 

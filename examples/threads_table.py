@@ -1,13 +1,14 @@
 """Measure CPU generation time against the intra-op thread count, idle and under load (docs/threads.md).
 
-Each cell runs in a fresh process (threads are process-wide): load the model, one warm-up generation, then
-``--repeats`` timed generations; the cell reports their median. Models: the embedded default model at its
+Every measurement runs in a fresh process (threads are process-wide): load the model, one warm-up generation,
+then ``--repeats`` timed generations. Each cell gets ``--rounds`` such processes, interleaved with the other
+cells', and reports the median of all its times. Models: the embedded default model at its
 trained size (8 frames of 32x32, 20 steps) and a random-weight "mid" model between the tiny test configs and
 SD1.5 (UNet widths 64/128/256, 16 frames of 64x64, 10 steps), built from the config dataclasses.
-Load: "busy" starts ``--busy`` bounded busy-loop processes (one per core by default) for the cell's duration,
+Load: "busy" starts ``--busy`` bounded busy-loop processes (one per core by default) for all its cells,
 on top of whatever else the machine runs (the load average is recorded next to each cell).
 
-    OMP_NUM_THREADS= python examples/threads_table.py --threads 1 2 --repeats 3 --json threads.json
+    python examples/threads_table.py --threads 1 2 --passive --rounds 3 --repeats 2 --json threads.json
 """
 
 from __future__ import annotations
@@ -62,23 +63,14 @@ def child(model: str, threads: int, repeats: int) -> None:
     print(json.dumps({"threads": torch.get_num_threads(), "times": times}))
 
 
-def run_cell(model: str, threads: int, repeats: int, busy: int, passive: bool = False) -> dict:
+def run_child(model: str, threads: int, repeats: int, passive: bool) -> dict:
+    """One measuring process; returns its JSON line (thread count it ran on, times)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     if passive:  # OpenMP workers sleep instead of spinning while they wait (read once, when torch starts)
         env["OMP_WAIT_POLICY"] = "PASSIVE"
-    load_before = os.getloadavg()[0]
-    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=900)]) for _ in range(busy)]
-    try:
-        out = subprocess.run([sys.executable, __file__, "--child", model, str(threads), str(repeats)], env=env,
-                             capture_output=True, text=True, timeout=1800, check=True).stdout
-    finally:
-        for p in loops:  # bounded anyway (900 s); stop them as soon as the cell is done
-            p.terminate()
-            p.wait()
-    result = json.loads(out.strip().splitlines()[-1])
-    return {"model": model, "threads": result["threads"], "omp_wait_policy": "PASSIVE" if passive else "default",
-            "busy_loops": busy, "load_avg_1min_before": load_before,
-            "median_s": statistics.median(result["times"]), "times_s": result["times"]}
+    out = subprocess.run([sys.executable, __file__, "--child", model, str(threads), str(repeats)], env=env,
+                         capture_output=True, text=True, timeout=1800, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -86,29 +78,46 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("MODEL", "THREADS", "REPEATS"), help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["default", "mid"], choices=("default", "mid"))
     parser.add_argument("--threads", nargs="+", type=int, default=[1, os.cpu_count() or 1])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for 'busy'")
     parser.add_argument("--passive", action="store_true", help="also run every thread count > 1 with "
                         "OMP_WAIT_POLICY=PASSIVE")
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per cell, interleaved over the cells "
+                        "so that a change in the machine's other load hits every cell alike")
+    parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for 'busy'")
     parser.add_argument("--json", help="also write the cells to this JSON file")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]))
         return
-    cells = []
-    for model in args.models:
-        for busy in (0, args.busy):
-            variants = [(n, False) for n in args.threads] + [(n, True) for n in args.threads if args.passive and n > 1]
-            for threads, passive in variants:
-                cell = run_cell(model, threads, args.repeats, busy, passive)
-                cells.append(cell)
-                print(f"{model:8s} threads={cell['threads']}{' PASSIVE' if passive else ''} busy_loops={busy} "
-                      f"load={cell['load_avg_1min_before']:.2f} "
-                      f"median {cell['median_s']:.2f} s  ({', '.join(f'{t:.2f}' for t in cell['times_s'])})",
-                      flush=True)
-                if args.json:  # rewritten after every cell: a cut run keeps what it measured
-                    with open(args.json, "w", encoding="utf-8") as f:
-                        json.dump({"cpu_count": os.cpu_count(), "cells": cells}, f, indent=1)
+    variants = [(n, False) for n in args.threads] + [(n, True) for n in args.threads if args.passive and n > 1]
+    cells: dict[tuple, dict] = {}
+    for busy in (0, args.busy):
+        loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=1800)]) for _ in range(busy)]
+        try:
+            for _ in range(args.rounds):
+                for model in args.models:
+                    for threads, passive in variants:
+                        load = os.getloadavg()[0]
+                        result = run_child(model, threads, args.repeats, passive)
+                        cell = cells.setdefault((model, threads, passive, busy), {
+                            "model": model, "threads": result["threads"],
+                            "omp_wait_policy": "PASSIVE" if passive else "default", "busy_loops": busy,
+                            "load_avg_1min": [], "times_s": []})
+                        cell["load_avg_1min"].append(load)
+                        cell["times_s"] += result["times"]
+                        cell["median_s"] = statistics.median(cell["times_s"])
+                        if args.json:  # rewritten after every process: a cut run keeps what it measured
+                            with open(args.json, "w", encoding="utf-8") as f:
+                                json.dump({"cpu_count": os.cpu_count(), "cells": list(cells.values())}, f, indent=1)
+        finally:
+            for p in loops:  # bounded anyway (1800 s); stop them as soon as the condition is done
+                p.terminate()
+                p.wait()
+    for c in cells.values():
+        times = sorted(c["times_s"])
+        print(f"{c['model']:8s} threads={c['threads']} {c['omp_wait_policy']:8s} busy_loops={c['busy_loops']} "
+              f"load {min(c['load_avg_1min']):.1f}-{max(c['load_avg_1min']):.1f}  median {c['median_s']:.2f} s  "
+              f"min {times[0]:.2f}  max {times[-1]:.2f}  (n={len(times)})")
 
 
 if __name__ == "__main__":

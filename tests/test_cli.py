@@ -428,10 +428,13 @@ def test_help_texts_say_defaults_and_config(capsys):
 
 def test_threads_flag_sets_torch_threads(tmp_path, monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # restored after the test
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     try:
         assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "0", "--no-progress",
                      "--threads", "2", "-o", str(tmp_path / "x.gif")]) == 0
         assert torch.get_num_threads() == 2
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for a fresh process's OpenMP runtime
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "0", "--no-progress",
                      "-o", str(tmp_path / "y.gif")]) == 0
