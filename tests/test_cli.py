@@ -441,3 +441,11 @@ def test_threads_flag_sets_torch_threads(tmp_path, monkeypatch):
         assert torch.get_num_threads() == 1  # the default on the CPU
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_train_refuses_non_finite_config_numbers(value, capsys):
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "train_config.toml")
+    assert main(["train", config, "--optim.lr", value]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr must be a finite number" in err and err.count("\n") == 1
