@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="processes per cell, interleaved over the cells "
                         "so that a change in the machine's other load hits every cell alike")
     parser.add_argument("--busy", type=int, default=os.cpu_count() or 1, help="busy-loop processes for 'busy'")
+    parser.add_argument("--loads", nargs="+", default=["idle", "busy"], choices=("idle", "busy"),
+                        help="conditions to measure: idle (only the machine's other work) and/or busy")
     parser.add_argument("--json", help="also write the cells to this JSON file")
     args = parser.parse_args()
     if args.child:
@@ -91,7 +93,7 @@ def main() -> None:
         return
     variants = [(n, False) for n in args.threads] + [(n, True) for n in args.threads if args.passive and n > 1]
     cells: dict[tuple, dict] = {}
-    for busy in (0, args.busy):
+    for busy in [{"idle": 0, "busy": args.busy}[name] for name in args.loads]:
         loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP.format(seconds=1800)]) for _ in range(busy)]
         try:
             for _ in range(args.rounds):
