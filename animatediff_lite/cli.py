@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more threads "
-                   "were up to 25x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
+                   "were 3-20x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
                    "unless set, see docs/threads.md)")
     g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
     g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
@@ -247,8 +247,8 @@ def _pick(value, preset_value, default):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads > 1:
-        # Idle OpenMP workers sleep instead of spinning: spinning made 2 threads 10-25x slower than 1 on a busy
-        # 2-core machine, sleeping 2-3x (docs/threads.md). Read when torch starts, which is below in a CLI run.
+        # Idle OpenMP workers sleep instead of spinning: spinning made 2 threads 3-20x slower than 1 on a busy
+        # 2-core machine, sleeping ones 0.3-1.6x (docs/threads.md). Read when torch starts: below, in a CLI run.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .loading.pipeline_load import load_pipeline
     from .video import save_video, video_format

@@ -2,7 +2,7 @@
 
 torch defaults to one thread per core. On a small machine that also runs other work, that default is the slow
 case by a wide margin: with every core already busy, each of the many small ops of a video model waits for
-a descheduled OpenMP worker (measured 5-10x slower than one thread on 2 cores, see docs/threads.md). So without
+a descheduled OpenMP worker (measured 3-20x slower than one thread on 2 cores, see docs/threads.md). So without
 an explicit choice, CPU sampling runs on one thread unless ``OMP_NUM_THREADS`` says otherwise.
 """
 

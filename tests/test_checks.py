@@ -115,3 +115,10 @@ def test_threads_argument(keep_threads, monkeypatch):
     for bad in (0, -1, 1.5, "2", True):
         with pytest.raises(ValueError, match="threads"):
             ad.load_pipeline(threads=bad)
+
+
+@pytest.mark.parametrize("name", ["beta_start", "beta_end", "clip_sample_range"])
+@pytest.mark.parametrize("value", [*BAD, -0.1])
+def test_scheduler_config_floats_checked(name, value):
+    with pytest.raises(ValueError, match=f"DDIMConfig.{name}"):
+        ad.DDIMConfig(**{name: value})
