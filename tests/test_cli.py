@@ -449,3 +449,17 @@ def test_train_refuses_non_finite_config_numbers(value, capsys):
     assert main(["train", config, "--optim.lr", value]) == 2
     err = capsys.readouterr().err
     assert "optim.lr must be a finite number" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "binary"])
+@pytest.mark.parametrize("flag", ["--motion-module", "--dreambooth", "--lora", "--motion-lora"])
+def test_bad_weight_file_next_to_a_good_base(tiny_models, flag, kind, tmp_path, capsys):
+    bad = _bad_file(tmp_path, kind)
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    argv = ["generate", "a cat", "--base", str(sd), flag, str(bad), "--frames", "2", "--height", "16", "--width",
+            "16", "--steps", "1", "--seed", "0", "--device", "cpu", "--no-progress", "-o", str(tmp_path / "x.gif")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "Traceback" not in err and err.count("\n") == 1 and bad.name in err and "seed:" not in err
+    assert not (tmp_path / "x.gif").exists()
