@@ -6,19 +6,21 @@ import os
 
 import torch
 
+from .checks import finite_number
 from .loading.pipeline_load import load_pipeline
 from .video import save_video
 
 
 def generate(prompt: str | list[str] | dict[int, str], out: str | os.PathLike | None = None, fps: float = 8,
-             **kwargs) -> torch.Tensor:
+             threads: int | None = None, **kwargs) -> torch.Tensor:
     """One call on the embedded default model: ``load_pipeline()(prompt, **kwargs)``, saved to ``out`` if given.
 
     kwargs are :meth:`~animatediff_lite.pipeline.Pipeline.__call__` arguments (``free_init=``, ``video=``,
     ``strength=``; a {frame: prompt} map travels between prompts). Returns the video
-    (B, F, 3, H, W) float32 in [0, 1].
+    (B, F, 3, H, W) float32 in [0, 1]. threads: as in :func:`~animatediff_lite.load_pipeline`.
     """
-    video = load_pipeline()(prompt, **kwargs)
+    finite_number("fps", fps, minimum=0, exclusive=True)  # before sampling, not after it
+    video = load_pipeline(threads=threads)(prompt, **kwargs)
     if out is not None:
         save_video(video, out, fps=fps)
     return video

@@ -1,7 +1,8 @@
 """``animatediff-lite`` / ``python -m animatediff_lite``: generate, info, convert, train.
 
-A thin layer over the library: argument parsing, then one call per step. Weight and argument problems
-(CheckpointError / ValueError) print one line to stderr and exit with status 2.
+A thin layer over the library: argument parsing, then one call per step. User errors (a bad argument, a
+missing, empty or unreadable file: argparse errors, CheckpointError, ValueError, OSError) print one line to
+stderr naming the argument or file and exit with status 2; warnings print as one line each, once.
 """
 
 from __future__ import annotations
@@ -13,12 +14,31 @@ import json
 import os
 import random
 import sys
+import warnings
 from pathlib import Path
 
+from .checks import finite_number
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+TRAIN_EPILOG = """\
+A config is a TOML file with [data], [model], [train], [optim], [output] ... sections; start from
+examples/train_config.toml (every key is documented there). Any key can be overridden after the config
+file as --section.key VALUE or --section.key=VALUE, for example:
+  animatediff-lite train examples/train_config.toml --optim.lr 3e-4 --output.dir runs/mm
+Values are read as TOML (3e-4, true, [1, 2], "text"), else taken as a string; overrides win over the file.
+The resolved config is saved as {output.dir}/config.json. Multi-GPU:
+  torchrun --nproc_per_node 4 -m animatediff_lite train my_config.toml"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (status 2): the message names the argument; --help has the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def lora_spec(text: str) -> tuple[str, float]:
@@ -26,14 +46,43 @@ def lora_spec(text: str) -> tuple[str, float]:
     path, sep, scale = text.rpartition(":")
     if sep:
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return text, 1.0
+        try:
+            return path, finite_number("scale", value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text}: the scale must be a finite number, got {scale!r}") from e
     return text, 1.0
 
 
+def number(minimum: float | None = None, exclusive: bool = False):
+    """argparse type: a finite float (>= minimum, or > with exclusive); NaN and inf are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            return finite_number("value", float(text), minimum, exclusive)
+        except ValueError:
+            bound = "" if minimum is None else f" {'>' if exclusive else '>='} {minimum:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}") from None
+
+    parse.__name__ = "number"
+    return parse
+
+
+def count(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="animatediff-lite", description="AnimateDiff text-to-video in pure PyTorch.")
+    parser = Parser(prog="animatediff-lite", description="AnimateDiff text-to-video in pure PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="text -> video file", description="Generate videos from prompts. Without "
@@ -53,15 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
     g.add_argument("--width", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
     g.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 25 for SD1.5)")
-    g.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 7.5 for SD1.5)")
+    g.add_argument("--guidance", type=number(0), help="guidance scale >= 0 (default: the model's, 7.5 for SD1.5)")
     g.add_argument("--seed", type=int, help="noise seed (CPU generator, like diffusers); default: random, printed")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more threads "
+                   "were 3-20x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
+                   "unless set, see docs/threads.md)")
     g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
     g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
-    g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); "
-                   "with --preset the output folder (default samples/NAME-TIME)")
-    g.add_argument("--fps", type=float, default=8, help="frames per second of the output (default 8)")
+    g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); default "
+                   "out.gif; with --preset the output folder (default samples/NAME-TIME), with --per-prompt the "
+                   "folder of the files (default samples)")
+    g.add_argument("--fps", type=number(0, exclusive=True), default=8,
+                   help="frames per second of the output (default 8)")
     g.add_argument("--preset", help="a reference config: ToonYou, Lyriel, RcnzCartoon, MajicMix, RealisticVision, "
                    "RealisticVision_v2, ... (see `animatediff-lite presets`)")
     g.add_argument("--models-dir", default="models", help="with --preset: folder holding StableDiffusion/, "
@@ -78,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
     g.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
+    p = sub.add_parser("presets", help="list the reference configs, or show one",
+                       description="List the shipped presets, or show one preset's prompts, negative prompts, "
+                       "seeds, sampling settings and model files.")
+    p.add_argument("name", nargs="?", help="a preset to show in full (e.g. ToonYou)")
     p.set_defaults(func=cmd_presets)
 
     i = sub.add_parser("info", help="what a weights file or folder is", description="Describe a checkpoint: layout, "
@@ -107,20 +164,81 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a motion module, MotionLoRA, UNet or the default model",
                        description="Train from a TOML config (every key: examples/train_config.toml; the default "
-                                   "model's recipe: examples/train_default_model.toml; docs/training.md).")
-    t.add_argument("config", help="training config file")
+                                   "model's recipe: examples/train_default_model.toml; docs/training.md).",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="training config file (TOML; see examples/train_config.toml)")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs overriding the config")
     t.set_defaults(func=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (CheckpointError, ValueError) as e:
-        print(f"animatediff-lite {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    prefix = f"animatediff-lite {args.command}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)  # shown once each by _one_line_warnings
+        warnings.showwarning = _one_line_warnings(prefix)
+        try:
+            return args.func(args) or 0
+        except (CheckpointError, ValueError) as e:
+            print(f"{prefix}: error: {e}", file=sys.stderr)
+        except OSError as e:  # reading or writing a user's path: permissions, a folder in the way, disk full
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"{prefix}: error: {where}{e.strerror or e}", file=sys.stderr)
+        except KeyboardInterrupt:
+            print(f"{prefix}: interrupted", file=sys.stderr)
+            return 130
+    return 2
+
+
+def _one_line_warnings(prefix: str):
+    """A ``warnings.showwarning`` that prints each distinct message once, on one line, without source lines."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"{prefix}: warning: {text}", file=sys.stderr)
+
+    return show
+
+
+def user_file(path: str | Path, argument: str, expected: str, text: bool = False) -> Path:
+    """``path`` if it is a non-empty file (UTF-8 text with ``text``); else ValueError naming ``argument``, the
+    path, what it is and ``expected``."""
+    p = Path(path)
+    problem = None
+    if not p.exists():
+        problem = "no such file"
+    elif p.is_dir():
+        problem = "is a folder"
+    elif p.stat().st_size == 0:
+        problem = "is empty"
+    elif text:
+        data = p.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text (a binary file?)"
+        else:
+            problem = "is not text (it holds NUL bytes)" if b"\0" in data else None
+    if problem:
+        raise ValueError(f"{argument} {path}: {problem}; expected {expected}")
+    return p
+
+
+def _check_weight_paths(args: argparse.Namespace) -> None:
+    """Fail before any loading when a weights path given on the command line does not exist."""
+    given = [("--base", args.base, "a diffusers SD1.5 folder or an LDM .safetensors/.ckpt file"),
+             ("--motion-module", args.motion_module, "a motion module .ckpt/.safetensors or MotionAdapter folder"),
+             ("--dreambooth", args.dreambooth, "a personalised SD1.5 single file (.safetensors/.ckpt)")]
+    given += [("--lora", path, "a kohya LoRA / v3 adapter file") for path, _ in args.lora]
+    given += [("--motion-lora", path, "a MotionLoRA file") for path, _ in args.motion_lora]
+    for argument, path, expected in given:
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{argument} {path}: no such file or folder; expected {expected}")
 
 
 def _device_dtype(args: argparse.Namespace):
@@ -137,12 +255,19 @@ def _pick(value, preset_value, default):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate_options import pipeline_options, prompt_map
+    if args.threads is not None and args.threads > 1:
+        # Idle OpenMP workers sleep instead of spinning: spinning made 2 threads 3-20x slower than 1 on a busy
+        # 2-core machine, sleeping ones 0.3-1.6x (docs/threads.md). Read when torch starts: below, in a CLI run.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .loading.pipeline_load import load_pipeline
-    from .video import save_video
+    from .video import save_video, video_format
 
     prompts = list(args.prompt)
     if args.prompts:
-        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+        expected = "a UTF-8 text file with one prompt per line"
+        lines = user_file(args.prompts, "--prompts", expected, text=True).read_text(encoding="utf-8").splitlines()
+        if not any(line.strip() for line in lines):
+            raise ValueError(f"--prompts {args.prompts}: only blank lines; expected {expected}")
         prompts += [line.strip() for line in lines if line.strip()]
     travel, travel_negative = prompt_map(args, prompts)
     preset = None
@@ -150,8 +275,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from .presets import get_preset
 
         preset = get_preset(args.preset)
+        if not Path(args.models_dir).is_dir():
+            raise ValueError(f"--models-dir {args.models_dir}: not a folder; expected the folder holding "
+                             "StableDiffusion/, Motion_Module/, DreamBooth_LoRA/ (and MotionLoRA/)")
     elif not prompts and travel is None:
         raise ValueError("give a prompt (positional), --prompts FILE, --prompt-at/--prompt-map or --preset NAME")
+    _check_weight_paths(args)
     device, dtype = _device_dtype(args)
     sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, None),
                     height=_pick(args.height, preset and preset.height, None),
@@ -162,7 +291,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, **pipeline_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
-                   backend=args.backend, compile=args.compile or False)
+                   backend=args.backend, compile=args.compile or False, threads=args.threads)
     rank, world = _ranks()
     if preset is None and (args.per_prompt or world > 1):
         if args.seed is None:
@@ -177,15 +306,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(save_video(video, out_dir / f"{i:04d}-{name}.gif", fps=args.fps))
         return 0
     if preset is None:
+        try:
+            video_format(args.out or "out.gif")  # before sampling, not after it
+        except ValueError as e:
+            raise ValueError(f"-o/--out: {e}") from None
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
-        print(f"seed: {seed}", file=sys.stderr)
         pipe = load_pipeline(motion_module=args.motion_module, **weights)
         negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
-        video = pipe(travel or prompts, negative_prompt=negative, seed=seed, **sampling)
+        video = pipe(travel or prompts, negative_prompt=negative, seed=seed, callback=_print_seed(seed), **sampling)
         out = save_video(video, args.out or "out.gif", fps=args.fps)
         print(out)
         return 0
     return _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video)
+
+
+def _print_seed(seed: int):
+    """A step callback that prints the seed once the first step ran: after every argument was checked."""
+
+    def callback(step: int, t: int, latents) -> None:
+        if step == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"seed: {seed}", file=sys.stderr)  # above the progress bar, not through it
+
+    return callback
 
 
 def _ranks() -> tuple[int, int]:
@@ -230,17 +374,43 @@ def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, sa
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import load_presets
+    from .presets import get_preset, load_presets
 
+    if args.name is not None:
+        print(describe_preset(get_preset(args.name)))
+        return 0
     for name, p in load_presets().items():
         print(f"{name:22s} {len(p.prompts)} prompts  motion: {', '.join(Path(m).name for m in p.motion_modules)}  "
               f"dreambooth: {Path(p.dreambooth).name if p.dreambooth else '-'}")
+    print("\n`animatediff-lite presets NAME` shows one in full; `generate --preset NAME --models-dir DIR` runs it.")
     return 0
+
+
+def describe_preset(preset) -> str:
+    """One preset as text: model files (relative to --models-dir), sampling settings, then every sample's
+    prompt, negative prompt and seed, paired as upstream pairs them."""
+    loras = [f"{preset.lora} (scale {preset.lora_scale:g})"] if preset.lora else []
+    rows = [f"{preset.name}  (upstream {preset.source})" if preset.source else preset.name,
+            f"  base            {preset.base}",
+            f"  motion modules  {', '.join(preset.motion_modules)}",
+            f"  dreambooth      {preset.dreambooth or '-'}",
+            f"  lora            {', '.join(loras) or '-'}",
+            f"  motion loras    {', '.join(f'{p} (scale {s:g})' for p, s in preset.motion_loras) or '-'}",
+            f"  sampling        {preset.steps} steps, guidance {preset.guidance_scale:g}, {preset.frames} frames of "
+            f"{preset.width}x{preset.height}, {preset.fps:g} fps",
+            f"  samples         {len(preset.runs())} per motion module:"]
+    for i, (prompt, negative, seed) in enumerate(preset.runs()):
+        rows += [f"  [{i}] seed      {'random' if seed is None else seed}",
+                 f"      prompt    {prompt}",
+                 f"      negative  {negative or '-'}"]
+    return "\n".join(rows)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .loading.describe import describe
 
+    if not Path(args.file).exists():
+        raise ValueError(f"{args.file}: no such file or folder; expected a weights file or model folder")
     info = describe(args.file)
     if args.json:
         print(json.dumps(info, indent=1))
@@ -284,6 +454,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .train import main as train_main
     except ImportError as e:
         raise ValueError(f"training is not available in this installation ({e})") from e
+    user_file(args.config, "config", "a TOML training config like examples/train_config.toml", text=True)
     train_main([args.config, *args.overrides])
     return 0
 

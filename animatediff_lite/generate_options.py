@@ -11,8 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from .free_init import METHODS, FreeInit
-
 
 def add_arguments(g: argparse.ArgumentParser) -> None:
     """Add the prompt-travel, FreeInit and video-to-video flags to the ``generate`` parser."""
@@ -25,7 +23,8 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
     g.add_argument("--free-init", type=int, metavar="ITERS",
                    help="FreeInit: sample ITERS rounds, each restarting from the last one's low frequencies "
                         "(costs ITERS x the sampling time; 3 is usual)")
-    g.add_argument("--free-init-method", choices=METHODS, default="butterworth", help="FreeInit low-pass filter")
+    g.add_argument("--free-init-method", default="butterworth",
+                   help="FreeInit low-pass filter: butterworth, gaussian, ideal or box (checked by FreeInit)")
     g.add_argument("--free-init-order", type=float, default=4, help="Butterworth order (default 4)")
     g.add_argument("--free-init-stop", type=_stops, default=(0.25, 0.25), metavar="SPATIAL[:TEMPORAL]",
                    help="normalised stop frequencies in [0, 1] (default 0.25:0.25)")
@@ -113,6 +112,8 @@ def pipeline_options(args: argparse.Namespace) -> dict:
     options: dict = {}
     if args.free_init is not None:
         spatial, temporal = args.free_init_stop
+        from .free_init import FreeInit  # lazy: it imports torch, which --help and argument errors never need
+
         options["free_init"] = FreeInit(iterations=args.free_init, method=args.free_init_method,
                                         order=args.free_init_order, spatial_stop=spatial, temporal_stop=temporal,
                                         use_fast_sampling=args.free_init_fast)

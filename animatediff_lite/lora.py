@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import finite_number
 from .config import UNetConfig
 from .errors import CheckpointError
 from .loading.checkpoint import Checkpoint, read_checkpoint
@@ -57,6 +58,7 @@ def merge_lora(module: nn.Module, lora_state: Mapping[str, torch.Tensor] | Seque
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    scale = finite_number(f"LoRA scale for {source}", scale)
     pairs = list(lora_state) if _is_pairs(lora_state) else parse_lora(lora_state, source)
     part = "text_encoder" if kind == "text_encoder" else "unet"
     pairs = [p for p in pairs if p.part == part]
@@ -113,6 +115,8 @@ def apply_loras(pipe: Any, loras: Sequence[tuple[str | os.PathLike | Checkpoint,
     :func:`~animatediff_lite.loading.checkpoint.read_checkpoint`. ``unmerge(handles)`` undoes all of them exactly.
     """
     handles: list[MergeHandle] = []
+    for path, scale in (*loras, *motion_loras):  # all scales before the first merge
+        finite_number(f"LoRA scale for {path}", scale)
     try:
         for path, scale in loras:
             checkpoint = _read(path, "a LoRA")

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
+from .checks import finite_number, warn_untrained
 from .context import context_windows, windowed
 from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
@@ -77,6 +78,9 @@ class Pipeline:
         # What __call__ uses for arguments left as None: AnimateDiff's settings, or what a model was trained
         # for (the embedded default model makes 8 frames of 32x32).
         self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
+        # Sizes the model was trained on, where the model records them ({"num_frames": 8, "height": 32, ...});
+        # other sizes are allowed but warned about. None: unknown, never warned.
+        self.trained_for: dict[str, int] | None = None
         self.compile_mode: str | None = None  # set by compile()
         self._backend_request = backend
         self.set_backend(backend)
@@ -220,13 +224,15 @@ class Pipeline:
         height = int(d["height"]) if height is None else height
         width = int(d["width"]) if width is None else width
         steps = int(d["steps"]) if steps is None else steps
-        guidance_scale = float(d["guidance_scale"]) if guidance_scale is None else guidance_scale
+        guidance_scale = finite_number("guidance_scale", d["guidance_scale"] if guidance_scale is None
+                                       else guidance_scale, minimum=0)
         travel = is_prompt_map(prompt) or is_prompt_map(negative_prompt)
         prompts, negatives = ([prompt], []) if travel else self._check_prompts(prompt, negative_prompt)
         if free_init is not None and not isinstance(free_init, FreeInit):
             raise ValueError(f"free_init must be an animatediff_lite.FreeInit or None, got {type(free_init).__name__}")
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
+        warn_untrained(self.trained_for, num_frames=context_frames or num_frames, height=height, width=width)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -319,8 +325,7 @@ class Pipeline:
         num_steps_check(steps)
         if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
             raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        finite_number("eta", eta, minimum=0)
         if seed is not None and generator is not None:
             raise ValueError("seed and generator: pass one of them, not both")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64):

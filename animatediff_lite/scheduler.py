@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import finite_number
+
 BETA_SCHEDULES = ("linear", "scaled_linear")
 SPACINGS = ("leading", "trailing", "linspace")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -46,6 +48,8 @@ class DDIMConfig:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        for name in ("beta_start", "beta_end", "clip_sample_range"):
+            finite_number(f"DDIMConfig.{name}", getattr(self, name), minimum=0)
 
 
 def alphas_cumprod(config: DDIMConfig) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageSequence
 
 from .atomic import atomic_write
+from .checks import finite_number
 
 FORMATS = ("gif", "mp4", "webp", "frames")
 _SUFFIX_FORMAT = {".gif": "gif", ".mp4": "mp4", ".webp": "webp", "": "frames"}
@@ -72,15 +73,8 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 8, n_r
     ``path`` (no suffix -> frames). Returns the written path.
     """
     path = Path(path)
-    if format is None:
-        format = _SUFFIX_FORMAT.get(path.suffix.lower())
-        if format is None:
-            raise ValueError(f"cannot tell the video format from {path}: use a suffix .gif, .mp4 or .webp, "
-                             f"no suffix for a folder of PNG frames, or pass format= one of {FORMATS}")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    format = video_format(path, format)
+    finite_number("fps", fps, minimum=0, exclusive=True)
     frames = to_uint8_frames(video_grid(video, n_rows))
     if format == "gif":
         atomic_write(path, lambda tmp: _write_pillow(frames, tmp, fps, "GIF"))
@@ -97,6 +91,21 @@ def save_video(video: torch.Tensor, path: str | os.PathLike, fps: float = 8, n_r
         for i, frame in enumerate(frames):
             atomic_write(path / f"{i:04d}.png", lambda tmp, fr=frame: Image.fromarray(fr).save(tmp, format="PNG"))
     return path
+
+
+def video_format(path: str | os.PathLike, format: str | None = None) -> str:
+    """The format :func:`save_video` writes to ``path``: ``format`` if given, else from the suffix.
+
+    ValueError naming the path when the suffix is not one of .gif/.mp4/.webp/none, or ``format`` unknown.
+    """
+    if format is None:
+        format = _SUFFIX_FORMAT.get(Path(path).suffix.lower())
+        if format is None:
+            raise ValueError(f"cannot tell the video format from {path}: use a suffix .gif, .mp4 or .webp, "
+                             f"no suffix for a folder of PNG frames, or pass format= one of {FORMATS}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return format
 
 
 def _write_pillow(frames: np.ndarray, tmp: str, fps: float, fmt: str) -> None:

@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require_oracle
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
+require_oracle("diffusers")
+require_oracle("transformers")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ATOL = 1e-4  # fp32 on the CPU: the same arithmetic in a different order

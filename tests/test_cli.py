@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require_oracle
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -165,8 +166,8 @@ def test_convert_motion_keeps_v1_pe_length_and_native_config(tmp_path):
 def tiny_models(tmp_path_factory):
     """A tiny SD folder saved by diffusers/transformers plus an original-layout v2 motion module, laid out
     like upstream's models/ folder (StableDiffusion/, Motion_Module/)."""
-    diffusers = pytest.importorskip("diffusers")
-    transformers = pytest.importorskip("transformers")
+    diffusers = require_oracle("diffusers")
+    transformers = require_oracle("transformers")
     from animatediff_lite.unet import UNet3D
 
     root = tmp_path_factory.mktemp("models")
@@ -307,3 +308,158 @@ def test_generate_with_lora_and_motion_lora(tiny_models, tmp_path):
         videos[name] = load_video_frames(tmp_path / f"{name}.gif")
     assert torch.equal(videos["plain"], videos["zero"])  # scale 0 merges nothing
     assert not torch.equal(videos["plain"], videos["lora"]) and not torch.equal(videos["plain"], videos["motion"])
+
+
+# ------------------------------------------------------------------ user errors: one line, exit 2, no traceback
+
+def _bad_file(tmp_path, kind: str):
+    """A path of one kind of bad user file: missing, a folder, empty, or binary (not UTF-8, not a checkpoint)."""
+    path = tmp_path / f"{kind}.txt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    return path
+
+
+FILE_COMMANDS = {  # every command line that reads a user file; {f} is the bad file
+    "generate --prompts": ["generate", "--prompts", "{f}"],
+    "generate --base": ["generate", "a cat", "--base", "{f}"],
+    "generate --models-dir": ["generate", "--preset", "ToonYou", "--models-dir", "{f}"],
+    "info": ["info", "{f}"],
+    "convert motion": ["convert", "motion", "{f}", "{tmp}/out.safetensors", "--to", "native"],
+    "convert unet": ["convert", "unet", "{f}", "{tmp}/out.safetensors", "--to", "ldm"],
+    "train": ["train", "{f}"],
+}
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "binary"])
+@pytest.mark.parametrize("command", list(FILE_COMMANDS))
+def test_bad_user_file_is_one_line_exit_2(command, kind, tmp_path, capsys):
+    bad = _bad_file(tmp_path, kind)
+    argv = [a.format(f=bad, tmp=tmp_path) for a in FILE_COMMANDS[command]]
+    assert main(argv) == 2  # (--models-dir given an empty folder lists the preset's missing files)
+    out, err = capsys.readouterr()
+    print(err)
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith(f"animatediff-lite {argv[0]}: error:")
+    assert bad.name in err  # names the file
+    assert "seed:" not in err and out == ""
+
+
+def test_bad_user_file_through_the_entry_point(tmp_path):
+    """The real entry point (what a user runs), not just main(): the issue's --prompts /nonexistent.txt."""
+    r = subprocess.run([sys.executable, "-m", "animatediff_lite", "generate", "--prompts", str(tmp_path / "no.txt")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "no.txt: no such file" in r.stderr and "one prompt per line" in r.stderr
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["generate", "x", "--guidance", "nan"], "--guidance"), (["generate", "x", "--guidance", "inf"], "--guidance"),
+    (["generate", "x", "--guidance", "-3"], "--guidance"), (["generate", "x", "--fps", "nan"], "--fps"),
+    (["generate", "x", "--fps", "inf"], "--fps"), (["generate", "x", "--fps", "0"], "--fps"),
+    (["generate", "x", "--lora", "a.safetensors:nan"], "--lora"),
+    (["generate", "x", "--motion-lora", "b.ckpt:-inf"], "--motion-lora"),
+    (["generate", "x", "--threads", "0"], "--threads"), (["generate", "x", "--frames", "two"], "--frames"),
+])
+def test_bad_numbers_one_line_exit_2(argv, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "seed:" not in err
+
+
+@pytest.mark.parametrize("extra,named", [(["--frames", "0"], "num_frames"), (["--height", "20"], "height"),
+                                         (["-o", "out.txt"], "-o/--out")])
+def test_argument_errors_come_before_the_seed_line(extra, named, tmp_path, capsys):
+    argv = ["generate", "a red circle moving up", "--steps", "1", "--no-progress", *extra]
+    if "-o" not in extra:
+        argv += ["-o", str(tmp_path / "x.gif")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and "seed:" not in err and err.count("\n") == 1
+
+
+def test_seed_printed_once_sampling_started(tmp_path, capsys):
+    assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "5", "--no-progress",
+                 "-o", str(tmp_path / "x.gif")]) == 0
+    assert "seed: 5\n" in capsys.readouterr().err
+
+
+def test_untrained_size_warns_once(tmp_path, capsys):
+    """The default model was trained on 8 frames of 32x32: other sizes print one warning line, once."""
+    argv = ["generate", "a red circle moving up", "a blue square moving left", "--steps", "1", "--seed", "0",
+            "--no-progress", "-o", str(tmp_path / "x.gif")]
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err  # its own sizes: no warning
+    assert main([*argv, "--frames", "16", "--height", "64", "--width", "64"]) == 0
+    warnings_seen = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings_seen) == 1, warnings_seen
+    assert "8 frames of 32x32" in warnings_seen[0] and "num_frames=16" in warnings_seen[0]
+    assert "height=64" in warnings_seen[0]
+
+
+def test_presets_shows_one_preset(capsys):
+    assert main(["presets", "toonyou"]) == 0  # names are case-insensitive
+    out = capsys.readouterr().out
+    preset = get_preset("ToonYou")
+    for text in [*preset.prompts, *(n for n in preset.negative_prompts if n), *map(str, preset.seeds),
+                 *preset.motion_modules, preset.dreambooth, preset.base, f"{preset.steps} steps",
+                 f"guidance {preset.guidance_scale:g}"]:
+        assert text in out, text
+    assert main(["presets", "ZoomIn"]) == 0
+    assert "v2_lora_ZoomIn.ckpt" in capsys.readouterr().out  # its MotionLoRA
+    assert main(["presets", "NoSuch"]) == 2
+    assert "available: ToonYou" in capsys.readouterr().err
+
+
+def test_help_texts_say_defaults_and_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "default out.gif" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "examples/train_config.toml" in out and "--section.key VALUE" in out and "--optim.lr 3e-4" in out
+
+
+def test_threads_flag_sets_torch_threads(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # restored after the test
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    try:
+        assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "0", "--no-progress",
+                     "--threads", "2", "-o", str(tmp_path / "x.gif")]) == 0
+        assert torch.get_num_threads() == 2
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # for a fresh process's OpenMP runtime
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "0", "--no-progress",
+                     "-o", str(tmp_path / "y.gif")]) == 0
+        assert torch.get_num_threads() == 1  # the default on the CPU
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_train_refuses_non_finite_config_numbers(value, capsys):
+    config = os.path.join(os.path.dirname(__file__), "..", "examples", "train_config.toml")
+    assert main(["train", config, "--optim.lr", value]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr must be a finite number" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "binary"])
+@pytest.mark.parametrize("flag", ["--motion-module", "--dreambooth", "--lora", "--motion-lora"])
+def test_bad_weight_file_next_to_a_good_base(tiny_models, flag, kind, tmp_path, capsys):
+    bad = _bad_file(tmp_path, kind)
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    argv = ["generate", "a cat", "--base", str(sd), flag, str(bad), "--frames", "2", "--height", "16", "--width",
+            "16", "--steps", "1", "--seed", "0", "--device", "cpu", "--no-progress", "-o", str(tmp_path / "x.gif")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    print(err)
+    assert "Traceback" not in err and err.count("\n") == 1 and bad.name in err and "seed:" not in err
+    assert not (tmp_path / "x.gif").exists()

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import require_oracle
 
 from animatediff_lite.clip import TextEncoder
 from animatediff_lite.config import SD15, CLIPConfig
@@ -25,7 +26,7 @@ from animatediff_lite.loading.clip_map import (
 from animatediff_lite.loading.io import load_strict, save_state_dict
 from animatediff_lite.tokenizer import BOS, EOS, Tokenizer, byte_alphabet
 
-transformers = pytest.importorskip("transformers")
+transformers = require_oracle("transformers")
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 ATOL = 1e-5

@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from conftest import require_oracle
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,8 +19,8 @@ from animatediff_lite.config import SD15
 from animatediff_lite.loading.lora_map import ldm_to_diffusers_flat, parse_lora
 from animatediff_lite.lora import apply_loras, merge_lora, unmerge
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require_oracle("diffusers")
+transformers = require_oracle("transformers")
 
 
 def tiny_unet(dtype=torch.float32):

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_oracle
 from torch import nn
 
 from animatediff_lite.config import TINY, MotionConfig
 from animatediff_lite.loading.motion_map import motion_state_from_diffusers, motion_state_to_diffusers
 from animatediff_lite.motion import MotionModule
 
-diffusers_motion = pytest.importorskip("diffusers.models.unets.unet_motion_model")
+diffusers_motion = require_oracle("diffusers.models.unets.unet_motion_model")
 
 
 class PerFrameGroupNorm(nn.GroupNorm):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import require_oracle
 
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.checkpoint import detect_layout
@@ -32,8 +32,8 @@ from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIMConfig
 from animatediff_lite.tokenizer import NUM_MERGES, VOCAB_ASSET, _read_asset, parse_merges, vocab_from_merges
 
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+diffusers = require_oracle("diffusers")
+transformers = require_oracle("transformers")
 from diffusers.models.unets import unet_motion_model  # noqa: E402
 
 H = W = 16  # the tiny VAE has two levels (factor 2): 8x8 latents
@@ -333,7 +333,9 @@ BAD_ARGS = [
     ({"prompt": ["a", 3]}, "prompt"), ({"negative_prompt": ["x", "y"]}, "negative_prompt"),
     ({"num_videos_per_prompt": 0}, "num_videos_per_prompt"), ({"latents": torch.zeros(1, 4, 2, 8, 8)}, "latents"),
     ({"seed": 1, "generator": torch.Generator()}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": "7"}, "seed"),
-    ({"eta": -0.5}, "eta"),
+    ({"eta": -0.5}, "eta"), ({"eta": float("nan")}, "eta"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"guidance_scale": -3.0}, "guidance_scale"),
     ({"num_frames": 40}, "context_frames"), ({"context_frames": 4, "context_overlap": 4}, "context_overlap"),
     ({"context_frames": 33, "num_frames": 40}, "context_frames"),
 ]
@@ -341,10 +343,16 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("kwargs,name", BAD_ARGS, ids=[f"{n}-{i}" for i, (_, n) in enumerate(BAD_ARGS)])
 def test_bad_arguments_raise_value_error_naming_them(ours, kwargs: dict, name: str) -> None:
-    start = time.perf_counter()
-    with pytest.raises(ValueError, match=name) as info:
-        _sample(ours, **kwargs)
-    assert time.perf_counter() - start < 1.0
+    # Counted, not timed (a wall-clock bound is flaky on a busy machine): no denoising step runs before the error.
+    # (The text encoder may: latents= is checked against the batch, known once the prompts are encoded.)
+    calls = []
+    hook = ours.unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    try:
+        with pytest.raises(ValueError, match=name) as info:
+            _sample(ours, **kwargs)
+    finally:
+        hook.remove()
+    assert calls == []
     if kwargs.get("num_frames") == 40 and "context_frames" not in kwargs:
         assert "32" in str(info.value)  # names the limit
 

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import require_oracle
 
 from animatediff_lite.scheduler import DDIM, DDIMConfig
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require_oracle("diffusers")
 
 CONFIGS = {
     "animatediff": DDIMConfig(),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_oracle
 
 from animatediff_lite.tokenizer import (
     NUM_MERGES,
@@ -23,7 +24,7 @@ from animatediff_lite.tokenizer import (
     vocab_from_merges,
 )
 
-transformers = pytest.importorskip("transformers")
+transformers = require_oracle("transformers")
 
 # Every prompt and negative prompt of the AnimateDiff model zoo configs (mmagic README), deduplicated.
 README_PROMPTS = [

@@ -7,13 +7,14 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_oracle
 from torch import nn
 
 from animatediff_lite.config import SD15, TINY, MotionConfig, UNetConfig
 from animatediff_lite.loading.motion_map import motion_state_from_diffusers
 from animatediff_lite.unet import UNet3D
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require_oracle("diffusers")
 from test_motion import per_frame_norms, randomize  # noqa: E402
 
 CONFIGS = {

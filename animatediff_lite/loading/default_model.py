@@ -193,4 +193,5 @@ def default_pipeline_from_checkpoint(checkpoint: Checkpoint, device: str | torch
     tokenizer, text_encoder, vae, unet, _, metadata = _parts_from_checkpoint(checkpoint, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
+    pipe.trained_for = {k: int(pipe.sample_defaults[k]) for k in ("num_frames", "height", "width")}  # its clips
     return pipe

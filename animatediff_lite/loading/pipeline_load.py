@@ -20,6 +20,7 @@ from ..errors import CheckpointError
 from ..lora import apply_loras
 from ..pipeline import Pipeline, check_device_dtype
 from ..scheduler import DDIM, DDIMConfig
+from ..threads import apply_threads
 from ..unet import UNet3D
 from .checkpoint import Checkpoint, read_checkpoint
 from .clip_map import clip_state_from_ldm, text_encoder_from_checkpoint, tokenizer_from_checkpoint
@@ -40,7 +41,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: DDIMConfig | None = None, backend: str | None = None,
-                  compile: bool | str = False) -> Pipeline:
+                  compile: bool | str = False, threads: int | None = None) -> Pipeline:
     """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -55,10 +56,12 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     the embedded default model (:mod:`animatediff_lite.loading.default_model`).
     backend: kernel choice, resolved once ("auto" | "triton" | "torch"; None: ANIMATEDIFF_LITE_BACKEND, else
     "auto"), see :meth:`Pipeline.set_backend`. compile: True (or a torch.compile mode such as "reduce-overhead")
-    compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`.
+    compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`. threads: CPU threads for this
+    process (None: 1 on the CPU unless OMP_NUM_THREADS is set, see :mod:`animatediff_lite.threads`).
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
+    apply_threads(threads, device)
     # Read (and so check) every given file before judging how they combine: errors name the file at fault.
     motion = read_checkpoint(motion_module, "a motion module") if motion_module is not None else None
     base_ckpt = read_checkpoint(base, BASE_WHAT) if base is not None else None

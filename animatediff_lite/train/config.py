@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
+        for section in dataclasses.fields(self):  # NaN/inf never make sense here (a NaN lr trains silently)
+            for f in dataclasses.fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{section.name}.{f.name} must be a finite number, got {value}")
         checks = [
             (self.train.modules in TRAIN_MODULES, f"train.modules must be one of {TRAIN_MODULES}"),
             (self.train.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}"),
