@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .samplers import SamplerRun, make_sampler
 from .scheduler import DDIM, num_steps_check
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
@@ -95,7 +96,7 @@ class Pipeline:
         """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D)."""
         guided = embeds.shape[0] == 2 * x.shape[0]
         inp = torch.cat([x, x]) if guided else x
-        timestep = torch.tensor(t, dtype=torch.long, device=x.device)
+        timestep = torch.tensor(t, device=x.device)  # int64, or float32 for the Euler samplers (as diffusers)
         out = self.unet(inp, timestep, embeds)
         if not guided:
             return out
@@ -114,7 +115,7 @@ class Pipeline:
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
-                 callback: StepCallback | None = None) -> torch.Tensor:
+                 callback: StepCallback | None = None, sampler: str = "ddim") -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -125,6 +126,8 @@ class Pipeline:
         unconditional pass. context_frames: denoise in sliding windows of that many frames overlapping by
         context_overlap (needed when num_frames exceeds the motion module's PE length).
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
+        sampler: "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras" or "lcm" (see
+        :mod:`animatediff_lite.samplers`), each over ``self.scheduler``'s noise table; eta is DDIM's only.
         num_frames, height, width, steps, guidance_scale left as None come from ``self.sample_defaults``
         (16 frames, 512x512, 25 steps, guidance 7.5 unless the model says otherwise).
         """
@@ -137,6 +140,7 @@ class Pipeline:
         prompts, negatives = self._check_prompts(prompt, negative_prompt)
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
+        run = SamplerRun(make_sampler(sampler, self.scheduler, eta), steps)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -148,13 +152,13 @@ class Pipeline:
 
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        x = self._initial_latents(shape, generator, latents)
+        x = run.init(self._initial_latents(shape, generator, latents))
 
-        sched = self.scheduler
-        for i, t in enumerate(tqdm(sched.timesteps(steps).tolist(), disable=not progress, desc="sampling")):
+        for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="sampling")):
             eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
-            eps = windowed(eps_fn, x, windows) if windows else eps_fn(x)
-            x = sched.step(eps, t, x, sched.prev_timestep(t, steps), eta=eta, generator=generator)
+            x_in = run.scale_input(i, x)
+            eps = windowed(eps_fn, x_in, windows) if windows else eps_fn(x_in)
+            x = run.step(i, eps, x, generator)
             if callback is not None and (replaced := callback(i, t, x)) is not None:
                 x = replaced.to(x.device, x.dtype)
         return self.decode(x)
