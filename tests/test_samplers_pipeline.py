@@ -1,0 +1,119 @@
+"""Every sampler end to end vs diffusers' AnimateDiffPipeline on the tiny random model of test_pipeline.py.
+
+The oracle's scheduler is ``Scheduler.from_config(AnimateDiff's DDIM config)`` for the sampler's diffusers
+class (tests/test_samplers.py ``oracle``); the motion-module GroupNorm is patched per frame as there.
+Seeded (the initial noise and every ancestral / LCM draw from one CPU generator, in diffusers' order) with
+classifier-free guidance, and with explicit latents without guidance (one UNet pass per step).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_pipeline import FRAMES, NEGATIVES, PROMPTS, H, W, _check, _oracle, models  # noqa: F401
+from test_samplers import oracle as scheduler_oracle
+
+from animatediff_lite.loading.pipeline_load import load_pipeline
+from animatediff_lite.pipeline import Pipeline
+from animatediff_lite.samplers import SAMPLERS
+from animatediff_lite.scheduler import DDIM, DDIMConfig
+
+diffusers = pytest.importorskip("diffusers")
+
+STEPS = 4  # enough for DPM++ 2M to take second-order steps (the first and the last are first order)
+
+
+@pytest.fixture(scope="module")
+def ours(models) -> Pipeline:  # noqa: F811
+    return load_pipeline(models.sd, motion_module=models.mm)
+
+
+@pytest.fixture(scope="module")
+def reference(models):  # noqa: F811
+    return _oracle(models.base, models)
+
+
+def _expected(reference, name: str, config: DDIMConfig | None = None, **kwargs) -> torch.Tensor:
+    reference.scheduler = scheduler_oracle(name, config or DDIMConfig())
+    with torch.no_grad():
+        out = reference(num_frames=FRAMES, height=H, width=W, num_inference_steps=STEPS, output_type="pt",
+                        **kwargs).frames
+    return out.float()
+
+
+def _ours(pipe: Pipeline, prompt, **kwargs) -> torch.Tensor:
+    return pipe(prompt, **{"num_frames": FRAMES, "height": H, "width": W, "steps": STEPS, "progress": False, **kwargs})
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_seeded_with_guidance_matches_diffusers(ours, reference, name: str) -> None:
+    expected = _expected(reference, name, prompt=PROMPTS, negative_prompt=NEGATIVES, guidance_scale=7.5,
+                         generator=torch.Generator("cpu").manual_seed(3))
+    got = _ours(ours, PROMPTS, negative_prompt=NEGATIVES, guidance_scale=7.5, seed=3, sampler=name)
+    _check(f"{name}, seed 3, guidance 7.5", got, expected)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_given_latents_without_guidance_match_diffusers(ours, reference, name: str) -> None:
+    latents = torch.randn(1, 4, FRAMES, H // 2, W // 2, generator=torch.Generator().manual_seed(5))
+    # diffusers draws nothing for the initial latents then: the ancestral / LCM noise starts the generator
+    expected = _expected(reference, name, prompt=PROMPTS[1], guidance_scale=1.0, latents=latents.clone(),
+                         generator=torch.Generator("cpu").manual_seed(8))
+    got = _ours(ours, PROMPTS[1], guidance_scale=1.0, latents=latents, sampler=name,
+                generator=torch.Generator("cpu").manual_seed(8))
+    _check(f"{name}, latents given, guidance 1.0", got, expected)
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m_karras", "lcm"])
+def test_v_prediction_and_linspace_spacing_match_diffusers(models, reference, name: str) -> None:  # noqa: F811
+    # The embedded default model is v-prediction; Euler with "linspace" spacing feeds fractional timesteps.
+    config = DDIMConfig(prediction_type="v_prediction", timestep_spacing="linspace")
+    pipe = load_pipeline(models.sd, motion_module=models.mm, scheduler=config)
+    assert pipe.scheduler.config == config
+    expected = _expected(reference, name, config, prompt=PROMPTS[0], guidance_scale=2.0,
+                         generator=torch.Generator("cpu").manual_seed(4))
+    got = _ours(pipe, PROMPTS[0], guidance_scale=2.0, seed=4, sampler=name)
+    _check(f"{name}, v-prediction, linspace", got, expected)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_context_windows(ours, name: str) -> None:
+    kwargs = dict(guidance_scale=1.5, seed=2, sampler=name)
+    plain = _ours(ours, PROMPTS[0], **kwargs)
+    assert torch.equal(plain, _ours(ours, PROMPTS[0], context_frames=FRAMES, context_overlap=1, **kwargs))
+    small = [_ours(ours, PROMPTS[0], num_frames=6, context_frames=4, context_overlap=2, **kwargs) for _ in range(2)]
+    assert small[0].shape == (1, 6, 3, H, W) and torch.isfinite(small[0]).all()
+    assert torch.equal(small[0], small[1])
+
+
+def test_samplers_differ_except_ddim_and_euler_and_callback_sees_their_timesteps(ours) -> None:
+    videos, seen = {}, {}
+    for name in SAMPLERS:
+        seen[name] = []
+        videos[name] = _ours(ours, PROMPTS[0], guidance_scale=1.0, seed=0, sampler=name,
+                             callback=lambda i, t, x, s=seen[name]: s.append(t))
+    assert seen["ddim"] == [751, 501, 251, 1] and seen["euler"] == [751.0, 501.0, 251.0, 1.0]
+    assert seen["lcm"] == [999, 759, 499, 259] and seen["dpmpp_2m_karras"] == [999, 689, 171, 0]
+    # Deterministic DDIM is Euler's method on the same ODE written in x / sqrt(alpha_bar) (Song et al. 2020,
+    # sec. 4.3): with the same timesteps the two agree to rounding. Every other pair differs.
+    assert (videos["ddim"] - videos["euler"]).abs().max() < 1e-5
+    for a in SAMPLERS:
+        for b in SAMPLERS:
+            if a < b and {a, b} != {"ddim", "euler"}:
+                assert (videos[a] - videos[b]).abs().max() > 1e-4, (a, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"sampler": "heun"}, "ddim, euler, euler_a"),
+                                          ({"sampler": "euler_a", "eta": 0.5}, "eta"),
+                                          ({"sampler": "lcm", "steps": 60}, "steps")])
+def test_bad_sampler_arguments(ours, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ours(PROMPTS[0], num_frames=FRAMES, height=H, width=W, progress=False, **{"steps": STEPS, **kwargs})
+
+
+def test_ddim_sampler_is_the_pipeline_scheduler(ours) -> None:
+    # sampler="ddim" keeps a custom DDIM given to the pipeline (its eta noise too)
+    assert isinstance(ours.scheduler, DDIM)
+    a = _ours(ours, PROMPTS[0], guidance_scale=1.0, seed=1, eta=1.0)
+    b = _ours(ours, PROMPTS[0], guidance_scale=1.0, seed=1, eta=1.0, sampler="ddim")
+    assert torch.equal(a, b)
