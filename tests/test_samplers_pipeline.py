@@ -150,3 +150,17 @@ def test_cli_sampler_flag(models, tmp_path, capsys) -> None:  # noqa: F811
     assert main(["generate", *common, "--sampler", "heun", "-o", str(tmp_path / "b.gif")]) == 2
     err = capsys.readouterr().err
     assert "sampler" in err and "dpmpp_2m_karras" in err and not (tmp_path / "b.gif").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_cuda_follows_cpu_with_the_same_seed(models, ours, monkeypatch, name: str) -> None:  # noqa: F811
+    # The CPU generator draws every noise tensor on the CPU, so the same seed gives the same video on the GPU
+    # (up to TF32-free fp32 rounding, or fp16's precision). Sigmas stay 0-d CPU tensors (scalars to CUDA ops).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cpu = _ours(ours, PROMPTS, guidance_scale=7.5, seed=0, sampler=name)
+    for dtype, atol in ((torch.float32, 1e-3), (torch.float16, 3e-2)):
+        gpu = load_pipeline(models.sd, motion_module=models.mm, device="cuda", dtype=dtype)
+        _check(f"{name}, cuda {dtype} vs cpu fp32", _ours(gpu, PROMPTS, guidance_scale=7.5, seed=0, sampler=name),
+               cpu, atol=atol)
