@@ -45,23 +45,26 @@ def _ours(pipe: Pipeline, prompt, **kwargs) -> torch.Tensor:
     return pipe(prompt, **{"num_frames": FRAMES, "height": H, "width": W, "steps": STEPS, "progress": False, **kwargs})
 
 
+@pytest.mark.parametrize("guidance", [7.5, 1.0])
+@pytest.mark.parametrize("noise", ["seeded", "latents"])
 @pytest.mark.parametrize("name", SAMPLERS)
-def test_seeded_with_guidance_matches_diffusers(ours, reference, name: str) -> None:
-    expected = _expected(reference, name, prompt=PROMPTS, negative_prompt=NEGATIVES, guidance_scale=7.5,
-                         generator=torch.Generator("cpu").manual_seed(3))
-    got = _ours(ours, PROMPTS, negative_prompt=NEGATIVES, guidance_scale=7.5, seed=3, sampler=name)
-    _check(f"{name}, seed 3, guidance 7.5", got, expected)
-
-
-@pytest.mark.parametrize("name", SAMPLERS)
-def test_given_latents_without_guidance_match_diffusers(ours, reference, name: str) -> None:
-    latents = torch.randn(1, 4, FRAMES, H // 2, W // 2, generator=torch.Generator().manual_seed(5))
-    # diffusers draws nothing for the initial latents then: the ancestral / LCM noise starts the generator
-    expected = _expected(reference, name, prompt=PROMPTS[1], guidance_scale=1.0, latents=latents.clone(),
-                         generator=torch.Generator("cpu").manual_seed(8))
-    got = _ours(ours, PROMPTS[1], guidance_scale=1.0, latents=latents, sampler=name,
-                generator=torch.Generator("cpu").manual_seed(8))
-    _check(f"{name}, latents given, guidance 1.0", got, expected)
+def test_matches_diffusers(ours, reference, name: str, noise: str, guidance: float) -> None:
+    # seeded: the initial latents and every ancestral / LCM draw come from one CPU generator, in diffusers'
+    # order. latents: diffusers draws nothing for them, so the step noise starts the generator.
+    # guidance 1.0 runs one UNet pass per step (no unconditional half), as diffusers does.
+    if noise == "seeded":
+        extra = {}
+    else:
+        extra = {"latents": torch.randn(2, 4, FRAMES, H // 2, W // 2, generator=torch.Generator().manual_seed(5))}
+    expected = _expected(reference, name, prompt=PROMPTS, negative_prompt=NEGATIVES, guidance_scale=guidance,
+                         generator=torch.Generator("cpu").manual_seed(3),
+                         **{k: v.clone() for k, v in extra.items()})
+    got = _ours(ours, PROMPTS, negative_prompt=NEGATIVES, guidance_scale=guidance, sampler=name,
+                generator=torch.Generator("cpu").manual_seed(3), **extra)
+    _check(f"{name}, {noise}, guidance {guidance}", got, expected)
+    if noise == "seeded":  # seed=s is the same as a CPU generator seeded with s
+        assert torch.equal(got, _ours(ours, PROMPTS, negative_prompt=NEGATIVES, guidance_scale=guidance,
+                                      sampler=name, seed=3))
 
 
 @pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m_karras", "lcm"])
