@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="number of frames (default: the model's, 16 for SD1.5)")
     g.add_argument("--height", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
     g.add_argument("--width", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
-    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 25 for SD1.5)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's, 25 for SD1.5)")
     g.add_argument("--guidance", type=float, help="guidance scale (default: the model's, 7.5 for SD1.5)")
     g.add_argument("--sampler", help="ddim (default), euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm "
                    "(AnimateLCM: lcm, 4-8 steps, guidance 1-2); see docs/sampling.md")

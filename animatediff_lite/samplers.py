@@ -153,7 +153,6 @@ class EulerAncestral(Euler):
     """Euler ancestral (diffusers' EulerAncestralDiscrete): an Euler step to sigma_down, then fresh noise."""
 
     name = "euler_a"
-    prediction_types = ("epsilon", "v_prediction")
 
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
