@@ -176,3 +176,38 @@ def test_free_init_with_windows_and_every_sampler_runs(ours) -> None:
         assert torch.equal(whole, tp._sample(ours, PROMPTS[0], context_frames=FRAMES, context_overlap=1, **kwargs))
         small = tp._sample(ours, PROMPTS[0], num_frames=6, context_frames=4, context_overlap=2, **kwargs)
         assert small.shape == (1, 6, 3, H, W) and torch.isfinite(small).all()
+
+
+# ------------------------------------------------------------------------------------------ CLI and GPU
+
+def test_cli_sampler_with_video_and_with_free_init(models, ours, tmp_path) -> None:
+    from animatediff_lite.cli import main
+    from animatediff_lite.video import load_video_frames, save_video
+
+    common = ["generate", "a red car", "--base", str(models.sd), "--motion-module", str(models.mm), "--steps", "4",
+              "--guidance", "7.5", "--seed", "9", "--device", "cpu", "--no-progress"]
+    save_video(_clip(4, seed=5), tmp_path / "in.gif")
+    save_video(ours("a red car", video=tmp_path / "in.gif", steps=4, strength=0.5, guidance_scale=7.5, seed=9,
+                    sampler="euler_a", progress=False), tmp_path / "v2v.gif")
+    assert main([*common, "--sampler", "euler_a", "--video", str(tmp_path / "in.gif"), "--strength", "0.5",
+                 "-o", str(tmp_path / "got_v2v.gif")]) == 0
+    assert torch.equal(load_video_frames(tmp_path / "got_v2v.gif"), load_video_frames(tmp_path / "v2v.gif"))
+    save_video(tp._sample(ours, "a red car", steps=4, guidance_scale=7.5, seed=9, sampler="dpmpp_2m",
+                          free_init=FreeInit(iterations=2)), tmp_path / "fi.gif")
+    assert main([*common, "--sampler", "dpmpp_2m", "--free-init", "2", "--frames", str(FRAMES), "--height", str(H),
+                 "--width", str(W), "-o", str(tmp_path / "got_fi.gif")]) == 0
+    assert torch.equal(load_video_frames(tmp_path / "got_fi.gif"), load_video_frames(tmp_path / "fi.gif"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m_karras", "lcm"])
+def test_cuda_fp32_follows_cpu_for_video_to_video_and_free_init(models, ours, monkeypatch, name: str) -> None:
+    # the CPU generator draws every noise tensor on the CPU, so a CUDA pipeline gets the same draws, moved
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    gpu = load_pipeline(models.sd, motion_module=models.mm, device="cuda", dtype=torch.float32)
+    runs = [dict(prompt=PROMPTS[0], num_frames=FRAMES, height=H, width=W, free_init=FreeInit(iterations=2)),
+            dict(prompt=PROMPTS[1], video=_clip(4), strength=0.6)]
+    for kwargs in runs:
+        common = dict(steps=3, guidance_scale=7.5, seed=6, sampler=name, progress=False, **kwargs)
+        _check(f"{name}, cuda fp32 vs cpu: {sorted(kwargs)}", gpu(**common), ours(**common), atol=1e-3)
