@@ -15,8 +15,8 @@ def generate(prompt: str | list[str] | dict[int, str], out: str | os.PathLike | 
              threads: int | None = None, **kwargs) -> torch.Tensor:
     """One call on the embedded default model: ``load_pipeline()(prompt, **kwargs)``, saved to ``out`` if given.
 
-    kwargs are :meth:`~animatediff_lite.pipeline.Pipeline.__call__` arguments (``free_init=``, ``video=``,
-    ``strength=``; a {frame: prompt} map travels between prompts). Returns the video
+    kwargs are :meth:`~animatediff_lite.pipeline.Pipeline.__call__` arguments (``sampler="dpmpp_2m"``,
+    ``free_init=``, ``video=``, ``strength=``; a {frame: prompt} map travels between prompts). Returns the video
     (B, F, 3, H, W) float32 in [0, 1]. threads: as in :func:`~animatediff_lite.load_pipeline`.
     """
     finite_number("fps", fps, minimum=0, exclusive=True)  # before sampling, not after it

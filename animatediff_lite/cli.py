@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="number of frames (default: the model's, 16 for SD1.5)")
     g.add_argument("--height", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
     g.add_argument("--width", type=int, help="pixels, multiple of 8 (default: the model's, 512 for SD1.5)")
-    g.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 25 for SD1.5)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's, 25 for SD1.5)")
     g.add_argument("--guidance", type=number(0), help="guidance scale >= 0 (default: the model's, 7.5 for SD1.5)")
+    g.add_argument("--sampler", help="ddim (default), euler, euler_a, dpmpp_2m, dpmpp_2m_karras or lcm "
+                   "(AnimateLCM: lcm, 4-8 steps, guidance 1-2); see docs/sampling.md")
     g.add_argument("--seed", type=int, help="noise seed (CPU generator, like diffusers); default: random, printed")
     g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
@@ -287,6 +289,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     width=_pick(args.width, preset and preset.width, None),
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
+                    sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
                     progress=not args.no_progress, **pipeline_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,

@@ -83,9 +83,12 @@ class FreeInit:
                      generator: torch.Generator | None) -> torch.Tensor:
         """The next round's start from the last round's result ``latents`` (B, C, F, h, w).
 
-        ``initial_noise`` is round 0's starting noise; ``scheduler.add_noise(x0, noise, t)`` diffuses to the
-        last training timestep. The fresh noise is drawn in float32 on the generator's device (the global CPU
-        RNG without one) and moved, like diffusers' ``randn_tensor``.
+        ``initial_noise`` is round 0's starting latents (scaled by the sampler's initial sigma);
+        ``scheduler.add_noise(x0, noise, t)`` diffuses to the last training timestep: a DDIM, or the last
+        round's :class:`~animatediff_lite.samplers.SamplerRun`, which noises as its diffusers scheduler does
+        right after that round (DPM++ under "leading" spacing falls back to the last step's sigma, as
+        diffusers). The fresh noise is drawn in float32 on the generator's device (the global CPU RNG without
+        one) and moved, like diffusers' ``randn_tensor``.
         """
         b, _, f, h, w = latents.shape
         t_last = scheduler.config.num_train_timesteps - 1

@@ -19,8 +19,18 @@ from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
 from .ops import set_backend
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
+from .samplers import SamplerRun, make_sampler
 from .scheduler import DDIM, num_steps_check
-from .video_input import VideoInput, check_strength, check_video_call, check_video_size, read_video, start_from_video
+from .video_input import (
+    VideoInput,
+    check_strength,
+    check_video_call,
+    check_video_size,
+    encode_video,
+    first_step,
+    noised_latents,
+    read_video,
+)
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -166,7 +176,7 @@ class Pipeline:
         if embeds.dim() == 4:
             embeds = window_embeddings(embeds, slice(None) if frames is None else frames)
         inp = torch.cat([x, x]) if guided else x
-        timestep = torch.tensor(t, dtype=torch.long, device=x.device)
+        timestep = torch.tensor(t, device=x.device)  # int64, or float32 for the Euler samplers (as diffusers)
         if self.compile_mode == "reduce-overhead" and inp.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # one replay per call; its outputs are reused memory
             out = self.unet(inp, timestep, embeds).clone()
@@ -190,7 +200,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
                  callback: StepCallback | None = None, free_init: FreeInit | None = None,
-                 video: VideoInput | None = None, strength: float | None = None) -> torch.Tensor:
+                 video: VideoInput | None = None, strength: float | None = None, sampler: str = "ddim") -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -203,6 +213,8 @@ class Pipeline:
         unconditional pass. context_frames: denoise in sliding windows of that many frames overlapping by
         context_overlap (needed when num_frames exceeds the motion module's PE length).
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
+        sampler: "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras" or "lcm" (see
+        :mod:`animatediff_lite.samplers`), each over ``self.scheduler``'s noise table; eta is DDIM's only.
         num_frames, height, width, steps, guidance_scale left as None come from ``self.sample_defaults``
         (16 frames, 512x512, 25 steps, guidance 7.5 unless the model says otherwise).
         free_init: a :class:`~animatediff_lite.free_init.FreeInit` samples ``iterations`` rounds, each
@@ -233,6 +245,9 @@ class Pipeline:
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
         warn_untrained(self.trained_for, num_frames=context_frames or num_frames, height=height, width=width)
+        start = first_step(steps, strength) if video is not None else 0  # video-to-video skips the first steps
+        rounds = free_init.round_steps(steps) if free_init else [steps]  # steps per FreeInit round
+        run = SamplerRun(make_sampler(sampler, self.scheduler, eta), rounds[0], start)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -248,26 +263,27 @@ class Pipeline:
 
         if seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
-        start = 0
-        if video is not None:
-            start, x = start_from_video(self.vae, self.scheduler, frames_in, strength, steps, batch, generator,
-                                        self.device, self.dtype, self.decode_chunk_size)
+        if video is not None:  # encode and noise the input to the strength's first step (video_input.py)
+            encoded = encode_video(self.vae, frames_in, batch, generator, self.device, self.dtype,
+                                   self.decode_chunk_size)
+            x = noised_latents(run, encoded, run.timesteps[0], generator)
         else:
-            x = self._initial_latents(shape, generator, latents)
+            x = run.init(self._initial_latents(shape, generator, latents))
 
         if isinstance(self.unet, torch.nn.Module):  # weights may have changed since (LoRA merge); cheap otherwise
             refresh_fused_projections(self.unet)
-        sched = self.scheduler
         initial_noise = x
-        # FreeInit: several sampling rounds, each restarting from the last one's result (free_init.py)
-        for rnd, rnd_steps in enumerate(free_init.round_steps(steps) if free_init else [steps]):
+        # FreeInit: several sampling rounds, each restarting from the last one's result (free_init.py) with a
+        # fresh sampler run (no multistep state carried over, as diffusers re-sets its timesteps each round)
+        for rnd, rnd_steps in enumerate(rounds):
             if rnd:
-                x = free_init.reinitialize(x, initial_noise, sched, generator)
-            timesteps = sched.timesteps(rnd_steps).tolist()[start:]  # video-to-video starts later
-            for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
+                x = free_init.reinitialize(x, initial_noise, run, generator)  # run: the last round's schedule
+                run = SamplerRun(make_sampler(sampler, self.scheduler, eta), rnd_steps)
+            for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="sampling")):
                 eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
-                eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
-                x = sched.step(eps, t, x, sched.prev_timestep(t, rnd_steps), eta=eta, generator=generator)
+                x_in = run.scale_input(i, x)
+                eps = windowed(eps_fn, x_in, windows, pass_frames=True) if windows else eps_fn(x_in)
+                x = run.step(i, eps, x, generator)
                 if callback is not None and (replaced := callback(i, t, x)) is not None:
                     x = replaced.to(x.device, x.dtype)
         return self.decode(x)

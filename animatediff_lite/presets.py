@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .samplers import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +50,7 @@ class Preset:
     height: int
     frames: int
     fps: float
+    sampler: str = "ddim"  # a name of animatediff_lite.samplers.SAMPLERS (AnimateLCM: "lcm")
 
     def runs(self) -> list[tuple[str, str, int | None]]:
         """(prompt, negative prompt, seed) per sample, like upstream: a single negative prompt or seed is
@@ -122,5 +124,11 @@ def _preset(name: str, e: dict[str, Any]) -> Preset:
         seeds=tuple(int(s) for s in seeds), prompts=prompts,
         negative_prompts=tuple(e.get("negative_prompts") or [""]), steps=int(e["steps"]),
         guidance_scale=float(e["guidance_scale"]), width=int(e["width"]), height=int(e["height"]),
-        frames=int(e["frames"]), fps=float(e["fps"]),
+        frames=int(e["frames"]), fps=float(e["fps"]), sampler=_sampler(e.get("sampler", "ddim")),
     )
+
+
+def _sampler(name: str) -> str:
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    return name

@@ -115,13 +115,17 @@ def encode_video(vae, frames: torch.Tensor, batch: int, generator: torch.Generat
     return z.transpose(1, 2)
 
 
-def noised_latents(scheduler, latents: torch.Tensor, t: int, generator: torch.Generator | None) -> torch.Tensor:
-    """q(x_t | x_0): the encoded video (B, C, F, h, w) diffused to timestep ``t`` with noise drawn frames-first."""
+def noised_latents(scheduler, latents: torch.Tensor, t: int | float, generator: torch.Generator | None) -> torch.Tensor:
+    """q(x_t | x_0): the encoded video (B, C, F, h, w) diffused to timestep ``t`` with noise drawn frames-first.
+
+    ``scheduler.add_noise(x0, noise, t_batch)`` does the diffusing: a DDIM, or a
+    :class:`~animatediff_lite.samplers.SamplerRun` (each sampler noises as its diffusers scheduler does,
+    e.g. ``x0 + sigma * noise`` for the Euler samplers)."""
     b, c, f, h, w = latents.shape
     draw_on = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn((b, f, c, h, w), generator=generator, device=draw_on, dtype=latents.dtype)
     noise = noise.to(latents.device).transpose(1, 2)
-    return scheduler.add_noise(latents, noise, torch.full((b,), t, dtype=torch.long))
+    return scheduler.add_noise(latents, noise, torch.full((b,), t))  # t int64, or float32 (Euler)
 
 
 def check_video_call(num_frames: int, max_frames: int | None, context_frames: int | None, latents, free_init) -> None:
@@ -135,15 +139,6 @@ def check_video_call(num_frames: int, max_frames: int | None, context_frames: in
                          f"pass context_frames<={max_frames} to denoise in sliding windows, or fewer frames")
 
 
-def start_from_video(vae, scheduler, frames: torch.Tensor, strength: float, steps: int, batch: int,
-                     generator: torch.Generator | None, device: torch.device, dtype: torch.dtype,
-                     chunk_size: int = 8) -> tuple[int, torch.Tensor]:
-    """(index of the first timestep to run, starting latents (batch, C, F, h, w)) for video-to-video."""
-    start = first_step(steps, strength)
-    t = int(scheduler.timesteps(steps)[start])
-    latents = encode_video(vae, frames, batch, generator, device, dtype, chunk_size)
-    return start, noised_latents(scheduler, latents, t, generator)
-
 
 __all__ = ["NOISE_GROUP", "VideoInput", "check_strength", "check_video_call", "check_video_size", "encode_video",
-           "first_step", "noised_latents", "read_video", "start_from_video"]
+           "first_step", "noised_latents", "read_video"]

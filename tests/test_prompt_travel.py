@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from animatediff_lite.prompt_travel import check_prompt_map, interpolate_frames
+from animatediff_lite.scheduler import DDIMConfig
 
 diffusers = pytest.importorskip("diffusers")
 from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
 from tests.test_pipeline import STEPS, H, W, _check, _sample  # noqa: E402
+from tests.test_samplers import oracle as scheduler_oracle  # noqa: E402
 
 models, oracle, ours = tp.models, tp.oracle, tp.ours  # the tiny model and its diffusers oracle (module fixtures)
 
@@ -46,11 +48,13 @@ def _per_frame(pipe, prompt_map: dict[int, str] | str, num_frames: int) -> torch
 
 
 def _reference(pipe, prompt, negative, latents: torch.Tensor, guidance: float,
-               windows: list[list[int]] | None = None) -> torch.Tensor:
+               windows: list[list[int]] | None = None, scheduler=None, generator=None,
+               steps: int = STEPS) -> torch.Tensor:
+    """scheduler: a diffusers scheduler (default AnimateDiff's DDIM); generator: for its step noise."""
     frames = latents.shape[2]
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
-                                        steps_offset=1, clip_sample=False)
-    scheduler.set_timesteps(STEPS)
+    scheduler = scheduler or diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                                     steps_offset=1, clip_sample=False)
+    scheduler.set_timesteps(steps)
     with torch.no_grad():
         cond = _per_frame(pipe, prompt, frames)
         uncond = _per_frame(pipe, negative, frames) if guidance > 1 else None
@@ -62,17 +66,18 @@ def _reference(pipe, prompt, negative, latents: torch.Tensor, guidance: float,
             u, c = out.chunk(2)
             return u + guidance * (c - u)
 
-        x = latents.clone()
+        x = latents.clone() * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
+            x_in = scheduler.scale_model_input(x, t)
             if windows is None:
-                noise = eps(x, t, list(range(frames)))
+                noise = eps(x_in, t, list(range(frames)))
             else:
                 total, count = torch.zeros_like(x), torch.zeros(frames)
                 for idx in windows:
-                    total[:, :, idx] += eps(x[:, :, idx], t, idx)
+                    total[:, :, idx] += eps(x_in[:, :, idx], t, idx)
                     count[idx] += 1
                 noise = total / count[:, None, None]
-            x = scheduler.step(noise, t, x).prev_sample
+            x = scheduler.step(noise, t, x, generator=generator).prev_sample
         video = pipe.decode_latents(x, decode_chunk_size=16)
         return pipe.video_processor.postprocess_video(video=video, output_type="pt").float()
 
@@ -99,6 +104,34 @@ def test_negative_map_and_context_windows_match_reference_loop(ours, oracle) -> 
     got = _sample(ours, PROMPT_MAP, negative_prompt=negative, num_frames=7, guidance_scale=5.0, latents=latents,
                   context_frames=4, context_overlap=2)
     _check("prompt travel, negative map, context windows", got, expected)
+
+
+@pytest.mark.parametrize("name", ["euler_a", "dpmpp_2m"])
+def test_prompt_travel_with_context_windows_and_a_non_ddim_sampler_matches_reference_loop(ours, oracle,
+                                                                                           name: str) -> None:
+    # Euler a: scaled input, float timesteps and step noise from the generator; DPM++ 2M: second-order steps
+    latents = _latents(7, 4)
+    windows = [[0, 1, 2, 3], [2, 3, 4, 5], [3, 4, 5, 6]]
+    expected = _reference(oracle, PROMPT_MAP, "blurry", latents, 6.0, windows, steps=4,
+                          scheduler=scheduler_oracle(name, DDIMConfig()), generator=torch.Generator().manual_seed(5))
+    got = _sample(ours, PROMPT_MAP, negative_prompt="blurry", num_frames=7, guidance_scale=6.0, latents=latents,
+                  context_frames=4, context_overlap=2, steps=4, sampler=name, seed=5)
+    _check(f"prompt travel, {name}, context windows", got, expected)
+    ddim = _sample(ours, PROMPT_MAP, negative_prompt="blurry", num_frames=7, guidance_scale=6.0, latents=latents,
+                   context_frames=4, context_overlap=2, steps=4, seed=5)
+    assert (got - ddim).abs().max() > 1e-3  # the sampler did change the video
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m_karras", "lcm"])
+def test_context_windows_with_a_non_ddim_sampler_match_reference_loop(ours, oracle, name: str) -> None:
+    # one prompt (the reference feeds it to every frame), windows averaged over the frames they share
+    latents = _latents(7, 6)
+    windows = [[0, 1, 2, 3], [2, 3, 4, 5], [3, 4, 5, 6]]
+    expected = _reference(oracle, PROMPT_MAP[3], "", latents, 4.0, windows, steps=4,
+                          scheduler=scheduler_oracle(name, DDIMConfig()), generator=torch.Generator().manual_seed(6))
+    got = _sample(ours, PROMPT_MAP[3], num_frames=7, guidance_scale=4.0, latents=latents, context_frames=4,
+                  context_overlap=2, steps=4, sampler=name, seed=6)
+    _check(f"context windows, {name}", got, expected)
 
 
 def test_prompt_travel_without_guidance_and_seeded(ours, oracle) -> None:

@@ -32,6 +32,7 @@ import torch
 from ..config import MOTION_VERSIONS, MotionConfig, to_dict
 from ..errors import CheckpointError
 from ..motion import sinusoidal_table
+from .animatelcm import animatelcm_pe_len
 from .checkpoint import Checkpoint, read_checkpoint
 from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
 from .io import StateDict, WeightsFile, load_strict, save_state_dict
@@ -269,9 +270,12 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
     if stored is None:
         stored = int(adapter.get("motion_max_seq_length") or ours.get("max_position_len") or 0) or None
     ver, reason = _decide(version, mid, stored, name, ours, where, layout)
+    implied = None if stored else animatelcm_pe_len(name)  # AnimateLCM files store no table; theirs has 64 rows
+    if implied:
+        reason += f"; an AnimateLCM module by its name: {implied} positions"
     floats = Counter(str(v.dtype).replace("torch.", "") for v in native.values() if v.is_floating_point())
     info = MotionInfo(
-        path=where, version=ver, max_position_len=stored or MOTION_VERSIONS[ver]["max_position_len"],
+        path=where, version=ver, max_position_len=stored or implied or MOTION_VERSIONS[ver]["max_position_len"],
         mid_block=mid, channels=channels, num_parameters=sum(v.numel() for v in native.values()),
         layout=layout, dtype=floats.most_common(1)[0][0] if floats else "none", reason=reason,
         stored_pe_len=stored, num_heads=heads)
