@@ -64,7 +64,7 @@ def test_fps_refused_in_save_video_and_before_generating(tmp_path, fps, monkeypa
     def no_loading(*args, **kwargs):
         raise AssertionError("generate() loaded the model before checking fps")
 
-    monkeypatch.setattr("animatediff_lite.loading.pipeline_load.load_pipeline", no_loading)
+    monkeypatch.setattr("animatediff_lite.api.load_pipeline", no_loading)  # api imports it at module level
     with pytest.raises(ValueError, match="fps"):
         ad.generate("a red circle", out=tmp_path / "y.gif", fps=fps)
 
