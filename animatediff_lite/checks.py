@@ -9,6 +9,17 @@ import math
 import warnings
 from collections.abc import Mapping
 
+# The sampler names (animatediff_lite.samplers implements them); here so presets and the CLI check a name
+# without importing torch.
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+
+
+def sampler_name(name: object) -> str:
+    """``name`` if it is one of :data:`SAMPLERS`; ValueError listing them otherwise."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+    return name
+
 
 def finite_number(name: str, value: object, minimum: float | None = None, exclusive: bool = False) -> float:
     """``value`` as a float if it is a finite real number (>= ``minimum``, or > with ``exclusive``).

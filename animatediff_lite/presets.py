@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import sampler_name
 from .errors import CheckpointError
-from .samplers import SAMPLERS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,11 +124,7 @@ def _preset(name: str, e: dict[str, Any]) -> Preset:
         seeds=tuple(int(s) for s in seeds), prompts=prompts,
         negative_prompts=tuple(e.get("negative_prompts") or [""]), steps=int(e["steps"]),
         guidance_scale=float(e["guidance_scale"]), width=int(e["width"]), height=int(e["height"]),
-        frames=int(e["frames"]), fps=float(e["fps"]), sampler=_sampler(e.get("sampler", "ddim")),
+        frames=int(e["frames"]), fps=float(e["fps"]), sampler=sampler_name(e.get("sampler", "ddim")),
     )
 
 
-def _sampler(name: str) -> str:
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
-    return name

@@ -34,9 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checks import SAMPLERS, sampler_name
 from .scheduler import DDIM, DDIMConfig, alphas_cumprod, num_steps_check
-
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 
 
 @dataclass(frozen=True)
@@ -363,8 +362,7 @@ def make_sampler(name: str, ddim: DDIM | None = None, eta: float = 0.0):
 
     ValueError listing the names for an unknown one, and for eta > 0 with anything but "ddim".
     """
-    if not isinstance(name, str) or name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {name!r}")
+    sampler_name(name)
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and name != "ddim":
