@@ -28,7 +28,6 @@ from ..errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Wrappers that training frameworks put around the tensors.
 WRAPPER_KEYS = ("state_dict", "model", "module")
 MAX_HEADER = 100_000_000  # bytes; a larger safetensors header means a corrupt or foreign file

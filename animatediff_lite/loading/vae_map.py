@@ -53,7 +53,6 @@ CONV_AS_LINEAR = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out
 OLD_DIFFUSERS_ATTENTION: dict[str, str] = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 # Where a VAE lives inside a bigger file ("" = a standalone VAE file).
 VAE_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.", "")
-VAE_ROOTS: tuple[str, ...] = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # Training leftovers in standalone LDM VAE files (LPIPS/discriminator, EMA bookkeeping): dropped.
 DROP_PREFIXES: tuple[str, ...] = ("loss.", "model_ema.")
 DEFAULT_GROUPS = 32
