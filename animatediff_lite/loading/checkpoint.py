@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +109,18 @@ def detect_layout(path: str | os.PathLike) -> str:
     return checkpoint.layout
 
 
+@contextmanager
+def naming(where: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a ValueError/TypeError raised inside (a bad config, shapes that fit no model) into a CheckpointError
+    naming ``where``: "<where>: <what> (<error>)", or "<where>: <error>" without ``what``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {what} ({e})" if what else f"{where}: {e}") from e
+
+
 def _from_file(given: Path, weights: Path, config: dict, what: str) -> Checkpoint:
     wf = read_file(weights, what)
     layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config), weights)
@@ -119,10 +133,8 @@ def _read_folder(path: Path, what: str) -> Checkpoint:
     if found:
         parts = {name: _read_part(path / name, what) for name in PART_FOLDERS
                  if (path / name / "config.json").is_file() or _weights_in(path / name) is not None}
-        tokenizer = path / "tokenizer"
-        has_tokenizer = (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
         reason = f"the folder has {found[0].relative_to(path)}"
-        return Checkpoint(path, "diffusers_folder", reason, parts=parts, tokenizer=tokenizer if has_tokenizer else None)
+        return Checkpoint(path, "diffusers_folder", reason, parts=parts, tokenizer=tokenizer_folder(path / "tokenizer"))
     if (path / "config.json").is_file():
         checkpoint = _read_part(path, what)
         if checkpoint.weights is None:
@@ -143,9 +155,13 @@ def _read_part(folder: Path, what: str) -> Checkpoint:
         layout = CONFIG_CLASSES.get(name or "", "diffusers_folder")
         return Checkpoint(folder, layout, f"its config.json names {name}", config=config)
     checkpoint = _from_file(folder, weights, config, what)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        checkpoint.tokenizer = folder
+    checkpoint.tokenizer = tokenizer_folder(folder)
     return checkpoint
+
+
+def tokenizer_folder(*folders: Path) -> Path | None:
+    """The first of ``folders`` holding CLIP tokenizer files (vocab.json + merges.txt), else None."""
+    return next((f for f in folders if (f / "vocab.json").is_file() and (f / "merges.txt").is_file()), None)
 
 
 def _weights_in(folder: Path) -> Path | None:

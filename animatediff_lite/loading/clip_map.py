@@ -28,7 +28,7 @@ from ..clip import TextEncoder
 from ..config import CLIPConfig
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint, tokenizer_folder
 from .io import StateDict, load_strict
 
 DIFFUSERS_PREFIXES = ("text_model.",)
@@ -133,10 +133,8 @@ def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
     where = part.where
     if part.config:
         if config is None:
-            try:
+            with naming(part.path / "config.json", "not a readable CLIP text config"):
                 config = clip_config_from_transformers(part.config)
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"{part.path / 'config.json'}: not a readable CLIP text config ({e})") from e
         part.require_weights(WHAT)
         state = clip_state_from_diffusers(part.state)
     else:
@@ -147,15 +145,10 @@ def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
             raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
                                   f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
         if config is None:
-            try:
+            with naming(where):
                 config = clip_config_from_state(state)
-            except ValueError as e:
-                raise CheckpointError(f"{where}: {e}") from None
-    try:
-        with torch.device("meta"):
-            model = TextEncoder(config).to(dtype)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: unusable text encoder config ({e})") from None
+    with naming(where, "unusable text encoder config"), torch.device("meta"):
+        model = TextEncoder(config).to(dtype)
     load_strict(model, state, where, WHAT, device=device, file=part.file)
     return model.to(device).eval()
 
@@ -172,13 +165,7 @@ def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "c
 
 def tokenizer_from_checkpoint(checkpoint: Checkpoint | None) -> Tokenizer:
     """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one."""
-    if checkpoint is None or checkpoint.tokenizer is None:
-        return Tokenizer()
-    folder = checkpoint.tokenizer
-    try:
-        return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
+    return _tokenizer_at(checkpoint.tokenizer if checkpoint is not None else None)
 
 
 def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
@@ -186,12 +173,14 @@ def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
 
     Reads no weights: only the folder's tokenizer files are looked at.
     """
-    if source is not None:
-        source = Path(source)
-        for folder in (source / "tokenizer", source):
-            if source.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                try:
-                    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-                except (OSError, ValueError) as e:
-                    raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
-    return Tokenizer()
+    folder = Path(source) if source is not None else None
+    return _tokenizer_at(tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None)
+
+
+def _tokenizer_at(folder: Path | None) -> Tokenizer:
+    if folder is None:
+        return Tokenizer()
+    try:
+        return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e

@@ -38,7 +38,7 @@ from ..scheduler import DDIM, DDIMConfig
 from ..tokenizer import Tokenizer
 from ..unet import UNet3D
 from ..vae import AutoencoderKL
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .detect import DEFAULT_MODEL_FORMAT
 from .io import load_strict, save_state_dict
 
@@ -111,10 +111,8 @@ def split_default_model(checkpoint: Checkpoint) -> tuple[dict[str, dict[str, tor
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{where}: holds {checkpoint.kind} (metadata format {metadata.get('format')!r}), "
                               f"expected {FORMAT!r} with a 'config' entry ({WHAT})")
-    try:
+    with naming(where, "the 'config' metadata is not a model config"):
         config = from_dict(ModelConfig, json.loads(metadata["config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: the 'config' metadata is not a model config ({e})") from e
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
     for key, value in checkpoint.state.items():
         prefix, _, rest = key.partition(".")

@@ -27,7 +27,7 @@ from .default_model import default_pipeline_from_checkpoint, load_default_pipeli
 from .detect import BASE_LAYOUTS
 from .io import load_strict
 from .motion_load import assign_motion_state, motion_from_checkpoint
-from .unet_map import spatial_keys, unet_source_from_checkpoint, unet_state_from_ldm
+from .unet_map import load_spatial, unet_source_from_checkpoint, unet_state_from_ldm
 from .vae_map import vae_from_checkpoint, vae_state_from_ldm
 
 LoraSpec = tuple[str | os.PathLike, float]
@@ -122,9 +122,7 @@ def replace_from_checkpoint(checkpoint: Checkpoint, unet: torch.nn.Module, vae: 
     state = checkpoint.state
     replaced = []
     if any(k.startswith("model.diffusion_model.") for k in state):
-        spatial = unet_state_from_ldm(state, unet.config, where)
-        load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                    dtype=dtype, file=checkpoint.file)
+        load_spatial(unet, unet_state_from_ldm(state, unet.config, where), where, device, dtype, checkpoint.file)
         replaced.append("unet")
     for name, model, native in (("vae", vae, vae_state_from_ldm(state)),
                                 ("text_encoder", text_encoder, clip_state_from_ldm(state))):
@@ -151,8 +149,7 @@ def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str |
     motion_config = info.motion_config(norm_num_groups=config.norm_num_groups) if info is not None else None
     with torch.device("meta"):
         unet = UNet3D(config, motion_config)
-    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                dtype=dtype, file=base.part("unet", BASE_WHAT).file)
+    load_spatial(unet, spatial, where, device, dtype, base.part("unet", BASE_WHAT).file)
     if info is not None:  # strict, with version/width checks
         assign_motion_state(unet, native, info, device, dtype, motion.file)
     unet.reset_buffers()  # position tables follow the weights' device

@@ -18,7 +18,7 @@ import torch
 from ..config import VAEConfig
 from ..errors import CheckpointError
 from ..vae import AutoencoderKL
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .io import StateDict, load_strict
 
 # (native module path, LDM module path) for both encoder and decoder; the rest of a key (".weight",
@@ -222,10 +222,8 @@ def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cp
     part = checkpoint.part("vae", what)
     file_config = None
     if part.config:
-        try:
+        with naming(part.path / "config.json", "not a usable AutoencoderKL config"):
             file_config = vae_config_from_diffusers(part.config)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{part.path / 'config.json'}: not a usable AutoencoderKL config: {e}") from e
         part.require_weights(what)
     native = vae_state_to_native(part.state)
     if native is None:
