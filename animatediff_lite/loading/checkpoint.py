@@ -81,12 +81,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no weights file, expected one of {', '.join(WEIGHT_FILES)} ({what})")
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "model weights") -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike | Checkpoint, what: str = "model weights") -> Checkpoint:
     """Read a weights file or folder once and decide its layout (see the module docstring).
 
-    ``what`` names the expected content in error messages. Raises CheckpointError naming the file for a
-    missing path, an unreadable or truncated file and content of no known layout.
+    ``what`` names the expected content in error messages. A Checkpoint already read is returned as it is, so
+    every part loader takes a path or a Checkpoint. Raises CheckpointError naming the file for a missing path,
+    an unreadable or truncated file and content of no known layout.
     """
+    if isinstance(path, Checkpoint):
+        return path
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder (expected {what})")

@@ -121,15 +121,16 @@ def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = T
     return out
 
 
-def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
-                                 dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
-    """Build the text encoder on the meta device and load it strictly from a checkpoint already read.
+def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
+    """Build the text encoder on the meta device and load it strictly, reading ``source`` once.
 
-    A model folder's ``text_encoder/`` (sizes from its config.json), an LDM single file or a bare
-    transformers weights file (sizes inferred from the tensors, see :func:`clip_config_from_state`;
-    ``config`` overrides both, e.g. for models narrower than 64 channels).
+    ``source``: a diffusers model folder or its ``text_encoder/`` (sizes from its config.json), an LDM single
+    file or a bare transformers weights file (sizes inferred from the tensors, see
+    :func:`clip_config_from_state`; ``config`` overrides both, e.g. for models narrower than 64 channels), or
+    a :class:`Checkpoint` already read. Returns the model in eval mode on ``device`` with ``dtype``.
     """
-    part = checkpoint.part("text_encoder", WHAT)
+    part = read_checkpoint(source, WHAT).part("text_encoder", WHAT)
     where = part.where
     if part.config:
         if config is None:
@@ -153,31 +154,14 @@ def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
     return model.to(device).eval()
 
 
-def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
-    """Read ``source`` once and load the text encoder (see :func:`text_encoder_from_checkpoint`).
-
-    ``source``: a diffusers model folder, its ``text_encoder`` folder, or an LDM single file (.safetensors /
-    .ckpt). Returns the model in eval mode on ``device`` with ``dtype``. Raises CheckpointError naming the file.
-    """
-    return text_encoder_from_checkpoint(read_checkpoint(source, WHAT), device, dtype, config)
-
-
-def tokenizer_from_checkpoint(checkpoint: Checkpoint | None) -> Tokenizer:
-    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one."""
-    return _tokenizer_at(checkpoint.tokenizer if checkpoint is not None else None)
-
-
-def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one.
-
-    Reads no weights: only the folder's tokenizer files are looked at.
-    """
-    folder = Path(source) if source is not None else None
-    return _tokenizer_at(tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None)
-
-
-def _tokenizer_at(folder: Path | None) -> Tokenizer:
+def load_tokenizer(source: str | os.PathLike | Checkpoint | None = None) -> Tokenizer:
+    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``) or of a Checkpoint
+    already read, else the shipped CLIP one. For a path only the tokenizer files are looked at (no weights)."""
+    if isinstance(source, Checkpoint):
+        folder = source.tokenizer
+    else:
+        folder = Path(source) if source is not None else None
+        folder = tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None
     if folder is None:
         return Tokenizer()
     try:

@@ -90,11 +90,15 @@ class MotionInfo:
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def motion_from_checkpoint(checkpoint: Checkpoint, version: str | None = None) -> tuple[StateDict, MotionInfo]:
-    """A motion module from a checkpoint already read -> (native state without PE, MotionInfo).
+def read_motion_module(source: str | os.PathLike | Checkpoint,
+                       version: str | None = None) -> tuple[StateDict, MotionInfo]:
+    """Read a motion module in any supported format once (or take a :class:`Checkpoint` already read)
+    -> (native state without PE, MotionInfo).
 
-    See :func:`read_motion_module`; the file's layout was decided once by the reader and is checked here.
+    Raises CheckpointError naming the file for unreadable/truncated files, base SD checkpoints passed as
+    motion modules, inconsistent widths, non-sinusoidal PE tables and a ``version`` contradicting the keys.
     """
+    checkpoint = read_checkpoint(source, "a motion module")
     where = checkpoint.where
     if checkpoint.layout not in (*MOTION_LAYOUTS, "unknown"):  # unknown keys: parse_motion_state says what it missed
         if checkpoint.layout in BASE_PARTS:
@@ -230,15 +234,6 @@ def _decide(version: str | None, mid: bool, pe_len: int | None, name: str, nativ
                              "derived from mm_sd_v14/v15")
 
 
-def read_motion_module(path: str | os.PathLike, version: str | None = None) -> tuple[StateDict, MotionInfo]:
-    """Read a motion module in any supported format once -> (native state without PE, MotionInfo).
-
-    Raises CheckpointError naming the file for unreadable/truncated files, base SD checkpoints passed as
-    motion modules, inconsistent widths, non-sinusoidal PE tables and a ``version`` contradicting the keys.
-    """
-    return motion_from_checkpoint(read_checkpoint(path, "a motion module"), version)
-
-
 def parse_motion_state(state: StateDict, name: str = "", version: str | None = None, where: str = "<memory>",
                        adapter_config: dict | None = None,
                        native_config: dict | None = None) -> tuple[StateDict, MotionInfo]:
@@ -289,11 +284,9 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
     by default those of the spatial weights (``conv_in``). Returns the MotionInfo (``reason`` says how the
     version was decided). Raises CheckpointError naming the file on any mismatch.
     """
-    if getattr(unet, "motion", None) is None:
-        raise ValueError("unet was built without motion modules (motion=None); build it with "
-                         "MotionConfig.for_version(...) to load a motion module")
+    _built_motion(unet)
     checkpoint = read_checkpoint(path, "a motion module")
-    native, info = motion_from_checkpoint(checkpoint, version)
+    native, info = read_motion_module(checkpoint, version)
     return assign_motion_state(unet, native, info, device, dtype, checkpoint.file)
 
 
@@ -303,10 +296,7 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     """The second half of :func:`load_motion_module`, for a module already read with :func:`read_motion_module`
     (so a caller that needs ``info`` to build the UNet reads the file once). ``file``: the
     :class:`~animatediff_lite.loading.io.WeightsFile` the tensors came from (``Checkpoint.file``)."""
-    built = getattr(unet, "motion", None)
-    if built is None:
-        raise ValueError("unet was built without motion modules (motion=None); build it with "
-                         "MotionConfig.for_version(...) to load a motion module")
+    built = _built_motion(unet)
     if info.version != built.version:
         raise CheckpointError(f"{info.path}: is a {info.version} motion module ({info.reason}) but the UNet was built "
                               f"for {built.version}; build it with MotionConfig.for_version({info.version!r}) "
@@ -332,6 +322,13 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     unet.reset_buffers()
     logger.info("%s", info.summary())
     return info
+
+
+def _built_motion(unet: torch.nn.Module) -> MotionConfig:
+    if getattr(unet, "motion", None) is None:
+        raise ValueError("unet was built without motion modules (motion=None); build it with "
+                         "MotionConfig.for_version(...) to load a motion module")
+    return unet.motion
 
 
 def motion_state_from_unet(unet: torch.nn.Module) -> StateDict:

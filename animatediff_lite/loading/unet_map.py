@@ -340,14 +340,15 @@ def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDic
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def unet_source_from_checkpoint(checkpoint: Checkpoint) -> tuple[StateDict, UNetConfig, str]:
-    """The base UNet of a checkpoint already read: (native spatial state, config, file to name in messages).
+def read_unet_source(source: str | os.PathLike | Checkpoint) -> tuple[StateDict, UNetConfig, str]:
+    """The base UNet of ``source``, read once: (native spatial state, config, file to name in messages).
 
-    A model folder's ``unet/`` (config from its config.json), an LDM single file (config from the tensors)
-    or a diffusers-layout single file. Motion-module keys are left out (with a log note).
+    A diffusers model folder or its ``unet/`` (config from its config.json), an LDM single file (config from
+    the tensors), a diffusers-layout single file, or a :class:`Checkpoint` already read. Motion-module keys
+    are left out (with a log note).
     """
     what = "a Stable Diffusion UNet (LDM single file or diffusers layout)"
-    part = checkpoint.part("unet", what)
+    part = read_checkpoint(source, what).part("unet", what)
     where = part.where
     if part.config:
         with naming(part.path / "config.json"):
@@ -372,12 +373,6 @@ def unet_source_from_checkpoint(checkpoint: Checkpoint) -> tuple[StateDict, UNet
     return spatial, cfg, where
 
 
-def read_unet_source(source: str | os.PathLike) -> tuple[StateDict, UNetConfig, str]:
-    """Read base-UNet weights once: a diffusers folder (root or ``unet/``), an LDM single file, or a
-    diffusers-layout single file. Returns (native spatial state, config, description)."""
-    return unet_source_from_checkpoint(read_checkpoint(source, "a Stable Diffusion UNet"))
-
-
 def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, config: UNetConfig | None = None):
     """Build a UNet3D and load its spatial (SD) weights strictly from ``source``.
@@ -390,7 +385,7 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
     """
     checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
-    spatial, cfg, where = unet_source_from_checkpoint(checkpoint)
+    spatial, cfg, where = read_unet_source(checkpoint)
     with torch.device("meta"):
         unet = UNet3D(config or cfg, motion)
     load_spatial(unet, spatial, where, device, dtype, checkpoint.part("unet", "").file)

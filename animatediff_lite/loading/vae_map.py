@@ -210,16 +210,18 @@ def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.Path
                      layers_per_block=layers, norm_num_groups=groups)
 
 
-def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, config: VAEConfig | None = None) -> AutoencoderKL:
-    """Build an AutoencoderKL on the meta device and load it strictly from a checkpoint already read.
+def load_vae(source: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, config: VAEConfig | None = None) -> AutoencoderKL:
+    """Build an AutoencoderKL on the meta device and load it strictly, reading ``source`` once.
 
-    A model folder's ``vae/`` (sizes from its config.json), an SD single file or a standalone VAE file
-    (layout, diffusers or LDM, from the keys; sizes from the tensors, see :func:`vae_config_from_state`);
-    ``config`` overrides both. CheckpointError names the file and the missing/unexpected keys.
+    ``source``: a diffusers model folder or its ``vae/`` (sizes from its config.json), an SD single file or a
+    standalone VAE file (layout, diffusers or LDM, from the keys; sizes from the tensors, see
+    :func:`vae_config_from_state`), or a :class:`Checkpoint` already read; ``config`` overrides the sizes.
+    Returns the model in eval mode on ``device`` in ``dtype``. CheckpointError names the file and the
+    missing/unexpected keys.
     """
     what = "VAE weights"
-    part = checkpoint.part("vae", what)
+    part = read_checkpoint(source, what).part("vae", what)
     file_config = None
     if part.config:
         with naming(part.path / "config.json", "not a usable AutoencoderKL config"):
@@ -234,13 +236,3 @@ def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cp
         model = AutoencoderKL(cfg).to(dtype)
     load_strict(model, native, part.where, f"an AutoencoderKL VAE with {cfg}", device=device, file=part.file)
     return model.to(device).eval()
-
-
-def load_vae(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             config: VAEConfig | None = None) -> AutoencoderKL:
-    """Load an AutoencoderKL from a diffusers folder (root or ``vae/``), an SD single file or a VAE file.
-
-    Reads ``source`` once (see :func:`vae_from_checkpoint`). Returns the model in eval mode on ``device``
-    in ``dtype``.
-    """
-    return vae_from_checkpoint(read_checkpoint(source, "VAE weights"), device, dtype, config)
