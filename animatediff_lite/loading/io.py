@@ -261,7 +261,7 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(current[k].shape)}"
            for k in sorted(expected & set(state)) if state[k].shape != current[k].shape]
     if missing or unexpected or bad:
-        parts = [f"{len(items)} {label} (e.g. {_few(items)})" for label, items in
+        parts = [f"{len(items)} {label} (e.g. {few(items)})" for label, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)) if items]
         raise CheckpointError(f"{path}: does not fit {what}: " + "; ".join(parts))
     cast = {}
@@ -276,5 +276,6 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     return module
 
 
-def _few(items: list[str], n: int = 3) -> str:
+def few(items: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``items`` for a message, then ", ..." when there are more."""
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")

@@ -40,7 +40,6 @@ from .unet_map import MOTION_TAG, split_motion
 
 logger = logging.getLogger(__name__)
 
-NATIVE_FORMAT = NATIVE_MOTION_FORMAT
 ORIGINAL_PE = "pos_encoder.pe"
 DIFFUSERS_PE = "pos_embed.pe"
 BASE_PARTS = ("diffusers_folder", "ldm_single_file", "diffusers_unet", "diffusers_vae", "clip_text_encoder")
@@ -115,7 +114,7 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
     else:
         name = path.stem
     native_config = None
-    if checkpoint.metadata.get("format") == NATIVE_FORMAT:
+    if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
         try:
             native_config = json.loads(checkpoint.metadata["motion_config"])
         except (KeyError, json.JSONDecodeError) as e:
@@ -360,7 +359,7 @@ def save_motion_module(native: StateDict, path: str | os.PathLike, config: Motio
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"native motion modules are safetensors files, got {path.name!r}")
-    meta = {"format": NATIVE_FORMAT, "motion_config": json.dumps(to_dict(config))}
+    meta = {"format": NATIVE_MOTION_FORMAT, "motion_config": json.dumps(to_dict(config))}
     save_state_dict(native, path, metadata=meta)
 
 

@@ -38,17 +38,18 @@ from torch.utils.data import DataLoader
 from ..atomic import atomic_write
 from ..config import ModelConfig, to_dict
 from ..loading.io import save_state_dict
+from ..loading.unet_map import split_motion
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
 from .data import collate
 from .inputs import ResumableSampler, build_dataset
 from .models import (
-    MOTION_TAG,
     MotionLoRA,
     Trainee,
     build_models,
     build_preset,
+    cpu_copy,
     export_weights,
     select_trainable,
 )
@@ -191,7 +192,7 @@ def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: n
         if d.main:
             _append_log(out, records)
             log.info("text stage: %s", records[-1])
-    return {k: v.detach().cpu().clone() for k, v in text_encoder.state_dict().items()}
+    return cpu_copy(text_encoder.state_dict())
 
 
 def _restore(run: Run, state: dict, folder: Path) -> None:
@@ -341,7 +342,7 @@ def save(run: Run) -> None:
         rngs = gathered
     if run.d.main:
         state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
-                 "trainable": {k: p.detach().cpu().clone() for k, p in run.params.items()},
+                 "trainable": cpu_copy(run.params),
                  "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": rngs}
         if run.ema is not None:
@@ -369,8 +370,7 @@ def _ema_weights(run: Run):
 
 def _save_base(out: Path, model_cfg: ModelConfig, unet, text_encoder, vae) -> None:
     base = out / "base"
-    spatial = {k: v for k, v in unet.state_dict().items() if MOTION_TAG not in f".{k}"}
-    save_state_dict(spatial, base / "unet.safetensors")
+    save_state_dict(split_motion(unet.state_dict())[0], base / "unet.safetensors")
     save_state_dict(text_encoder.state_dict(), base / "text_encoder.safetensors")
     save_state_dict(vae.state_dict(), base / "vae.safetensors")
     atomic_write(base / "model_config.json", lambda p: Path(p).write_text(json.dumps(to_dict(model_cfg), indent=2)))

@@ -16,9 +16,9 @@ from torch import nn
 from ..config import MOTION_VERSIONS, SD15, TINY, ModelConfig
 from ..loading.io import load_strict, read_state_dict
 from ..loading.motion_load import motion_state_to_original
+from ..loading.unet_map import MOTION_TAG, split_motion
 from .config import TrainConfig
 
-MOTION_TAG = ".motion_modules."
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -178,16 +178,19 @@ def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, l
     ``motion_lora.safetensors``); the whole UNet too for ``train.modules`` "unet"/"all", and the text encoder
     when it was trained ("all") or pretrained by the text stage.
     """
-    copy = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    copy = cpu_copy(unet.state_dict())
     if cfg.train.modules == "motion_lora":
         weights = {"motion_lora.safetensors": lora.original_state()}
     else:
-        motion = {k: v for k, v in copy.items() if MOTION_TAG in f".{k}"}
-        weights = {"motion_module.safetensors": motion_state_to_original(motion,
-                                                                          max_len=unet.motion.max_position_len)}
+        motion = split_motion(copy)[1]
+        weights = {"motion_module.safetensors": motion_state_to_original(motion, max_len=unet.motion.max_position_len)}
     if cfg.train.modules in ("unet", "all"):
         weights["unet.safetensors"] = copy
     if cfg.train.modules == "all" or cfg.text_stage.steps > 0:
-        weights["text_encoder.safetensors"] = {k: v.detach().cpu().clone()
-                                               for k, v in text_encoder.state_dict().items()}
+        weights["text_encoder.safetensors"] = cpu_copy(text_encoder.state_dict())
     return weights
+
+
+def cpu_copy(tensors) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of named tensors (a state dict, trainable parameters, EMA averages)."""
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}
