@@ -140,9 +140,7 @@ def _read_folder(path: Path, what: str) -> Checkpoint:
         return Checkpoint(path, "diffusers_folder", reason, parts=parts, tokenizer=tokenizer_folder(path / "tokenizer"))
     if (path / "config.json").is_file():
         checkpoint = _read_part(path, what)
-        if checkpoint.weights is None:
-            raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(WEIGHT_FILES)} beside "
-                                  f"config.json; {what})")
+        checkpoint.require_weights(what)
         return checkpoint
     raise CheckpointError(f"{path}: a folder that is neither a diffusers model folder (model_index.json or "
                           "unet/config.json) nor a part or MotionAdapter folder (config.json + weights); "

@@ -34,7 +34,6 @@ from .io import StateDict, load_strict
 DIFFUSERS_PREFIXES = ("text_model.",)
 LDM_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
 LDM_OUT_PREFIX = "cond_stage_model.transformer.text_model."
-DROPPED = ("embeddings.position_ids",)
 POSITION_IDS = "embeddings.position_ids"
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 # The CLIP convention (OpenAI and OpenCLIP text towers): 64 channels per attention head.
@@ -92,7 +91,7 @@ def _strip(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], only_pr
         if prefix is None and only_prefixed:
             continue
         name = key[len(prefix):] if prefix else key
-        if name not in DROPPED:
+        if name != POSITION_IDS:
             out[name] = value
     return out
 
@@ -104,8 +103,7 @@ def clip_state_from_diffusers(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def clip_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """The text encoder part of an LDM single-file state -> native state; None when the file has none."""
-    native = _strip(state, LDM_PREFIXES, only_prefixed=True)
-    return native or None
+    return _strip(state, LDM_PREFIXES, only_prefixed=True) or None
 
 
 def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = True) -> StateDict:

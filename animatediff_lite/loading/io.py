@@ -66,12 +66,8 @@ class WeightsFile:
         page = mmap.PAGESIZE
         lo = start - start % page
         hi = -(-(start + tensor.numel() * tensor.element_size()) // page) * page
-        _madvise(lo, hi - lo)
-
-
-def _madvise(address: int, length: int) -> None:
-    if sys.platform.startswith("linux"):
-        _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+        if sys.platform.startswith("linux"):
+            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 @functools.cache

@@ -59,10 +59,8 @@ RESNET_LDM: dict[str, str] = {
 RESNET_NATIVE = {v: k for k, v in RESNET_LDM.items()}
 
 # diffusers block type names (2D, 3D and the UNetMotionModel spelling) -> "has spatial transformers".
-_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnDownBlock3D": True,
-               "DownBlock3D": False, "CrossAttnDownBlockMotion": True, "DownBlockMotion": False}
-_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock3D": True, "UpBlock3D": False,
-             "CrossAttnUpBlockMotion": True, "UpBlockMotion": False}
+_DOWN_TYPES = {f"{a}DownBlock{s}": a == "CrossAttn" for a in ("CrossAttn", "") for s in ("2D", "3D", "Motion")}
+_UP_TYPES = {f"{a}UpBlock{s}": a == "CrossAttn" for a in ("CrossAttn", "") for s in ("2D", "3D", "Motion")}
 _MID_TYPES = {None, "UNetMidBlock2DCrossAttn", "UNetMidBlock3DCrossAttn", "UNetMidBlockCrossAttnMotion"}
 # config.json fields whose non-default values change the architecture in ways UNet3D does not model.
 _UNSUPPORTED_DEFAULTS: dict[str, object] = {
@@ -156,11 +154,6 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     }
 
 
-def is_ldm_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for an LDM single-file state (``model.diffusion_model.*`` or bare ``input_blocks.*``)."""
-    return any(k.startswith(LDM_PREFIX) or k.startswith("input_blocks.") for k in state)
-
-
 def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     """Infer a :class:`UNetConfig` from UNet tensors in diffusers/native or LDM layout.
 
@@ -169,7 +162,7 @@ def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     tensors and assumed: ``attention_head_dim`` = 8 heads and ``norm_num_groups`` = 32 (the SD1.x
     values); pass a diffusers config.json for other models.
     """
-    ldm = is_ldm_state(state)
+    ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in state)  # model.diffusion_model.* or bare
     try:
         sizes = _ldm_sizes(_strip_ldm(state)[0]) if ldm else _diffusers_sizes(state)
     except (KeyError, ValueError, IndexError) as e:

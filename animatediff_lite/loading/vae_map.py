@@ -175,15 +175,9 @@ def vae_config_from_diffusers(cfg: Mapping) -> VAEConfig:
         if any(t != kind for t in cfg.get(name, ())):
             raise ValueError(f"VAE config {name}={cfg[name]!r} is not supported (only {kind})")
     d = VAEConfig()
-    return VAEConfig(
-        in_channels=int(cfg.get("in_channels", d.in_channels)),
-        out_channels=int(cfg.get("out_channels", d.out_channels)),
-        latent_channels=int(cfg.get("latent_channels", d.latent_channels)),
-        block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels)),
-        layers_per_block=int(cfg.get("layers_per_block", d.layers_per_block)),
-        norm_num_groups=int(cfg.get("norm_num_groups", d.norm_num_groups)),
-        scaling_factor=float(cfg.get("scaling_factor", d.scaling_factor)),
-    )
+    names = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "scaling_factor")
+    return VAEConfig(block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels)),
+                     **{f: type(getattr(d, f))(cfg.get(f, getattr(d, f))) for f in names})  # int or float, as d
 
 
 def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> VAEConfig:
