@@ -3,9 +3,10 @@
 :func:`read_checkpoint` takes what a user passes (a weights file, a diffusers model folder, a part folder such
 as ``vae/`` or a MotionAdapter folder) and returns a :class:`Checkpoint`: the tensors (memory-mapped for
 safetensors, see :mod:`.io`), the metadata, the config.json beside them, and for a model folder one
-sub-checkpoint per part. The part loaders (``clip_map``, ``vae_map``, ``unet_map``, ``motion_load``,
-``lora``) take a Checkpoint or a state dict, never a path, so a file given twice (base and DreamBooth) or
-needed by several parts is still read once.
+sub-checkpoint per part. Each part has one loader (``load_text_encoder``, ``load_vae``, ``read_unet_source``,
+``read_motion_module``, ``read_default_model`` ...) taking a path or a Checkpoint already read (which
+``read_checkpoint`` returns as it is), so a file given twice (base and DreamBooth) or needed by several
+parts is still read once; key maps take state dicts.
 """
 
 from __future__ import annotations

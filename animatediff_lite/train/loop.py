@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
 from ..config import ModelConfig, to_dict
@@ -224,26 +225,21 @@ def train(cfg: TrainConfig) -> dict:
     raw weights) and ``ema`` (name -> averaged tensor, or None).
     """
     run = setup(cfg)
-    pbar = None
-    if run.d.main:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.d.main)
     batches = micro_batches(run)
     losses, last = [], {}
     while run.step < cfg.train.max_steps:
         last = train_step(run, [next(batches) for _ in range(cfg.train.grad_accum)])
         losses.append(last["loss"])
-        if run.d.main:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{last['loss']:.4f}")
-            if run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps:
-                _append_log(run.out, [last])
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{last['loss']:.4f}")
+        if run.d.main and (run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps):
+            _append_log(run.out, [last])
         if run.step % cfg.output.save_every == 0 or run.step == cfg.train.max_steps:
             save(run)
         if cfg.validation.every and run.step % cfg.validation.every == 0 and run.d.main:
             validate(run)
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     if run.lora is not None:
         run.lora.remove()
     _barrier(run.d)
