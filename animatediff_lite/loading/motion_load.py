@@ -151,20 +151,12 @@ def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
 
 def _structure(native: StateDict, where: str) -> tuple[tuple[int, ...], bool]:
     """(channels per down level, has mid module), checking that up levels mirror down levels."""
-    down: dict[int, set[int]] = {}
-    up: dict[int, set[int]] = {}
-    mid: set[int] = set()
+    found: dict[str, dict[int, set[int]]] = {"down": {}, "up": {}, "mid": {}}  # side -> level -> widths
     for key, value in native.items():
-        m = _PROJ_IN.match(key)
-        if not m:
-            continue
-        width = value.shape[0]
-        if m.group(2) is not None:
-            down.setdefault(int(m.group(2)), set()).add(width)
-        elif m.group(3) is not None:
-            up.setdefault(int(m.group(3)), set()).add(width)
-        else:
-            mid.add(width)
+        if m := _PROJ_IN.match(key):
+            side, level = ("down", m[2]) if m[2] is not None else ("up", m[3]) if m[3] is not None else ("mid", 0)
+            found[side].setdefault(int(level), set()).add(value.shape[0])
+    down, up, mid = found["down"], found["up"], found["mid"].get(0, set())
     if not down:
         raise CheckpointError(f"{where}: no down-block motion modules found "
                               "(expected down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight)")
@@ -185,15 +177,10 @@ def version_from_name(name: str) -> str | None:
     """Generation named by a file/folder name: mm_sd_v14/mm_sd_v15 -> v1, ``v2``/``v3`` tokens, hub
     folder names ...-v1-5-2 / -v1-5-3; None when the name says nothing."""
     s = name.lower()
-    m = re.search(r"v1[-_.]?5[-_.]([23])(?![0-9])", s)
+    m = re.search(r"v1[-_.]?5[-_.]([23])(?![0-9])", s) or re.search(r"(?<![a-z0-9])v([123])(?![0-9])", s)
     if m:
         return "v" + m.group(1)
-    m = re.search(r"(?<![a-z0-9])v([123])(?![0-9])", s)
-    if m:
-        return "v" + m.group(1)
-    if re.search(r"(?<![a-z0-9])v1[-_.]?[45](?![0-9])", s):
-        return "v1"
-    return None
+    return "v1" if re.search(r"(?<![a-z0-9])v1[-_.]?[45](?![0-9])", s) else None
 
 
 def _decide(version: str | None, mid: bool, pe_len: int | None, name: str, native: dict,
