@@ -123,7 +123,7 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
 
 
 def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
-    tables = {k: v for k, v in state.items() if k.endswith(ORIGINAL_PE) or k.endswith(DIFFUSERS_PE)}
+    tables = {k: v for k, v in state.items() if k.endswith((ORIGINAL_PE, DIFFUSERS_PE))}
     return {k: v for k, v in state.items() if k not in tables}, tables
 
 

@@ -138,7 +138,7 @@ def setup(cfg: TrainConfig) -> Run:
     dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
         model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
-    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state, resume)
+    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, lora = select_trainable(cfg, unet, text_encoder, vae)
@@ -178,8 +178,8 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
                            beta_schedule=n.beta_schedule, prediction_type=n.prediction_type))
 
 
-def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset, state: dict | None,
-                resume: Path | None) -> dict | None:
+def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset,
+                state: dict | None) -> dict | None:
     """Run the text stage (or take its result from the checkpoint being resumed); its frozen encoder's state."""
     ts = cfg.text_stage
     if ts.steps == 0:
