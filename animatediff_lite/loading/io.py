@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import mmap
 import os
 import sys
@@ -158,9 +159,7 @@ def _check_spec(key: str, spec: Mapping, data_size: int) -> None:
     if spec.get("dtype") not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {key!r} has unsupported dtype {spec.get('dtype')!r}")
     begin, end = spec["data_offsets"]
-    numel = 1
-    for s in spec["shape"]:
-        numel *= int(s)
+    numel = math.prod(int(s) for s in spec["shape"])
     if not 0 <= begin <= end <= data_size:
         raise ValueError(f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {data_size})")
     if end - begin != numel * SAFETENSORS_DTYPES[spec["dtype"]].itemsize:
