@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -433,7 +434,6 @@ def _seed_all(seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``animatediff-lite train CONFIG [--section.key value ...]``."""
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -13,10 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..clip import TextEncoder
 from ..config import MOTION_VERSIONS, SD15, TINY, ModelConfig
+from ..loading.default_model import DEFAULT_CONFIG
 from ..loading.io import load_strict, read_state_dict
-from ..loading.motion_load import motion_state_to_original
+from ..loading.motion_load import load_motion_module, motion_state_to_original
+from ..loading.pipeline_load import load_pipeline
 from ..loading.unet_map import MOTION_TAG, split_motion
+from ..motion import MotionModule
+from ..tokenizer import Tokenizer
+from ..unet import UNet3D
+from ..vae import AutoencoderKL
 from .config import TrainConfig
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -24,12 +31,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Module, ModelConfig]:
     """(tokenizer, text_encoder, vae, unet, model config) of a preset with seeded random init."""
-    from ..clip import TextEncoder
-    from ..tokenizer import Tokenizer
-    from ..unet import UNet3D
-    from ..vae import AutoencoderKL
-
-    base = _preset_config(cfg.model.preset)
+    base = {"tiny": TINY, "sd15": SD15, "default": DEFAULT_CONFIG}[cfg.model.preset]
     motion = dataclasses.replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version])
     model_cfg = dataclasses.replace(base, motion=motion)
     torch.manual_seed(cfg.model.init_seed)
@@ -42,22 +44,13 @@ def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Mod
     return Tokenizer(), text_encoder, vae, unet, model_cfg
 
 
-def _preset_config(name: str) -> ModelConfig:
-    if name == "default":
-        from ..loading.default_model import DEFAULT_CONFIG  # lazy: only the default-model recipe needs it
-        return DEFAULT_CONFIG
-    return {"tiny": TINY, "sd15": SD15}[name]
-
-
 def build_models(cfg: TrainConfig, device: torch.device):
     """Tokenizer, text encoder, VAE and UNet3D (motion module from the file, or fresh) on ``device``, fp32."""
     if cfg.model.preset:
         tokenizer, text_encoder, vae, unet, model_cfg = build_preset(cfg)
         if cfg.model.motion_module:
-            from ..loading.motion_load import load_motion_module
             load_motion_module(unet, cfg.model.motion_module)
     else:
-        from ..loading.pipeline_load import load_pipeline
         pipe = load_pipeline(base=cfg.model.base, motion_module=cfg.model.motion_module or None,
                              device="cpu", dtype=torch.float32)
         tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
@@ -70,7 +63,6 @@ def build_models(cfg: TrainConfig, device: torch.device):
 
 
 def _reinit_motion(unet: nn.Module) -> None:
-    from ..motion import MotionModule
     for m in unet.modules():
         if isinstance(m, MotionModule):
             for sub in m.modules():
