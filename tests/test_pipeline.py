@@ -21,7 +21,7 @@ from conftest import require_oracle
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.checkpoint import detect_layout
 from animatediff_lite.loading.clip_map import clip_state_to_ldm
-from animatediff_lite.loading.detect import layout_of_keys
+from animatediff_lite.loading.detect import decide_layout
 from animatediff_lite.loading.io import save_state_dict
 from animatediff_lite.loading.motion_load import read_motion_module, save_motion_module
 from animatediff_lite.loading.motion_map import motion_key_to_diffusers, motion_state_from_diffusers
@@ -401,7 +401,7 @@ def test_detect_layout(models, tmp_path: Path) -> None:
     for state, layout in ((kohya, "kohya_lora"), (motion_lora, "motion_lora"), (adapter_lora, "adapter_lora")):
         save_state_dict(state, tmp_path / f"{layout}.safetensors")
         assert detect_layout(tmp_path / f"{layout}.safetensors") == layout
-        assert layout_of_keys(state) == layout
+        assert decide_layout(state)[0] == layout
     (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     save_state_dict({"foo.bar": w}, tmp_path / "unknown.safetensors")
     (tmp_path / "empty_folder").mkdir()

@@ -3,15 +3,18 @@
 :func:`read_checkpoint` takes what a user passes (a weights file, a diffusers model folder, a part folder such
 as ``vae/`` or a MotionAdapter folder) and returns a :class:`Checkpoint`: the tensors (memory-mapped for
 safetensors, see :mod:`.io`), the metadata, the config.json beside them, and for a model folder one
-sub-checkpoint per part. The part loaders (``clip_map``, ``vae_map``, ``unet_map``, ``motion_load``,
-``lora``) take a Checkpoint or a state dict, never a path, so a file given twice (base and DreamBooth) or
-needed by several parts is still read once.
+sub-checkpoint per part. Each part has one loader (``load_text_encoder``, ``load_vae``, ``read_unet_source``,
+``read_motion_module``, ``read_default_model`` ...) taking a path or a Checkpoint already read (which
+``read_checkpoint`` returns as it is), so a file given twice (base and DreamBooth) or needed by several
+parts is still read once; key maps take state dicts.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,12 +82,15 @@ class Checkpoint:
             raise CheckpointError(f"{self.path}: no weights file, expected one of {', '.join(WEIGHT_FILES)} ({what})")
 
 
-def read_checkpoint(path: str | os.PathLike, what: str = "model weights") -> Checkpoint:
+def read_checkpoint(path: str | os.PathLike | Checkpoint, what: str = "model weights") -> Checkpoint:
     """Read a weights file or folder once and decide its layout (see the module docstring).
 
-    ``what`` names the expected content in error messages. Raises CheckpointError naming the file for a
-    missing path, an unreadable or truncated file and content of no known layout.
+    ``what`` names the expected content in error messages. A Checkpoint already read is returned as it is, so
+    every part loader takes a path or a Checkpoint. Raises CheckpointError naming the file for a missing path,
+    an unreadable or truncated file and content of no known layout.
     """
+    if isinstance(path, Checkpoint):
+        return path
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder (expected {what})")
@@ -107,6 +113,18 @@ def detect_layout(path: str | os.PathLike) -> str:
     return checkpoint.layout
 
 
+@contextmanager
+def naming(where: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn a ValueError/TypeError raised inside (a bad config, shapes that fit no model) into a CheckpointError
+    naming ``where``: "<where>: <what> (<error>)", or "<where>: <error>" without ``what``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {what} ({e})" if what else f"{where}: {e}") from e
+
+
 def _from_file(given: Path, weights: Path, config: dict, what: str) -> Checkpoint:
     wf = read_file(weights, what)
     layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config), weights)
@@ -119,15 +137,11 @@ def _read_folder(path: Path, what: str) -> Checkpoint:
     if found:
         parts = {name: _read_part(path / name, what) for name in PART_FOLDERS
                  if (path / name / "config.json").is_file() or _weights_in(path / name) is not None}
-        tokenizer = path / "tokenizer"
-        has_tokenizer = (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
         reason = f"the folder has {found[0].relative_to(path)}"
-        return Checkpoint(path, "diffusers_folder", reason, parts=parts, tokenizer=tokenizer if has_tokenizer else None)
+        return Checkpoint(path, "diffusers_folder", reason, parts=parts, tokenizer=tokenizer_folder(path / "tokenizer"))
     if (path / "config.json").is_file():
         checkpoint = _read_part(path, what)
-        if checkpoint.weights is None:
-            raise CheckpointError(f"{path}: no weights file (expected one of {', '.join(WEIGHT_FILES)} beside "
-                                  f"config.json; {what})")
+        checkpoint.require_weights(what)
         return checkpoint
     raise CheckpointError(f"{path}: a folder that is neither a diffusers model folder (model_index.json or "
                           "unet/config.json) nor a part or MotionAdapter folder (config.json + weights); "
@@ -143,9 +157,13 @@ def _read_part(folder: Path, what: str) -> Checkpoint:
         layout = CONFIG_CLASSES.get(name or "", "diffusers_folder")
         return Checkpoint(folder, layout, f"its config.json names {name}", config=config)
     checkpoint = _from_file(folder, weights, config, what)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        checkpoint.tokenizer = folder
+    checkpoint.tokenizer = tokenizer_folder(folder)
     return checkpoint
+
+
+def tokenizer_folder(*folders: Path) -> Path | None:
+    """The first of ``folders`` holding CLIP tokenizer files (vocab.json + merges.txt), else None."""
+    return next((f for f in folders if (f / "vocab.json").is_file() and (f / "merges.txt").is_file()), None)
 
 
 def _weights_in(folder: Path) -> Path | None:

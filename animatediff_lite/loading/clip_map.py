@@ -28,13 +28,12 @@ from ..clip import TextEncoder
 from ..config import CLIPConfig
 from ..errors import CheckpointError
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint, tokenizer_folder
 from .io import StateDict, load_strict
 
 DIFFUSERS_PREFIXES = ("text_model.",)
 LDM_PREFIXES = ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer.")
 LDM_OUT_PREFIX = "cond_stage_model.transformer.text_model."
-DROPPED = ("embeddings.position_ids",)
 POSITION_IDS = "embeddings.position_ids"
 TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 # The CLIP convention (OpenAI and OpenCLIP text towers): 64 channels per attention head.
@@ -92,7 +91,7 @@ def _strip(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], only_pr
         if prefix is None and only_prefixed:
             continue
         name = key[len(prefix):] if prefix else key
-        if name not in DROPPED:
+        if name != POSITION_IDS:
             out[name] = value
     return out
 
@@ -104,8 +103,7 @@ def clip_state_from_diffusers(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def clip_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """The text encoder part of an LDM single-file state -> native state; None when the file has none."""
-    native = _strip(state, LDM_PREFIXES, only_prefixed=True)
-    return native or None
+    return _strip(state, LDM_PREFIXES, only_prefixed=True) or None
 
 
 def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = True) -> StateDict:
@@ -121,22 +119,21 @@ def clip_state_to_ldm(native: Mapping[str, torch.Tensor], position_ids: bool = T
     return out
 
 
-def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
-                                 dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
-    """Build the text encoder on the meta device and load it strictly from a checkpoint already read.
+def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu",
+                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
+    """Build the text encoder on the meta device and load it strictly, reading ``source`` once.
 
-    A model folder's ``text_encoder/`` (sizes from its config.json), an LDM single file or a bare
-    transformers weights file (sizes inferred from the tensors, see :func:`clip_config_from_state`;
-    ``config`` overrides both, e.g. for models narrower than 64 channels).
+    ``source``: a diffusers model folder or its ``text_encoder/`` (sizes from its config.json), an LDM single
+    file or a bare transformers weights file (sizes inferred from the tensors, see
+    :func:`clip_config_from_state`; ``config`` overrides both, e.g. for models narrower than 64 channels), or
+    a :class:`Checkpoint` already read. Returns the model in eval mode on ``device`` with ``dtype``.
     """
-    part = checkpoint.part("text_encoder", WHAT)
+    part = read_checkpoint(source, WHAT).part("text_encoder", WHAT)
     where = part.where
     if part.config:
         if config is None:
-            try:
+            with naming(part.path / "config.json", "not a readable CLIP text config"):
                 config = clip_config_from_transformers(part.config)
-            except (ValueError, TypeError) as e:
-                raise CheckpointError(f"{part.path / 'config.json'}: not a readable CLIP text config ({e})") from e
         part.require_weights(WHAT)
         state = clip_state_from_diffusers(part.state)
     else:
@@ -147,51 +144,25 @@ def text_encoder_from_checkpoint(checkpoint: Checkpoint, device: str | torch.dev
             raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
                                   f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
         if config is None:
-            try:
+            with naming(where):
                 config = clip_config_from_state(state)
-            except ValueError as e:
-                raise CheckpointError(f"{where}: {e}") from None
-    try:
-        with torch.device("meta"):
-            model = TextEncoder(config).to(dtype)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: unusable text encoder config ({e})") from None
+    with naming(where, "unusable text encoder config"), torch.device("meta"):
+        model = TextEncoder(config).to(dtype)
     load_strict(model, state, where, WHAT, device=device, file=part.file)
     return model.to(device).eval()
 
 
-def load_text_encoder(source: str | os.PathLike, device: str | torch.device = "cpu",
-                      dtype: torch.dtype = torch.float32, config: CLIPConfig | None = None) -> TextEncoder:
-    """Read ``source`` once and load the text encoder (see :func:`text_encoder_from_checkpoint`).
-
-    ``source``: a diffusers model folder, its ``text_encoder`` folder, or an LDM single file (.safetensors /
-    .ckpt). Returns the model in eval mode on ``device`` with ``dtype``. Raises CheckpointError naming the file.
-    """
-    return text_encoder_from_checkpoint(read_checkpoint(source, WHAT), device, dtype, config)
-
-
-def tokenizer_from_checkpoint(checkpoint: Checkpoint | None) -> Tokenizer:
-    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one."""
-    if checkpoint is None or checkpoint.tokenizer is None:
+def load_tokenizer(source: str | os.PathLike | Checkpoint | None = None) -> Tokenizer:
+    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``) or of a Checkpoint
+    already read, else the shipped CLIP one. For a path only the tokenizer files are looked at (no weights)."""
+    if isinstance(source, Checkpoint):
+        folder = source.tokenizer
+    else:
+        folder = Path(source) if source is not None else None
+        folder = tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None
+    if folder is None:
         return Tokenizer()
-    folder = checkpoint.tokenizer
     try:
         return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
-
-
-def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
-    """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``), else the shipped CLIP one.
-
-    Reads no weights: only the folder's tokenizer files are looked at.
-    """
-    if source is not None:
-        source = Path(source)
-        for folder in (source / "tokenizer", source):
-            if source.is_dir() and (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-                try:
-                    return Tokenizer.from_files(folder / "vocab.json", folder / "merges.txt")
-                except (OSError, ValueError) as e:
-                    raise CheckpointError(f"{folder}: unreadable CLIP tokenizer files ({e})") from e
-    return Tokenizer()

@@ -38,7 +38,7 @@ from ..scheduler import DDIM, DDIMConfig
 from ..tokenizer import Tokenizer
 from ..unet import UNet3D
 from ..vae import AutoencoderKL
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .detect import DEFAULT_MODEL_FORMAT
 from .io import load_strict, save_state_dict
 
@@ -94,27 +94,20 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
     save_state_dict(state, path, metadata)
 
 
-def read_default_model(path: str | os.PathLike | None = None) -> tuple[dict[str, dict[str, torch.Tensor]],
-                                                                       ModelConfig, dict[str, str]]:
-    """Read a default-model file once: ({part: native state dict}, model config, raw metadata).
+def read_default_model(path: str | os.PathLike | Checkpoint | None = None) -> tuple[
+        dict[str, dict[str, torch.Tensor]], ModelConfig, dict[str, str]]:
+    """Read a default-model file once (the shipped one when ``path`` is None; a Checkpoint already read is
+    taken as it is): ({part: native state dict}, model config, raw metadata).
 
     Raises CheckpointError naming the file when it is missing, unreadable or not in this format.
     """
-    path = Path(path) if path is not None else default_weights_path()
-    return split_default_model(read_checkpoint(path, WHAT))
-
-
-def split_default_model(checkpoint: Checkpoint) -> tuple[dict[str, dict[str, torch.Tensor]], ModelConfig,
-                                                          dict[str, str]]:
-    """({part: native state dict}, model config, raw metadata) of a default-model checkpoint already read."""
+    checkpoint = read_checkpoint(default_weights_path() if path is None else path, WHAT)
     where, metadata = checkpoint.where, checkpoint.metadata
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{where}: holds {checkpoint.kind} (metadata format {metadata.get('format')!r}), "
                               f"expected {FORMAT!r} with a 'config' entry ({WHAT})")
-    try:
+    with naming(where, "the 'config' metadata is not a model config"):
         config = from_dict(ModelConfig, json.loads(metadata["config"]))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: the 'config' metadata is not a model config ({e})") from e
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
     for key, value in checkpoint.state.items():
         prefix, _, rest = key.partition(".")
@@ -148,19 +141,16 @@ def _changed_fields(config, default) -> dict:
             if getattr(config, f.name) != getattr(default, f.name)}
 
 
-def load_default_parts(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+def load_default_parts(path: str | os.PathLike | Checkpoint | None = None, device: str | torch.device = "cpu",
                        dtype: torch.dtype = torch.float32):
-    """(tokenizer, text_encoder, vae, unet, config, metadata) of the default model, in eval mode.
+    """(tokenizer, text_encoder, vae, unet, config, metadata) of the default model (``path`` as in
+    :func:`read_default_model`), in eval mode.
 
     Each part is built on the meta device from the file's config and loaded strictly (CheckpointError
     naming the file and the keys otherwise), then moved to ``device`` / ``dtype``.
     """
-    path = Path(path) if path is not None else default_weights_path()
-    return _parts_from_checkpoint(read_checkpoint(path, WHAT), device, dtype)
-
-
-def _parts_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype):
-    parts, config, metadata = split_default_model(checkpoint)
+    checkpoint = read_checkpoint(default_weights_path() if path is None else path, WHAT)
+    parts, config, metadata = read_default_model(checkpoint)
     with torch.device("meta"):
         modules = {"text_encoder": TextEncoder(config.clip), "vae": AutoencoderKL(config.vae),
                    "unet": UNet3D(config.unet, config.motion)}
@@ -174,23 +164,16 @@ def _parts_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device, d
 
 
 def load_default_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                          path: str | os.PathLike | None = None) -> Pipeline:
-    """The embedded default model as a ready :class:`~animatediff_lite.pipeline.Pipeline`.
+                          path: str | os.PathLike | Checkpoint | None = None) -> Pipeline:
+    """The embedded default model (or the default-model file ``path``, see :func:`read_default_model`) as a
+    ready :class:`~animatediff_lite.pipeline.Pipeline`.
 
     The scheduler is AnimateDiff's DDIM with the settings the file's ``scheduler`` metadata changes (if any).
-
     ``pipe.sample_defaults`` holds the sizes it was trained for (8 frames of 32x32); pass them to
     ``pipe(...)`` (``pipe(prompt, **pipe.sample_defaults)``) unless you want something else.
     """
-    path = Path(path) if path is not None else default_weights_path()
-    return default_pipeline_from_checkpoint(read_checkpoint(path, WHAT), device, dtype)
-
-
-def default_pipeline_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
-                                     dtype: torch.dtype = torch.float32) -> Pipeline:
-    """:func:`load_default_pipeline` for a default-model file already read with ``read_checkpoint``."""
     device, dtype = check_device_dtype(device, dtype)
-    tokenizer, text_encoder, vae, unet, _, metadata = _parts_from_checkpoint(checkpoint, device, dtype)
+    tokenizer, text_encoder, vae, unet, _, metadata = load_default_parts(path, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler_config(metadata)), device=device, dtype=dtype)
     pipe.sample_defaults = sample_defaults(metadata)
     pipe.trained_for = {k: int(pipe.sample_defaults[k]) for k in ("num_frames", "height", "width")}  # its clips

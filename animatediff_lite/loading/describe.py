@@ -12,10 +12,10 @@ from collections import Counter
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint, read_checkpoint
-from .default_model import split_default_model
+from .default_model import read_default_model
 from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
 from .lora_map import parse_lora
-from .motion_load import motion_from_checkpoint
+from .motion_load import read_motion_module
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -32,7 +32,7 @@ def describe(path: str | os.PathLike) -> dict:
         info["parts"] = {name: (part.where if part.weights is not None else "no weights file")
                          for name, part in checkpoint.parts.items()}
     if checkpoint.layout in MOTION_LAYOUTS:
-        _, mi = motion_from_checkpoint(checkpoint)
+        _, mi = read_motion_module(checkpoint)
         info.update(generation=mi.version, reason=mi.reason, max_position_len=mi.max_position_len,
                     mid_block=mi.mid_block, channels=list(mi.channels))
     elif checkpoint.layout in LORA_LAYOUTS:
@@ -41,7 +41,7 @@ def describe(path: str | os.PathLike) -> dict:
         info.update(lora_modules=len(pairs), ranks=sorted({p.rank for p in pairs}),
                     parts=sorted({p.part for p in pairs}), alphas=alphas)
     elif checkpoint.layout == "default_model":
-        _, config, metadata = split_default_model(checkpoint)
+        _, config, metadata = read_default_model(checkpoint)
         info.update(generation=config.motion.version if config.motion else None,
                     unet_channels=list(config.unet.block_out_channels), text_width=config.clip.hidden_size,
                     vae_channels=list(config.vae.block_out_channels))

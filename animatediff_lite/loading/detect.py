@@ -99,10 +99,3 @@ def unknown_error(path: str | os.PathLike, reason: str) -> CheckpointError:
     known = "; ".join(v for k, v in LAYOUTS.items() if k != "unknown")
     return CheckpointError(f"{path}: unrecognised weights, {reason}; expected one of: {known}")
 
-
-def layout_of_keys(keys: Iterable[str], path: str | os.PathLike = "<memory>") -> str:
-    """The layout of a state dict from its key names alone; CheckpointError if none fits."""
-    layout, reason = decide_layout(keys, path=path)
-    if layout == "unknown":
-        raise unknown_error(path, reason)
-    return layout

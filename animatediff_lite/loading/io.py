@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import mmap
 import os
 import sys
@@ -28,7 +29,6 @@ from ..errors import CheckpointError
 StateDict = dict[str, torch.Tensor]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Wrappers that training frameworks put around the tensors.
 WRAPPER_KEYS = ("state_dict", "model", "module")
 MAX_HEADER = 100_000_000  # bytes; a larger safetensors header means a corrupt or foreign file
@@ -67,12 +67,8 @@ class WeightsFile:
         page = mmap.PAGESIZE
         lo = start - start % page
         hi = -(-(start + tensor.numel() * tensor.element_size()) // page) * page
-        _madvise(lo, hi - lo)
-
-
-def _madvise(address: int, length: int) -> None:
-    if sys.platform.startswith("linux"):
-        _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+        if sys.platform.startswith("linux"):
+            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 @functools.cache
@@ -163,9 +159,7 @@ def _check_spec(key: str, spec: Mapping, data_size: int) -> None:
     if spec.get("dtype") not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {key!r} has unsupported dtype {spec.get('dtype')!r}")
     begin, end = spec["data_offsets"]
-    numel = 1
-    for s in spec["shape"]:
-        numel *= int(s)
+    numel = math.prod(int(s) for s in spec["shape"])
     if not 0 <= begin <= end <= data_size:
         raise ValueError(f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {data_size})")
     if end - begin != numel * SAFETENSORS_DTYPES[spec["dtype"]].itemsize:
@@ -262,7 +256,7 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(current[k].shape)}"
            for k in sorted(expected & set(state)) if state[k].shape != current[k].shape]
     if missing or unexpected or bad:
-        parts = [f"{len(items)} {label} (e.g. {_few(items)})" for label, items in
+        parts = [f"{len(items)} {label} (e.g. {few(items)})" for label, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)) if items]
         raise CheckpointError(f"{path}: does not fit {what}: " + "; ".join(parts))
     cast = {}
@@ -277,5 +271,6 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path
     return module
 
 
-def _few(items: list[str], n: int = 3) -> str:
+def few(items: list[str], n: int = 3) -> str:
+    """The first ``n`` of ``items`` for a message, then ", ..." when there are more."""
     return ", ".join(items[:n]) + (", ..." if len(items) > n else "")

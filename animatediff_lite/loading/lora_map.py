@@ -28,6 +28,7 @@ import torch
 
 from ..config import UNetConfig
 from ..errors import CheckpointError
+from .io import few
 from .unet_map import RESNET_LDM, ldm_block_table
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
@@ -83,7 +84,7 @@ def parse_lora(state: Mapping[str, torch.Tensor], source: str = "<memory>") -> l
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} keys are not in a supported LoRA layout (kohya lora_unet_/"
                               f"lora_te_ with lora_down/lora_up/alpha, or MotionLoRA ...processor.to_q_lora.down."
-                              f"weight): {_few(sorted(unknown))}")
+                              f"weight): {few(sorted(unknown), 5)}")
     pairs = []
     for (part, style, name), roles in groups.items():
         keys = tuple(k for k, _ in roles.values())
@@ -183,6 +184,3 @@ def lora_delta(pair: LoraPair, weight_shape: torch.Size, source: str = "<memory>
                               f"(kernel {kernel}) that does not fit the weight {tuple(weight_shape)}")
     return delta.reshape(weight_shape)
 
-
-def _few(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")

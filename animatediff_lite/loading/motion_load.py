@@ -41,7 +41,6 @@ from .unet_map import MOTION_TAG, split_motion
 
 logger = logging.getLogger(__name__)
 
-NATIVE_FORMAT = NATIVE_MOTION_FORMAT
 ORIGINAL_PE = "pos_encoder.pe"
 DIFFUSERS_PE = "pos_embed.pe"
 BASE_PARTS = ("diffusers_folder", "ldm_single_file", "diffusers_unet", "diffusers_vae", "clip_text_encoder")
@@ -91,11 +90,15 @@ class MotionInfo:
 
 # ----------------------------------------------------------------------------------------------- reading
 
-def motion_from_checkpoint(checkpoint: Checkpoint, version: str | None = None) -> tuple[StateDict, MotionInfo]:
-    """A motion module from a checkpoint already read -> (native state without PE, MotionInfo).
+def read_motion_module(source: str | os.PathLike | Checkpoint,
+                       version: str | None = None) -> tuple[StateDict, MotionInfo]:
+    """Read a motion module in any supported format once (or take a :class:`Checkpoint` already read)
+    -> (native state without PE, MotionInfo).
 
-    See :func:`read_motion_module`; the file's layout was decided once by the reader and is checked here.
+    Raises CheckpointError naming the file for unreadable/truncated files, base SD checkpoints passed as
+    motion modules, inconsistent widths, non-sinusoidal PE tables and a ``version`` contradicting the keys.
     """
+    checkpoint = read_checkpoint(source, "a motion module")
     where = checkpoint.where
     if checkpoint.layout not in (*MOTION_LAYOUTS, "unknown"):  # unknown keys: parse_motion_state says what it missed
         if checkpoint.layout in BASE_PARTS:
@@ -112,7 +115,7 @@ def motion_from_checkpoint(checkpoint: Checkpoint, version: str | None = None) -
     else:
         name = path.stem
     native_config = None
-    if checkpoint.metadata.get("format") == NATIVE_FORMAT:
+    if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
         try:
             native_config = json.loads(checkpoint.metadata["motion_config"])
         except (KeyError, json.JSONDecodeError) as e:
@@ -121,7 +124,7 @@ def motion_from_checkpoint(checkpoint: Checkpoint, version: str | None = None) -
 
 
 def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
-    tables = {k: v for k, v in state.items() if k.endswith(ORIGINAL_PE) or k.endswith(DIFFUSERS_PE)}
+    tables = {k: v for k, v in state.items() if k.endswith((ORIGINAL_PE, DIFFUSERS_PE))}
     return {k: v for k, v in state.items() if k not in tables}, tables
 
 
@@ -149,20 +152,12 @@ def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
 
 def _structure(native: StateDict, where: str) -> tuple[tuple[int, ...], bool]:
     """(channels per down level, has mid module), checking that up levels mirror down levels."""
-    down: dict[int, set[int]] = {}
-    up: dict[int, set[int]] = {}
-    mid: set[int] = set()
+    found: dict[str, dict[int, set[int]]] = {"down": {}, "up": {}, "mid": {}}  # side -> level -> widths
     for key, value in native.items():
-        m = _PROJ_IN.match(key)
-        if not m:
-            continue
-        width = value.shape[0]
-        if m.group(2) is not None:
-            down.setdefault(int(m.group(2)), set()).add(width)
-        elif m.group(3) is not None:
-            up.setdefault(int(m.group(3)), set()).add(width)
-        else:
-            mid.add(width)
+        if m := _PROJ_IN.match(key):
+            side, level = ("down", m[2]) if m[2] is not None else ("up", m[3]) if m[3] is not None else ("mid", 0)
+            found[side].setdefault(int(level), set()).add(value.shape[0])
+    down, up, mid = found["down"], found["up"], found["mid"].get(0, set())
     if not down:
         raise CheckpointError(f"{where}: no down-block motion modules found "
                               "(expected down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight)")
@@ -183,15 +178,10 @@ def version_from_name(name: str) -> str | None:
     """Generation named by a file/folder name: mm_sd_v14/mm_sd_v15 -> v1, ``v2``/``v3`` tokens, hub
     folder names ...-v1-5-2 / -v1-5-3; None when the name says nothing."""
     s = name.lower()
-    m = re.search(r"v1[-_.]?5[-_.]([23])(?![0-9])", s)
+    m = re.search(r"v1[-_.]?5[-_.]([23])(?![0-9])", s) or re.search(r"(?<![a-z0-9])v([123])(?![0-9])", s)
     if m:
         return "v" + m.group(1)
-    m = re.search(r"(?<![a-z0-9])v([123])(?![0-9])", s)
-    if m:
-        return "v" + m.group(1)
-    if re.search(r"(?<![a-z0-9])v1[-_.]?[45](?![0-9])", s):
-        return "v1"
-    return None
+    return "v1" if re.search(r"(?<![a-z0-9])v1[-_.]?[45](?![0-9])", s) else None
 
 
 def _decide(version: str | None, mid: bool, pe_len: int | None, name: str, native: dict,
@@ -229,15 +219,6 @@ def _decide(version: str | None, mid: bool, pe_len: int | None, name: str, nativ
     return DEFAULT_VERSION, (f"no mid-block module, {seen}, and the name names no version{note}: assuming "
                              f"{DEFAULT_VERSION} (per-frame GroupNorm); pass version='v1' for a module "
                              "derived from mm_sd_v14/v15")
-
-
-def read_motion_module(path: str | os.PathLike, version: str | None = None) -> tuple[StateDict, MotionInfo]:
-    """Read a motion module in any supported format once -> (native state without PE, MotionInfo).
-
-    Raises CheckpointError naming the file for unreadable/truncated files, base SD checkpoints passed as
-    motion modules, inconsistent widths, non-sinusoidal PE tables and a ``version`` contradicting the keys.
-    """
-    return motion_from_checkpoint(read_checkpoint(path, "a motion module"), version)
 
 
 def parse_motion_state(state: StateDict, name: str = "", version: str | None = None, where: str = "<memory>",
@@ -293,11 +274,9 @@ def load_motion_module(unet: torch.nn.Module, path: str | os.PathLike, version: 
     by default those of the spatial weights (``conv_in``). Returns the MotionInfo (``reason`` says how the
     version was decided). Raises CheckpointError naming the file on any mismatch.
     """
-    if getattr(unet, "motion", None) is None:
-        raise ValueError("unet was built without motion modules (motion=None); build it with "
-                         "MotionConfig.for_version(...) to load a motion module")
+    _built_motion(unet)
     checkpoint = read_checkpoint(path, "a motion module")
-    native, info = motion_from_checkpoint(checkpoint, version)
+    native, info = read_motion_module(checkpoint, version)
     return assign_motion_state(unet, native, info, device, dtype, checkpoint.file)
 
 
@@ -307,10 +286,7 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     """The second half of :func:`load_motion_module`, for a module already read with :func:`read_motion_module`
     (so a caller that needs ``info`` to build the UNet reads the file once). ``file``: the
     :class:`~animatediff_lite.loading.io.WeightsFile` the tensors came from (``Checkpoint.file``)."""
-    built = getattr(unet, "motion", None)
-    if built is None:
-        raise ValueError("unet was built without motion modules (motion=None); build it with "
-                         "MotionConfig.for_version(...) to load a motion module")
+    built = _built_motion(unet)
     if info.version != built.version:
         raise CheckpointError(f"{info.path}: is a {info.version} motion module ({info.reason}) but the UNet was built "
                               f"for {built.version}; build it with MotionConfig.for_version({info.version!r}) "
@@ -336,6 +312,13 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     unet.reset_buffers()
     logger.info("%s", info.summary())
     return info
+
+
+def _built_motion(unet: torch.nn.Module) -> MotionConfig:
+    if getattr(unet, "motion", None) is None:
+        raise ValueError("unet was built without motion modules (motion=None); build it with "
+                         "MotionConfig.for_version(...) to load a motion module")
+    return unet.motion
 
 
 def motion_state_from_unet(unet: torch.nn.Module) -> StateDict:
@@ -367,7 +350,7 @@ def save_motion_module(native: StateDict, path: str | os.PathLike, config: Motio
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"native motion modules are safetensors files, got {path.name!r}")
-    meta = {"format": NATIVE_FORMAT, "motion_config": json.dumps(to_dict(config))}
+    meta = {"format": NATIVE_MOTION_FORMAT, "motion_config": json.dumps(to_dict(config))}
     save_state_dict(native, path, metadata=meta)
 
 

@@ -42,43 +42,31 @@ NUM_ATTENTION_BLOCKS = 2
 _MOTION_KEY = re.compile(r"^(.*?motion_modules\.\d+\.)(.*)$")
 
 
-def _pattern(template: str) -> re.Pattern:
-    """A prefix pattern for a suffix template whose "{k}"/"{n}" are integers."""
+def _pattern(template: str, end: str = "") -> re.Pattern:
+    """A prefix pattern (``end="$"``: a whole-name pattern) for a template whose "{k}"/"{n}" are integers."""
     escaped = re.escape(template).replace(r"\{k\}", r"(?P<k>\d+)").replace(r"\{n\}", r"(?P<n>\d+)")
-    return re.compile("^" + escaped)
+    return re.compile("^" + escaped + end)
 
 
 _FROM_DIFFUSERS = [(_pattern(d), n) for d, n in MOTION_SUFFIXES]
 _TO_DIFFUSERS = [(_pattern(n), d) for d, n in MOTION_SUFFIXES]
-_DIFFUSERS_PE = re.compile("^" + re.escape(DIFFUSERS_PE).replace(r"\{k\}", r"(?P<k>\d+)") + "$")
-_NATIVE_PE = re.compile("^" + re.escape(NATIVE_PE).replace(r"\{k\}", r"(?P<k>\d+)")
-                        .replace(r"\{n\}", r"(?P<n>\d+)") + "$")
+_DIFFUSERS_PE = _pattern(DIFFUSERS_PE, "$")
+_NATIVE_PE = _pattern(NATIVE_PE, "$")
 
 
-def _rename(rest: str, table: list[tuple[re.Pattern, str]]) -> str | None:
-    for pattern, target in table:
-        m = pattern.match(rest)
-        if m:
-            return target.format(**m.groupdict()) + rest[m.end():]
-    return None
-
-
-def motion_key_from_diffusers(key: str) -> str:
-    """One diffusers motion key -> native name (non-motion keys unchanged); PE keys are not handled here."""
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
+    """One motion key through a suffix table; non-motion keys and unmatched suffixes are returned unchanged."""
     m = _MOTION_KEY.match(key)
-    if not m:
-        return key
-    renamed = _rename(m.group(2), _FROM_DIFFUSERS)
-    return key if renamed is None else m.group(1) + renamed
+    for pattern, target in table if m else ():
+        found = pattern.match(m.group(2))
+        if found:
+            return m.group(1) + target.format(**found.groupdict()) + m.group(2)[found.end():]
+    return key
 
 
 def motion_key_to_diffusers(key: str) -> str:
     """One native motion key -> diffusers name (non-motion keys unchanged); PE keys are not handled here."""
-    m = _MOTION_KEY.match(key)
-    if not m:
-        return key
-    renamed = _rename(m.group(2), _TO_DIFFUSERS)
-    return key if renamed is None else m.group(1) + renamed
+    return _rename(key, _TO_DIFFUSERS)
 
 
 def motion_state_from_diffusers(state: Mapping[str, torch.Tensor],
@@ -97,7 +85,7 @@ def motion_state_from_diffusers(state: Mapping[str, torch.Tensor],
                 for n in range(NUM_ATTENTION_BLOCKS):
                     out[m.group(1) + NATIVE_PE.format(k=pe["k"], n=n)] = value
             continue
-        out[motion_key_from_diffusers(key)] = value
+        out[_rename(key, _FROM_DIFFUSERS)] = value
     return out
 
 
@@ -118,7 +106,7 @@ def motion_state_to_diffusers(native: Mapping[str, torch.Tensor],
             if pe["n"] == "0":
                 out[m.group(1) + DIFFUSERS_PE.format(k=pe["k"])] = value
             continue
-        new = motion_key_to_diffusers(key)
+        new = _rename(key, _TO_DIFFUSERS)
         out[new] = value
         block = re.match(r"^(.*?motion_modules\.\d+\.transformer_blocks\.\d+\.)norm1\.weight$", new)
         if block:

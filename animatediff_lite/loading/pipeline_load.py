@@ -23,13 +23,13 @@ from ..scheduler import DDIM, DDIMConfig
 from ..threads import apply_threads
 from ..unet import UNet3D
 from .checkpoint import Checkpoint, read_checkpoint
-from .clip_map import clip_state_from_ldm, text_encoder_from_checkpoint, tokenizer_from_checkpoint
-from .default_model import default_pipeline_from_checkpoint, load_default_pipeline
+from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
+from .default_model import load_default_pipeline
 from .detect import BASE_LAYOUTS
 from .io import load_strict
-from .motion_load import assign_motion_state, motion_from_checkpoint
-from .unet_map import spatial_keys, unet_source_from_checkpoint, unet_state_from_ldm
-from .vae_map import vae_from_checkpoint, vae_state_from_ldm
+from .motion_load import assign_motion_state, read_motion_module
+from .unet_map import load_spatial, read_unet_source, unet_state_from_ldm
+from .vae_map import load_vae, vae_state_from_ldm
 
 LoraSpec = tuple[str | os.PathLike, float]
 BASE_WHAT = "a Stable Diffusion 1.5 base model (a diffusers folder or an LDM .safetensors/.ckpt single file)"
@@ -75,17 +75,15 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
             where = "without base=" if base_ckpt is None else f"with base={base_ckpt.where} (an embedded default model)"
             raise ValueError(f"{', '.join(others)} given {where}: the embedded default model takes no other "
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
-        if base_ckpt is None:
-            return _finish(load_default_pipeline(device, dtype), backend, compile)
-        return _finish(default_pipeline_from_checkpoint(base_ckpt, device, dtype), backend, compile)
+        return _finish(load_default_pipeline(device, dtype, base_ckpt), backend, compile)
     if base_ckpt.layout not in BASE_LAYOUTS:
         raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be "
                               f"{BASE_WHAT}")
 
     unet = _load_video_unet(base_ckpt, motion, motion_module_version, device, dtype)
-    text_encoder = text_encoder_from_checkpoint(base_ckpt, device, dtype)
-    vae = vae_from_checkpoint(base_ckpt, device, dtype)
-    tokenizer = tokenizer_from_checkpoint(base_ckpt)
+    text_encoder = load_text_encoder(base_ckpt, device, dtype)
+    vae = load_vae(base_ckpt, device, dtype)
+    tokenizer = load_tokenizer(base_ckpt)
     if db is not None:
         replace_from_checkpoint(db, unet, vae, text_encoder, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
@@ -125,9 +123,7 @@ def replace_from_checkpoint(checkpoint: Checkpoint, unet: torch.nn.Module, vae: 
     state = checkpoint.state
     replaced = []
     if any(k.startswith("model.diffusion_model.") for k in state):
-        spatial = unet_state_from_ldm(state, unet.config, where)
-        load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                    dtype=dtype, file=checkpoint.file)
+        load_spatial(unet, unet_state_from_ldm(state, unet.config, where), where, device, dtype, checkpoint.file)
         replaced.append("unet")
     for name, model, native in (("vae", vae, vae_state_from_ldm(state)),
                                 ("text_encoder", text_encoder, clip_state_from_ldm(state))):
@@ -149,13 +145,12 @@ def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str |
     """
     native, info = None, None
     if motion is not None:
-        native, info = motion_from_checkpoint(motion, version)  # info sizes the UNet
-    spatial, config, where = unet_source_from_checkpoint(base)
+        native, info = read_motion_module(motion, version)  # info sizes the UNet
+    spatial, config, where = read_unet_source(base)
     motion_config = info.motion_config(norm_num_groups=config.norm_num_groups) if info is not None else None
     with torch.device("meta"):
         unet = UNet3D(config, motion_config)
-    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                dtype=dtype, file=base.part("unet", BASE_WHAT).file)
+    load_spatial(unet, spatial, where, device, dtype, base.part("unet", BASE_WHAT).file)
     if info is not None:  # strict, with version/width checks
         assign_motion_state(unet, native, info, device, dtype, motion.file)
     unet.reset_buffers()  # position tables follow the weights' device

@@ -39,8 +39,8 @@ from ..atomic import atomic_write
 from ..config import MotionConfig, UNetConfig
 from ..errors import CheckpointError
 from ..unet import UNet3D
-from .checkpoint import Checkpoint, read_checkpoint
-from .io import StateDict, load_strict, save_state_dict
+from .checkpoint import Checkpoint, naming, read_checkpoint
+from .io import StateDict, WeightsFile, load_strict, save_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +59,8 @@ RESNET_LDM: dict[str, str] = {
 RESNET_NATIVE = {v: k for k, v in RESNET_LDM.items()}
 
 # diffusers block type names (2D, 3D and the UNetMotionModel spelling) -> "has spatial transformers".
-_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False, "CrossAttnDownBlock3D": True,
-               "DownBlock3D": False, "CrossAttnDownBlockMotion": True, "DownBlockMotion": False}
-_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False, "CrossAttnUpBlock3D": True, "UpBlock3D": False,
-             "CrossAttnUpBlockMotion": True, "UpBlockMotion": False}
+_DOWN_TYPES = {f"{a}DownBlock{s}": a == "CrossAttn" for a in ("CrossAttn", "") for s in ("2D", "3D", "Motion")}
+_UP_TYPES = {f"{a}UpBlock{s}": a == "CrossAttn" for a in ("CrossAttn", "") for s in ("2D", "3D", "Motion")}
 _MID_TYPES = {None, "UNetMidBlock2DCrossAttn", "UNetMidBlock3DCrossAttn", "UNetMidBlockCrossAttnMotion"}
 # config.json fields whose non-default values change the architecture in ways UNet3D does not model.
 _UNSUPPORTED_DEFAULTS: dict[str, object] = {
@@ -156,11 +154,6 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     }
 
 
-def is_ldm_state(state: Mapping[str, torch.Tensor]) -> bool:
-    """True for an LDM single-file state (``model.diffusion_model.*`` or bare ``input_blocks.*``)."""
-    return any(k.startswith(LDM_PREFIX) or k.startswith("input_blocks.") for k in state)
-
-
 def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     """Infer a :class:`UNetConfig` from UNet tensors in diffusers/native or LDM layout.
 
@@ -169,50 +162,47 @@ def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     tensors and assumed: ``attention_head_dim`` = 8 heads and ``norm_num_groups`` = 32 (the SD1.x
     values); pass a diffusers config.json for other models.
     """
-    if is_ldm_state(state):
-        return _config_from_ldm(_strip_ldm(state)[0])
-    keys = [k for k in state if MOTION_TAG not in k]
+    ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in state)  # model.diffusion_model.* or bare
     try:
-        levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
-        channels = tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels))
-        layers = 1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets."))
-        cross = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys) for i in range(levels))
-        conv_in, conv_out = state["conv_in.weight"], state["conv_out.weight"]
-        attn = "mid_block.attentions.0."
-        depth = 1 + max(int(k.split(".")[4]) for k in keys if k.startswith(attn + "transformer_blocks."))
-        context = state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        linear = state[attn + "proj_in.weight"].ndim == 2
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"tensors do not look like a diffusers-layout UNet (missing {e})") from e
-    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=channels,
-                      down_cross_attention=cross, layers_per_block=layers, cross_attention_dim=context,
-                      attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS,
-                      transformer_layers_per_block=depth, use_linear_projection=linear)
-
-
-def _config_from_ldm(ldm: Mapping[str, torch.Tensor]) -> UNetConfig:
-    try:
-        blocks = 1 + max(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks."))
-        downs = sorted(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks.") and ".0.op.weight" in k)
-        # Level i holds L resnets then a downsampler: the first downsampler sits at 1 + L.
-        layers = downs[0] - 1 if downs else blocks - 1
-        levels = len(downs) + 1
-        if blocks != 1 + levels * layers + len(downs):
-            raise ValueError(f"{blocks} input blocks do not fit {levels} levels of {layers} layers")
-        first = [1 + i * (layers + 1) for i in range(levels)]
-        channels = tuple(ldm[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first)
-        cross = tuple(f"input_blocks.{k}.1.proj_in.weight" in ldm for k in first)
-        attn = "middle_block.1."
-        depth = 1 + max(int(k.split(".")[3]) for k in ldm if k.startswith(attn + "transformer_blocks."))
-        context = ldm[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
-        linear = ldm[attn + "proj_in.weight"].ndim == 2
-        conv_in, conv_out = ldm["input_blocks.0.0.weight"], ldm["out.2.weight"]
+        sizes = _ldm_sizes(_strip_ldm(state)[0]) if ldm else _diffusers_sizes(state)
     except (KeyError, ValueError, IndexError) as e:
-        raise ValueError(f"tensors do not look like an LDM UNet ({type(e).__name__}: {e})") from e
-    return UNetConfig(in_channels=conv_in.shape[1], out_channels=conv_out.shape[0], block_out_channels=channels,
-                      down_cross_attention=cross, layers_per_block=layers, cross_attention_dim=context,
-                      attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS,
-                      transformer_layers_per_block=depth, use_linear_projection=linear)
+        kind = "an LDM UNet" if ldm else "a diffusers-layout UNet"
+        raise ValueError(f"tensors do not look like {kind} ({type(e).__name__}: {e})") from e
+    return UNetConfig(**sizes, attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS)
+
+
+def _diffusers_sizes(state: Mapping[str, torch.Tensor]) -> dict:
+    keys = [k for k in state if MOTION_TAG not in k]
+    levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
+    return dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                         for i in range(levels)),
+                down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys)
+                                           for i in range(levels)),
+                layers_per_block=1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets.")),
+                **_shared_sizes(state, "conv_in.weight", "conv_out.weight", "mid_block.attentions.0."))
+
+
+def _ldm_sizes(ldm: Mapping[str, torch.Tensor]) -> dict:
+    blocks = 1 + max(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks."))
+    downs = sorted(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks.") and ".0.op.weight" in k)
+    # Level i holds L resnets then a downsampler: the first downsampler sits at 1 + L.
+    layers = downs[0] - 1 if downs else blocks - 1
+    levels = len(downs) + 1
+    if blocks != 1 + levels * layers + len(downs):
+        raise ValueError(f"{blocks} input blocks do not fit {levels} levels of {layers} layers")
+    first = [1 + i * (layers + 1) for i in range(levels)]
+    return dict(block_out_channels=tuple(ldm[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first),
+                down_cross_attention=tuple(f"input_blocks.{k}.1.proj_in.weight" in ldm for k in first),
+                layers_per_block=layers,
+                **_shared_sizes(ldm, "input_blocks.0.0.weight", "out.2.weight", "middle_block.1."))
+
+
+def _shared_sizes(state: Mapping[str, torch.Tensor], conv_in: str, conv_out: str, attn: str) -> dict:
+    """Channels in/out and the spatial transformer's sizes, read from the mid block's (``attn``) tensors."""
+    depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
+    return dict(in_channels=state[conv_in].shape[1], out_channels=state[conv_out].shape[0],
+                cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+                transformer_layers_per_block=depth, use_linear_projection=state[attn + "proj_in.weight"].ndim == 2)
 
 
 # ---------------------------------------------------------------------------------------------- LDM map
@@ -274,6 +264,21 @@ def _rename_inner(rest: str, is_resnet: bool, names: Mapping[str, str]) -> str |
     return None
 
 
+def _map_keys(state: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, bool]], max_parts: int,
+              names: Mapping[str, str], prefix: str = "") -> tuple[StateDict, list[str]]:
+    """(``state`` renamed block by block through ``table``, the keys that do not fit; motion keys never fit)."""
+    out: StateDict = {}
+    unmapped = []
+    for key, value in state.items():
+        hit = _lookup(table, key, max_parts) if MOTION_TAG not in key else None
+        inner = _rename_inner(hit[1], hit[2], names) if hit else None
+        if inner is None:
+            unmapped.append(key)
+        else:
+            out[f"{prefix}{hit[0]}.{inner}"] = value
+    return out, unmapped
+
+
 def _note_ignored(keys: list[str], source: str) -> None:
     if not keys:
         return
@@ -296,20 +301,9 @@ def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig | Non
     ldm, ignored = _strip_ldm(state)
     _note_ignored(ignored, source)
     if cfg is None:
-        try:
-            cfg = _config_from_ldm(ldm)
-        except ValueError as e:
-            raise CheckpointError(f"{source}: {e}") from e
-    table = {ldm_p: (nat, res) for nat, ldm_p, res in ldm_block_table(cfg)}
-    out: StateDict = {}
-    unmapped = []
-    for key, value in ldm.items():
-        hit = _lookup(table, key, 4)
-        inner = _rename_inner(hit[1], hit[2], RESNET_NATIVE) if hit else None
-        if inner is None:
-            unmapped.append(key)
-            continue
-        out[f"{hit[0]}.{inner}"] = value
+        with naming(source):
+            cfg = unet_config_from_state(ldm)
+    out, unmapped = _map_keys(ldm, {ldm_p: (nat, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 4, RESNET_NATIVE)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
                               f"(e.g. {', '.join(unmapped[:3])})")
@@ -322,16 +316,8 @@ def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> St
     Motion-module keys have no LDM place: pass only the spatial part (see :func:`split_motion`).
     Raises ValueError naming keys that do not fit ``cfg``.
     """
-    table = {nat: (ldm_p, res) for nat, ldm_p, res in ldm_block_table(cfg)}
-    out: StateDict = {}
-    unmapped = []
-    for key, value in native.items():
-        hit = _lookup(table, key, 5)
-        inner = _rename_inner(hit[1], hit[2], RESNET_LDM) if hit else None
-        if inner is None or MOTION_TAG in key:
-            unmapped.append(key)
-            continue
-        out[f"{LDM_PREFIX}{hit[0]}.{inner}"] = value
+    out, unmapped = _map_keys(native, {nat: (ldm_p, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 5, RESNET_LDM,
+                              LDM_PREFIX)
     if unmapped:
         raise ValueError(f"{len(unmapped)} UNet keys have no LDM name (e.g. {', '.join(unmapped[:3])}); "
                          "motion-module keys must be split off first")
@@ -347,27 +333,24 @@ def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDic
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def unet_source_from_checkpoint(checkpoint: Checkpoint) -> tuple[StateDict, UNetConfig, str]:
-    """The base UNet of a checkpoint already read: (native spatial state, config, file to name in messages).
+def read_unet_source(source: str | os.PathLike | Checkpoint) -> tuple[StateDict, UNetConfig, str]:
+    """The base UNet of ``source``, read once: (native spatial state, config, file to name in messages).
 
-    A model folder's ``unet/`` (config from its config.json), an LDM single file (config from the tensors)
-    or a diffusers-layout single file. Motion-module keys are left out (with a log note).
+    A diffusers model folder or its ``unet/`` (config from its config.json), an LDM single file (config from
+    the tensors), a diffusers-layout single file, or a :class:`Checkpoint` already read. Motion-module keys
+    are left out (with a log note).
     """
     what = "a Stable Diffusion UNet (LDM single file or diffusers layout)"
-    part = checkpoint.part("unet", what)
+    part = read_checkpoint(source, what).part("unet", what)
     where = part.where
     if part.config:
-        try:
+        with naming(part.path / "config.json"):
             cfg = unet_config_from_diffusers(part.config)
-        except ValueError as e:
-            raise CheckpointError(f"{part.path / 'config.json'}: {e}") from e
         part.require_weights("diffusers UNet weights")
         state = part.state
     elif part.layout == "ldm_single_file":
-        try:
+        with naming(where):
             cfg = unet_config_from_state(part.state)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from e
         return unet_state_from_ldm(part.state, cfg, where), cfg, where
     elif part.layout in ("diffusers_unet", "native", "diffusers_motion_unet"):
         state, cfg = part.state, None
@@ -378,17 +361,9 @@ def unet_source_from_checkpoint(checkpoint: Checkpoint) -> tuple[StateDict, UNet
     if motion:
         logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", where, len(motion))
     if cfg is None:
-        try:
+        with naming(where):
             cfg = unet_config_from_state(spatial)
-        except ValueError as e:
-            raise CheckpointError(f"{where}: {e}") from e
     return spatial, cfg, where
-
-
-def read_unet_source(source: str | os.PathLike) -> tuple[StateDict, UNetConfig, str]:
-    """Read base-UNet weights once: a diffusers folder (root or ``unet/``), an LDM single file, or a
-    diffusers-layout single file. Returns (native spatial state, config, description)."""
-    return unet_source_from_checkpoint(read_checkpoint(source, "a Stable Diffusion UNet"))
 
 
 def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
@@ -403,18 +378,18 @@ def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, dev
     Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
     """
     checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
-    spatial, cfg, where = unet_source_from_checkpoint(checkpoint)
-    cfg = config or cfg
+    spatial, cfg, where = read_unet_source(checkpoint)
     with torch.device("meta"):
-        unet = UNet3D(cfg, motion)
-    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys=spatial_keys(unet), device=device,
-                dtype=dtype, file=checkpoint.part("unet", "a Stable Diffusion UNet").file)
+        unet = UNet3D(config or cfg, motion)
+    load_spatial(unet, spatial, where, device, dtype, checkpoint.part("unet", "").file)
     return unet.eval()
 
 
-def spatial_keys(unet: torch.nn.Module) -> list[str]:
-    """The state-dict keys of a UNet3D's spatial (Stable Diffusion) layers: all but the motion modules."""
-    return [k for k in unet.state_dict() if MOTION_TAG not in k]
+def load_spatial(unet: torch.nn.Module, spatial: Mapping[str, torch.Tensor], where: str, device: torch.device | str,
+                 dtype: torch.dtype, file: WeightsFile | None = None) -> None:
+    """Fill the spatial (Stable Diffusion) layers of a UNet3D strictly; its motion modules are left as they are."""
+    keys = [k for k in unet.state_dict() if MOTION_TAG not in k]
+    load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys, device, dtype, file)
 
 
 def save_unet_diffusers(native: Mapping[str, torch.Tensor], cfg: UNetConfig, folder: str | os.PathLike) -> None:

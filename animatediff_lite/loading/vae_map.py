@@ -18,7 +18,7 @@ import torch
 from ..config import VAEConfig
 from ..errors import CheckpointError
 from ..vae import AutoencoderKL
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .io import StateDict, load_strict
 
 # (native module path, LDM module path) for both encoder and decoder; the rest of a key (".weight",
@@ -53,7 +53,6 @@ CONV_AS_LINEAR = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out
 OLD_DIFFUSERS_ATTENTION: dict[str, str] = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 # Where a VAE lives inside a bigger file ("" = a standalone VAE file).
 VAE_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.", "")
-VAE_ROOTS: tuple[str, ...] = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 # Training leftovers in standalone LDM VAE files (LPIPS/discriminator, EMA bookkeeping): dropped.
 DROP_PREFIXES: tuple[str, ...] = ("loss.", "model_ema.")
 DEFAULT_GROUPS = 32
@@ -176,15 +175,9 @@ def vae_config_from_diffusers(cfg: Mapping) -> VAEConfig:
         if any(t != kind for t in cfg.get(name, ())):
             raise ValueError(f"VAE config {name}={cfg[name]!r} is not supported (only {kind})")
     d = VAEConfig()
-    return VAEConfig(
-        in_channels=int(cfg.get("in_channels", d.in_channels)),
-        out_channels=int(cfg.get("out_channels", d.out_channels)),
-        latent_channels=int(cfg.get("latent_channels", d.latent_channels)),
-        block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels)),
-        layers_per_block=int(cfg.get("layers_per_block", d.layers_per_block)),
-        norm_num_groups=int(cfg.get("norm_num_groups", d.norm_num_groups)),
-        scaling_factor=float(cfg.get("scaling_factor", d.scaling_factor)),
-    )
+    names = ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "scaling_factor")
+    return VAEConfig(block_out_channels=tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels)),
+                     **{f: type(getattr(d, f))(cfg.get(f, getattr(d, f))) for f in names})  # int or float, as d
 
 
 def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike = "<state dict>") -> VAEConfig:
@@ -211,22 +204,22 @@ def vae_config_from_state(state: Mapping[str, torch.Tensor], path: str | os.Path
                      layers_per_block=layers, norm_num_groups=groups)
 
 
-def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, config: VAEConfig | None = None) -> AutoencoderKL:
-    """Build an AutoencoderKL on the meta device and load it strictly from a checkpoint already read.
+def load_vae(source: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32, config: VAEConfig | None = None) -> AutoencoderKL:
+    """Build an AutoencoderKL on the meta device and load it strictly, reading ``source`` once.
 
-    A model folder's ``vae/`` (sizes from its config.json), an SD single file or a standalone VAE file
-    (layout, diffusers or LDM, from the keys; sizes from the tensors, see :func:`vae_config_from_state`);
-    ``config`` overrides both. CheckpointError names the file and the missing/unexpected keys.
+    ``source``: a diffusers model folder or its ``vae/`` (sizes from its config.json), an SD single file or a
+    standalone VAE file (layout, diffusers or LDM, from the keys; sizes from the tensors, see
+    :func:`vae_config_from_state`), or a :class:`Checkpoint` already read; ``config`` overrides the sizes.
+    Returns the model in eval mode on ``device`` in ``dtype``. CheckpointError names the file and the
+    missing/unexpected keys.
     """
     what = "VAE weights"
-    part = checkpoint.part("vae", what)
+    part = read_checkpoint(source, what).part("vae", what)
     file_config = None
     if part.config:
-        try:
+        with naming(part.path / "config.json", "not a usable AutoencoderKL config"):
             file_config = vae_config_from_diffusers(part.config)
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{part.path / 'config.json'}: not a usable AutoencoderKL config: {e}") from e
         part.require_weights(what)
     native = vae_state_to_native(part.state)
     if native is None:
@@ -237,13 +230,3 @@ def vae_from_checkpoint(checkpoint: Checkpoint, device: str | torch.device = "cp
         model = AutoencoderKL(cfg).to(dtype)
     load_strict(model, native, part.where, f"an AutoencoderKL VAE with {cfg}", device=device, file=part.file)
     return model.to(device).eval()
-
-
-def load_vae(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-             config: VAEConfig | None = None) -> AutoencoderKL:
-    """Load an AutoencoderKL from a diffusers folder (root or ``vae/``), an SD single file or a VAE file.
-
-    Reads ``source`` once (see :func:`vae_from_checkpoint`). Returns the model in eval mode on ``device``
-    in ``dtype``.
-    """
-    return vae_from_checkpoint(read_checkpoint(source, "VAE weights"), device, dtype, config)

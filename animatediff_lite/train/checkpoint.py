@@ -25,10 +25,6 @@ from ..loading.io import save_state_dict
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def step_dir(out_dir: str | os.PathLike, step: int) -> Path:
-    return Path(out_dir) / "checkpoints" / f"step_{step:08d}"
-
-
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint folders under ``out_dir``, oldest first."""
     root = Path(out_dir) / "checkpoints"
@@ -47,7 +43,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str,
     Also copies each weights file to ``out_dir`` itself (the latest result, replaced atomically), then
     deletes all but the newest ``keep_last`` checkpoint folders. Returns the checkpoint folder.
     """
-    final = step_dir(out_dir, step)
+    final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+try:
+    import tomllib
+except ImportError:  # Python 3.10: the tomli backport
+    import tomli as tomllib
+
 TRAIN_MODULES = ("motion", "motion_lora", "unet", "all")
 PRECISIONS = ("fp32", "fp16", "bf16")
 PRESETS = ("tiny", "sd15", "default")
@@ -227,10 +232,6 @@ def _read_file(path: Path) -> dict:
     if path.suffix.lower() == ".json":
         return json.loads(text)
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from e
@@ -257,10 +258,6 @@ def _pairs(args: list[str]) -> list[tuple[str, str]]:
 
 def _parse_value(text: str) -> Any:
     """A command-line value as TOML ("3e-4", "true", "[1, 2]", '"x"'), else the raw string."""
-    try:
-        import tomllib
-    except ImportError:
-        import tomli as tomllib
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..atomic import atomic_write
+from ..loading.io import save_state_dict
+
 log = logging.getLogger("animatediff_lite.train")
 
 CSV_COLUMNS = ("videoid", "name", "page_dir")
@@ -273,9 +276,6 @@ SHARD = 1024
 def write_latent_cache(folder: str | os.PathLike, latents: list[torch.Tensor], captions: list[str],
                        settings: dict) -> None:
     """Write per-sample latents (each (4, F, h, w)) and captions as a cache folder (atomic per file)."""
-    from ..atomic import atomic_write
-    from ..loading.io import save_state_dict
-
     folder = Path(folder)
     sizes = []
     for k in range(0, len(latents), SHARD):

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -34,21 +35,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from ..atomic import atomic_write
 from ..config import ModelConfig, to_dict
 from ..loading.io import save_state_dict
+from ..loading.unet_map import split_motion
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
 from .data import collate
 from .inputs import ResumableSampler, build_dataset
 from .models import (
-    MOTION_TAG,
     MotionLoRA,
     Trainee,
     build_models,
     build_preset,
+    cpu_copy,
     export_weights,
     select_trainable,
 )
@@ -136,7 +139,7 @@ def setup(cfg: TrainConfig) -> Run:
     dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
         model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
-    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state, resume)
+    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, lora = select_trainable(cfg, unet, text_encoder, vae)
@@ -176,8 +179,8 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
                            beta_schedule=n.beta_schedule, prediction_type=n.prediction_type))
 
 
-def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset, state: dict | None,
-                resume: Path | None) -> dict | None:
+def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset,
+                state: dict | None) -> dict | None:
     """Run the text stage (or take its result from the checkpoint being resumed); its frozen encoder's state."""
     ts = cfg.text_stage
     if ts.steps == 0:
@@ -191,7 +194,7 @@ def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: n
         if d.main:
             _append_log(out, records)
             log.info("text stage: %s", records[-1])
-    return {k: v.detach().cpu().clone() for k, v in text_encoder.state_dict().items()}
+    return cpu_copy(text_encoder.state_dict())
 
 
 def _restore(run: Run, state: dict, folder: Path) -> None:
@@ -223,26 +226,21 @@ def train(cfg: TrainConfig) -> dict:
     raw weights) and ``ema`` (name -> averaged tensor, or None).
     """
     run = setup(cfg)
-    pbar = None
-    if run.d.main:
-        from tqdm.auto import tqdm
-        pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True)
+    pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.d.main)
     batches = micro_batches(run)
     losses, last = [], {}
     while run.step < cfg.train.max_steps:
         last = train_step(run, [next(batches) for _ in range(cfg.train.grad_accum)])
         losses.append(last["loss"])
-        if run.d.main:
-            pbar.update(1)
-            pbar.set_postfix(loss=f"{last['loss']:.4f}")
-            if run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps:
-                _append_log(run.out, [last])
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{last['loss']:.4f}")
+        if run.d.main and (run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps):
+            _append_log(run.out, [last])
         if run.step % cfg.output.save_every == 0 or run.step == cfg.train.max_steps:
             save(run)
         if cfg.validation.every and run.step % cfg.validation.every == 0 and run.d.main:
             validate(run)
-    if pbar is not None:
-        pbar.close()
+    pbar.close()
     if run.lora is not None:
         run.lora.remove()
     _barrier(run.d)
@@ -341,7 +339,7 @@ def save(run: Run) -> None:
         rngs = gathered
     if run.d.main:
         state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
-                 "trainable": {k: p.detach().cpu().clone() for k, p in run.params.items()},
+                 "trainable": cpu_copy(run.params),
                  "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
                  "scaler": run.scaler.state_dict(), "rng": rngs}
         if run.ema is not None:
@@ -369,8 +367,7 @@ def _ema_weights(run: Run):
 
 def _save_base(out: Path, model_cfg: ModelConfig, unet, text_encoder, vae) -> None:
     base = out / "base"
-    spatial = {k: v for k, v in unet.state_dict().items() if MOTION_TAG not in f".{k}"}
-    save_state_dict(spatial, base / "unet.safetensors")
+    save_state_dict(split_motion(unet.state_dict())[0], base / "unet.safetensors")
     save_state_dict(text_encoder.state_dict(), base / "text_encoder.safetensors")
     save_state_dict(vae.state_dict(), base / "vae.safetensors")
     atomic_write(base / "model_config.json", lambda p: Path(p).write_text(json.dumps(to_dict(model_cfg), indent=2)))
@@ -437,7 +434,6 @@ def _seed_all(seed: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``animatediff-lite train CONFIG [--section.key value ...]``."""
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -13,23 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..clip import TextEncoder
 from ..config import MOTION_VERSIONS, SD15, TINY, ModelConfig
+from ..loading.default_model import DEFAULT_CONFIG
 from ..loading.io import load_strict, read_state_dict
-from ..loading.motion_load import motion_state_to_original
+from ..loading.motion_load import load_motion_module, motion_state_to_original
+from ..loading.pipeline_load import load_pipeline
+from ..loading.unet_map import MOTION_TAG, split_motion
+from ..motion import MotionModule
+from ..tokenizer import Tokenizer
+from ..unet import UNet3D
+from ..vae import AutoencoderKL
 from .config import TrainConfig
 
-MOTION_TAG = ".motion_modules."
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Module, ModelConfig]:
     """(tokenizer, text_encoder, vae, unet, model config) of a preset with seeded random init."""
-    from ..clip import TextEncoder
-    from ..tokenizer import Tokenizer
-    from ..unet import UNet3D
-    from ..vae import AutoencoderKL
-
-    base = _preset_config(cfg.model.preset)
+    base = {"tiny": TINY, "sd15": SD15, "default": DEFAULT_CONFIG}[cfg.model.preset]
     motion = dataclasses.replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version])
     model_cfg = dataclasses.replace(base, motion=motion)
     torch.manual_seed(cfg.model.init_seed)
@@ -42,22 +44,13 @@ def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Mod
     return Tokenizer(), text_encoder, vae, unet, model_cfg
 
 
-def _preset_config(name: str) -> ModelConfig:
-    if name == "default":
-        from ..loading.default_model import DEFAULT_CONFIG  # lazy: only the default-model recipe needs it
-        return DEFAULT_CONFIG
-    return {"tiny": TINY, "sd15": SD15}[name]
-
-
 def build_models(cfg: TrainConfig, device: torch.device):
     """Tokenizer, text encoder, VAE and UNet3D (motion module from the file, or fresh) on ``device``, fp32."""
     if cfg.model.preset:
         tokenizer, text_encoder, vae, unet, model_cfg = build_preset(cfg)
         if cfg.model.motion_module:
-            from ..loading.motion_load import load_motion_module
             load_motion_module(unet, cfg.model.motion_module)
     else:
-        from ..loading.pipeline_load import load_pipeline
         pipe = load_pipeline(base=cfg.model.base, motion_module=cfg.model.motion_module or None,
                              device="cpu", dtype=torch.float32)
         tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
@@ -70,7 +63,6 @@ def build_models(cfg: TrainConfig, device: torch.device):
 
 
 def _reinit_motion(unet: nn.Module) -> None:
-    from ..motion import MotionModule
     for m in unet.modules():
         if isinstance(m, MotionModule):
             for sub in m.modules():
@@ -178,16 +170,19 @@ def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, l
     ``motion_lora.safetensors``); the whole UNet too for ``train.modules`` "unet"/"all", and the text encoder
     when it was trained ("all") or pretrained by the text stage.
     """
-    copy = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
+    copy = cpu_copy(unet.state_dict())
     if cfg.train.modules == "motion_lora":
         weights = {"motion_lora.safetensors": lora.original_state()}
     else:
-        motion = {k: v for k, v in copy.items() if MOTION_TAG in f".{k}"}
-        weights = {"motion_module.safetensors": motion_state_to_original(motion,
-                                                                          max_len=unet.motion.max_position_len)}
+        motion = split_motion(copy)[1]
+        weights = {"motion_module.safetensors": motion_state_to_original(motion, max_len=unet.motion.max_position_len)}
     if cfg.train.modules in ("unet", "all"):
         weights["unet.safetensors"] = copy
     if cfg.train.modules == "all" or cfg.text_stage.steps > 0:
-        weights["text_encoder.safetensors"] = {k: v.detach().cpu().clone()
-                                               for k, v in text_encoder.state_dict().items()}
+        weights["text_encoder.safetensors"] = cpu_copy(text_encoder.state_dict())
     return weights
+
+
+def cpu_copy(tensors) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of named tensors (a state dict, trainable parameters, EMA averages)."""
+    return {k: v.detach().cpu().clone() for k, v in tensors.items()}

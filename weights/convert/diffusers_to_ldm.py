@@ -13,7 +13,7 @@ from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.checkpoint import read_checkpoint
 from animatediff_lite.loading.clip_map import clip_state_from_diffusers, clip_state_to_ldm
 from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, save_state_dict
-from animatediff_lite.loading.unet_map import unet_source_from_checkpoint, unet_state_to_ldm
+from animatediff_lite.loading.unet_map import read_unet_source, unet_state_to_ldm
 from animatediff_lite.loading.vae_map import vae_state_to_ldm, vae_state_to_native
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=sorted(CAST_DTYPES), default="keep", help="cast floating tensors")
     args = parser.parse_args(argv)
     source = read_checkpoint(Path(args.source), "a diffusers Stable Diffusion folder")  # every file read once
-    unet, cfg, where = unet_source_from_checkpoint(source)
+    unet, cfg, where = read_unet_source(source)
     out = unet_state_to_ldm(unet, cfg)
     parts = [f"UNet ({where})"]
     vae, text = source.parts.get("vae"), source.parts.get("text_encoder")
