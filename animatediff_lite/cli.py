@@ -15,6 +15,7 @@ import random
 import sys
 from pathlib import Path
 
+from . import batch_cli
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
+    batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
@@ -136,6 +138,8 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if batch_cli.wanted(args):  # --batch / --from: every setting comes from the file (batch_cli.py)
+        return batch_cli.run(args, build_parser)
     from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video
