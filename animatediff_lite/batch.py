@@ -60,7 +60,7 @@ def resolved_settings(job: Job, pipe: Pipeline) -> dict:
 def run_job(pipe: Pipeline, job: Job, path: str | Path, progress: bool = False) -> Path:
     """Generate one job with a loaded pipeline; writes ``path`` and its JSON sidecar. Returns ``path``."""
     settings = resolved_settings(job, pipe)
-    call = parse_job(settings, f"job {job.id}", Path("/"), job.id, info_ok=True).call_kwargs()
+    call = parse_job(settings, f"job {job.id}", Path("/"), job.id, info_ok=True, name_id=False).call_kwargs()
     video = pipe(**call, progress=progress)
     return write_result(video, path, settings)
 

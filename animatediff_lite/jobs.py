@@ -92,23 +92,25 @@ class Job:
         return kwargs
 
 
-def parse_job(raw: dict, where: str, base_dir: Path, default_id: str, info_ok: bool = False) -> Job:
+def parse_job(raw: dict, where: str, base_dir: Path, default_id: str, info_ok: bool = False,
+              name_id: bool = True) -> Job:
     """Check one job table (defaults already merged) -> Job; ValueError starting with ``where`` on any problem.
 
-    info_ok: accept the informational keys a sidecar holds (:data:`INFO_KEYS`).
+    info_ok: accept the informational keys a sidecar holds (:data:`INFO_KEYS`). name_id: add the job's id to
+    ``where`` in messages.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a table of job keys, got {type(raw).__name__}")
+    job_id = str(raw.get("id", default_id))
+    if isinstance(raw.get("id"), bool) or not _ID.fullmatch(job_id):
+        raise ValueError(f"{where}: id must be letters, digits, '.', '_' or '-' (not starting with '.', '_' or "
+                         f"'-'; it names the output file), got {raw.get('id')!r}")
+    where = f"{where} (id {job_id})" if name_id else where
     known = set(job_keys()) | (set(INFO_KEYS) if info_ok else set())
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
                          f"(job keys: {', '.join(job_keys())})")
-    job_id = str(raw.get("id", default_id))
-    if isinstance(raw.get("id"), bool) or not _ID.fullmatch(job_id):
-        raise ValueError(f"{where}: id must be letters, digits, '.', '_' or '-' (not starting with '.', '_' or "
-                         f"'-'; it names the output file), got {raw.get('id')!r}")
-    where = f"{where} (id {job_id})" if "(id" not in where else where
     if "prompt" not in raw:
         raise ValueError(f"{where}: 'prompt' is missing (a string, or a table of frame = \"prompt\")")
     sample: dict = {"prompt": _prompt(raw["prompt"], "prompt", where)}
@@ -180,7 +182,8 @@ def _toml(text: str, path: Path) -> tuple[dict, list]:
     if not isinstance(raws, list):
         raise ValueError(f"--batch {path}: 'jobs' must be an array of tables ([[jobs]])")
     if defaults:
-        parse_job({"prompt": "", **defaults}, f"{path} [defaults]", path.parent, "defaults")  # keys checked once
+        parse_job({"prompt": "", **defaults}, f"{path} [defaults]", path.parent, "defaults",
+                  name_id=False)  # keys checked once
     return defaults, raws
 
 
