@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .jobs import Job, parse_job, sampling_keys
 from .loading.pipeline_load import load_pipeline
-from .pipeline import SAMPLE_DEFAULTS, Pipeline
+from .pipeline import SAMPLE_DEFAULTS, Pipeline, StepCallback
 from .sidecar import write_result
 
 
@@ -57,12 +57,16 @@ def resolved_settings(job: Job, pipe: Pipeline) -> dict:
     return settings
 
 
-def run_job(pipe: Pipeline, job: Job, path: str | Path, progress: bool = False) -> Path:
-    """Generate one job with a loaded pipeline; writes ``path`` and its JSON sidecar. Returns ``path``."""
+def run_job(pipe: Pipeline, job: Job, path: str | Path, progress: bool = False,
+            callback: StepCallback | None = None) -> tuple[Path, dict]:
+    """Generate one job with a loaded pipeline; writes ``path`` and its JSON sidecar.
+
+    callback: the pipeline's per-step callback (the app's progress bar). Returns (path, resolved settings).
+    """
     settings = resolved_settings(job, pipe)
     call = parse_job(settings, f"job {job.id}", Path("/"), job.id, info_ok=True, name_id=False).call_kwargs()
-    video = pipe(**call, progress=progress)
-    return write_result(video, path, settings)
+    video = pipe(**call, progress=progress, callback=callback)
+    return write_result(video, path, settings), settings
 
 
 def load_for(job: Job, device: str, dtype: torch.dtype | None, backend: str | None) -> Pipeline:

@@ -83,5 +83,5 @@ def _from(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> i
     if getattr(args, "threads", None) is None and isinstance(threads, int) and threads > 0:
         torch.set_num_threads(threads)  # same thread count, same float reduction order: the same bits on CPU
     pipe = load_for(job, device, dtype, args.backend)
-    print(run_job(pipe, job, out, progress=not args.no_progress))
+    print(run_job(pipe, job, out, progress=not args.no_progress)[0])
     return 0

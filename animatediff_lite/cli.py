@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import batch_cli
+from .app import command as app_command
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="training config file")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs overriding the config")
     t.set_defaults(func=cmd_train)
+
+    app_command.add_parser(sub)  # `animatediff-lite app` (app/command.py; Gradio only when it runs)
     return parser
 
 
