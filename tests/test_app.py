@@ -50,6 +50,8 @@ def test_studio_keeps_models_loaded_and_writes_result_with_sidecar(tmp_path, cap
     second, _ = studio.generate({**form, "prompt": "a blue square moving right", "seed": ""})
     assert studio.loads == 1 and second != path  # same models: not loaded again
     assert studio.gallery() == [str(second), str(path)]
+    mp4, _ = studio.generate({**form, "format": "mp4", "frames": "4", "height": "", "width": "48"})
+    assert mp4.suffix == ".mp4" and mp4.stat().st_size > 0 and studio.gallery()[0] == str(mp4)
     # The sidecar remakes the result exactly.
     assert main(["generate", "--from", str(path.with_suffix(".json")), "-o", str(tmp_path / "re.gif")]) == 0
     assert (tmp_path / "re.gif").read_bytes() == path.read_bytes()
@@ -60,6 +62,8 @@ def test_studio_keeps_models_loaded_and_writes_result_with_sidecar(tmp_path, cap
     ({"height": 60.5}, "height must be a positive multiple of 8, got 60.5"),  # not rounded on the way
     ({"frames": 100}, "num_frames=100 exceeds the motion module's limit"),
     ({"seed": "abc"}, "Seed must be a whole number"),
+    ({"height": "abc"}, "Height must be a number (or blank for the model's default), got 'abc'"),
+    ({"width": " 40.5 "}, "width must be a positive multiple of 8, got 40.5"),
     ({"steps": 0}, "steps"),
     ({"sampler": "nope"}, "nope"),
 ])
@@ -171,7 +175,8 @@ def _field(d, label: str):
     """The input of the field whose visible label is ``label`` (how a user finds it)."""
     from selenium.webdriver.common.by import By
 
-    return d.find_element(By.XPATH, f"//label[.//span[normalize-space()='{label}']]//*[self::textarea or self::input]")
+    return d.find_element(By.XPATH, f"//span[@data-testid='block-info' and normalize-space()='{label}']"
+                                    "/ancestor::*[.//input or .//textarea][1]//*[self::textarea or self::input]")
 
 
 def _set(d, label: str, text: str) -> None:

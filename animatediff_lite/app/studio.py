@@ -23,6 +23,10 @@ from .models import EMBEDDED, NONE
 # DESIGN.md's sampler names, shown when the library takes sampler= but does not list its names.
 DESIGN_SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm")
 VIDEO_SUFFIXES = tuple(f".{f}" for f in OUTPUT_FORMATS)
+# Form keys -> the labels the page shows (messages name what the user sees).
+LABELS = {"steps": "Steps", "guidance_scale": "Guidance", "frames": "Frames", "height": "Height", "width": "Width",
+          "context_frames": "Context frames", "context_overlap": "Context overlap", "lora_scale": "LoRA scale",
+          "motion_lora_scale": "MotionLoRA scale"}
 
 
 def samplers() -> list[str]:
@@ -41,9 +45,20 @@ def samplers() -> list[str]:
 
 
 def _number(value, label: str):
-    """A form number as typed: blank -> None (the model's default), whole floats -> int, else as is."""
-    if value is None or value == "":
-        return None
+    """A form number as typed: blank -> None (the model's default); text -> int or float; whole floats -> int.
+
+    Nothing is clamped or rounded: 60.5 stays 60.5 and the library says what it expects.
+    """
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{label} must be a number (or blank for the model's default), got {value!r}")
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -79,7 +94,7 @@ class Studio:
         if form.get("negative_prompt"):
             raw["negative_prompt"] = form["negative_prompt"]
         for key in ("steps", "guidance_scale", "frames", "height", "width", "context_frames", "context_overlap"):
-            value = _number(form.get(key), key)
+            value = _number(form.get(key), LABELS[key])
             if value is not None:
                 raw[key] = value
         if "context_frames" not in raw:
@@ -95,7 +110,7 @@ class Studio:
         for key in ("lora", "motion_lora"):
             value = form.get(key)
             if value and value != NONE:
-                scale = _number(form.get(f"{key}_scale"), f"{key}_scale")
+                scale = _number(form.get(f"{key}_scale"), LABELS[f"{key}_scale"])
                 raw[f"{key}s"] = [[value, 1.0 if scale is None else scale]]
         return parse_job(raw, "form", self.models_dir or Path.cwd(), name, name_id=False)
 

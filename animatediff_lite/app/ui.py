@@ -17,6 +17,8 @@ from .studio import Studio, samplers
 FORM = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lora", "motion_lora_scale", "prompt",
         "negative_prompt", "sampler", "steps", "guidance_scale", "seed", "frames", "height", "width",
         "context_frames", "context_overlap", "format")
+# Number fields send 0 when emptied, so the fields where blank means "the model's default" are text boxes;
+# studio.py turns their text into numbers as typed (no rounding).
 BLANK = "blank: the model's default"
 
 
@@ -48,16 +50,17 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                 names = samplers()
                 f["sampler"] = gr.Dropdown(names, value=names[0], label="Sampler")
                 with gr.Row():
-                    f["steps"] = gr.Number(None, label="Steps", info=BLANK)
-                    f["guidance_scale"] = gr.Number(None, label="Guidance", info=BLANK, step=0.5)
+                    f["steps"] = gr.Textbox(label="Steps", placeholder="default", info=BLANK)
+                    f["guidance_scale"] = gr.Textbox(label="Guidance", placeholder="default", info=BLANK)
                     f["seed"] = gr.Textbox(label="Seed", placeholder="random", info="blank: a random seed")
                     dice = gr.Button("Random seed", size="sm")
                 with gr.Row():
-                    f["frames"] = gr.Number(None, label="Frames", info=BLANK)
-                    f["height"] = gr.Number(None, label="Height", info=BLANK)
-                    f["width"] = gr.Number(None, label="Width", info=BLANK)
+                    f["frames"] = gr.Textbox(label="Frames", placeholder="default", info=BLANK)
+                    f["height"] = gr.Textbox(label="Height", placeholder="default", info=BLANK)
+                    f["width"] = gr.Textbox(label="Width", placeholder="default", info=BLANK)
                 with gr.Row():
-                    f["context_frames"] = gr.Number(None, label="Context frames", info="sliding windows; blank: off")
+                    f["context_frames"] = gr.Textbox(label="Context frames", placeholder="off",
+                                                     info="sliding windows; blank: off")
                     f["context_overlap"] = gr.Number(4, label="Context overlap")
                     f["format"] = gr.Radio(["gif", "mp4"], value="gif", label="Format")
                 button = gr.Button("Generate", variant="primary")
