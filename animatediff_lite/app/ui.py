@@ -65,11 +65,12 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                     f["format"] = gr.Radio(["gif", "mp4"], value="gif", label="Format")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                image = gr.Image(label="Video", type="filepath", interactive=False)
+                image = gr.Image(label="Video", type="filepath", interactive=False, height=360)
                 video = gr.Video(label="Video (MP4)", visible=False, interactive=False)
                 download = gr.File(label="Download", interactive=False)
                 status = gr.Textbox(label="Status", interactive=False, lines=2)
-                gallery = gr.Gallery(studio.gallery(), label="Gallery", columns=4)
+                gallery = gr.Gallery(studio.gallery(), label="Gallery", columns=6, height=240,
+                                     object_fit="contain", fit_columns=False)
 
         def run(*values, progress=gr.Progress()):  # noqa: B008  (Gradio's way to ask for a progress bar)
             form = dict(zip(FORM, values, strict=True))
