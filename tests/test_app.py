@@ -259,3 +259,29 @@ def test_no_path_traversal_through_file_routes(server):
         code, body = _get(url + path)
         assert b"top secret" not in body and b"root:" not in body, (path, code)
         assert code != 200 or b"<html" in body.lower()[:200], (path, code)  # at most the page itself
+
+
+def test_queue_runs_one_generation_at_a_time_and_tells_positions(server):
+    """Three requests at once: one runs, the others wait with their queue position (Gradio's queue status)."""
+    from gradio_client import Client
+
+    from animatediff_lite.app.ui import FORM
+
+    url, out = server
+    client = Client(url + "/", verbose=False)
+    form = {"base": EMBEDDED, "dreambooth": NONE, "motion_module": NONE, "lora": NONE, "lora_scale": 1.0,
+            "motion_lora": NONE, "motion_lora_scale": 1.0, "prompt": "a blue square moving right",
+            "negative_prompt": "", "sampler": "ddim", "steps": "20", "guidance_scale": "", "seed": "",
+            "frames": "", "height": "", "width": "", "context_frames": "", "context_overlap": 4, "format": "gif"}
+    jobs = [client.submit(*[form[k] for k in FORM], api_name="/run") for _ in range(3)]
+    ranks: set[int] = set()
+    deadline = time.time() + 300
+    while not all(j.done() for j in jobs) and time.time() < deadline:
+        for j in jobs:
+            rank = getattr(j.status(), "rank", None)
+            if rank is not None:
+                ranks.add(rank)
+        time.sleep(0.02)
+    statuses = [j.result()[3] for j in jobs]
+    assert all(s.startswith("Saved ") for s in statuses), statuses
+    assert max(ranks) >= 1, ranks  # someone waited behind another generation and was told its position
