@@ -20,6 +20,8 @@ FORM = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lor
 # Number fields send 0 when emptied, so the fields where blank means "the model's default" are text boxes;
 # studio.py turns their text into numbers as typed (no rounding).
 BLANK = "blank: the model's default"
+# Small videos (the embedded model's 32x32) are scaled up to the box instead of shown at their pixel size.
+CSS = "#result img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;}"
 
 
 def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
@@ -65,7 +67,7 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                     f["format"] = gr.Radio(["gif", "mp4"], value="gif", label="Format")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
-                image = gr.Image(label="Video", type="filepath", interactive=False, height=360)
+                image = gr.Image(label="Video", type="filepath", interactive=False, height=360, elem_id="result")
                 video = gr.Video(label="Video (MP4)", visible=False, interactive=False)
                 download = gr.File(label="Download", interactive=False)
                 status = gr.Textbox(label="Status", interactive=False, lines=2)
@@ -108,7 +110,7 @@ def launch(studio: Studio, choices: ModelChoices, host: str = "127.0.0.1", port:
     page = build(studio, choices)
     page.queue(default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, allowed_paths=[str(studio.output_dir)], ssr_mode=False,
-                prevent_thread_lock=not block, quiet=True, footer_links=["gradio"])
+                prevent_thread_lock=not block, quiet=True, footer_links=["gradio"], css=CSS)
     return page
 
 
