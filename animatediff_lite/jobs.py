@@ -35,9 +35,15 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def sampling_keys() -> dict[str, object]:
-    """Plain keyword arguments of ``Pipeline.__call__`` a job passes on as given -> their defaults."""
+    """Plain keyword arguments of ``Pipeline.__call__`` a job passes on as given -> their defaults.
+
+    Only arguments whose default is None or a plain number / string / bool: others take objects a job file cannot
+    spell (a new one of those gets its own key here, like ``free_init``).
+    """
     params = inspect.signature(Pipeline.__call__).parameters
-    return {name: p.default for name, p in params.items() if name not in _NOT_KEYS}
+    plain = (str, int, float, bool)
+    return {name: p.default for name, p in params.items()
+            if name not in _NOT_KEYS and (p.default is None or isinstance(p.default, plain))}
 
 
 def job_keys() -> tuple[str, ...]:
@@ -166,7 +172,10 @@ def read_jobs(path: str | os.PathLike) -> list[Job]:
 
 
 def _toml(text: str, path: Path) -> tuple[dict, list]:
-    import tomllib  # Python >= 3.11 (the stdlib reader); 3.10 users write .jsonl
+    try:
+        import tomllib  # Python >= 3.11
+    except ImportError:  # Python 3.10: the tomli backport (a dependency there), same API
+        import tomli as tomllib
 
     try:
         data = tomllib.loads(text)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import test_cli
 import torch
 
 import animatediff_lite.batch as batch_mod
@@ -16,6 +17,8 @@ from animatediff_lite import FreeInit, load_pipeline, save_video
 from animatediff_lite.cli import main
 from animatediff_lite.jobs import read_jobs
 from animatediff_lite.video import load_video_frames
+
+tiny_models = test_cli.tiny_models  # the tiny SD folder + motion module fixture, shared with test_cli.py
 
 JOBS = """
 [defaults]
@@ -199,3 +202,38 @@ def test_two_gloo_ranks_share_the_jobs_and_match_one_process(tmp_path):
             assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     owners = {json.loads((tmp_path / "two" / f"{i}.json").read_text())["threads"] for i in range(5)}
     assert owners == {1}
+
+
+def test_model_keys_reach_load_pipeline_like_the_cli_flags(tiny_models, tmp_path):
+    """A job with base, motion_module, loras and motion_loras gives the video of the same generate flags."""
+    from safetensors.torch import save_file
+
+    sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
+    mm = tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt"
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(tmp_path / "l.safetensors"))
+    mkey = ("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
+            ".processor.to_v_lora")
+    torch.save({f"{mkey}.down.weight": torch.randn(4, 32, generator=g),
+                f"{mkey}.up.weight": torch.randn(32, 4, generator=g)}, tmp_path / "ml.ckpt")
+    (tmp_path / "jobs.toml").write_text(
+        f'[defaults]\nbase = "{sd}"\nmotion_module = "{mm}"\nframes = 2\nheight = 16\nwidth = 16\nsteps = 1\n'
+        'seed = 3\n[[jobs]]\nid = "plain"\nprompt = "a corgi"\n[[jobs]]\nid = "lora"\nprompt = "a corgi"\n'
+        'loras = [["l.safetensors", 0.5]]\nmotion_loras = [{path = "ml.ckpt", scale = 2}]\n')
+    assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--device", "cpu",
+                 "--no-progress"]) == 0
+    flags = ["a corgi", "--base", str(sd), "--motion-module", str(mm), "--frames", "2", "--height", "16",
+             "--width", "16", "--steps", "1", "--seed", "3", "--device", "cpu", "--no-progress"]
+    assert main(["generate", *flags, "-o", str(tmp_path / "plain.gif")]) == 0
+    assert main(["generate", *flags, "--lora", f"{tmp_path / 'l.safetensors'}:0.5", "--motion-lora",
+                 f"{tmp_path / 'ml.ckpt'}:2", "-o", str(tmp_path / "lora.gif")]) == 0
+    batch = {name: load_video_frames(tmp_path / "o" / f"{name}.gif") for name in ("plain", "lora")}
+    for name, frames in batch.items():
+        assert torch.equal(frames, load_video_frames(tmp_path / f"{name}.gif")), name
+    assert not torch.equal(batch["plain"], batch["lora"])  # the LoRAs were merged
+    s = json.loads((tmp_path / "o" / "lora.json").read_text())
+    assert s["loras"] == [[str(tmp_path / "l.safetensors"), 0.5]]
+    assert s["motion_loras"] == [[str(tmp_path / "ml.ckpt"), 2.0]]
+    assert s["base"] == str(sd) and s["motion_module"] == str(mm)
