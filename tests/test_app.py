@@ -18,12 +18,15 @@ import urllib.parse
 import urllib.request
 
 import pytest
+import test_cli
 
 from animatediff_lite.app.models import EMBEDDED, NONE, preset_form, scan
 from animatediff_lite.app.studio import Studio
 from animatediff_lite.cli import build_parser, main
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.presets import get_preset
+
+tiny_models = test_cli.tiny_models  # the tiny SD folder + motion module fixture, shared with test_cli.py
 
 
 def _need(what: str, ok: bool) -> None:
@@ -285,3 +288,19 @@ def test_queue_runs_one_generation_at_a_time_and_tells_positions(server):
     statuses = [j.result()[3] for j in jobs]
     assert all(s.startswith("Saved ") for s in statuses), statuses
     assert max(ranks) >= 1, ranks  # someone waited behind another generation and was told its position
+
+
+def test_studio_models_folder_selection_and_swaps(tiny_models, tmp_path):
+    """Base + motion module picked from an upstream-style folder; a new selection loads again, a new prompt not."""
+    studio = _studio(tmp_path, tiny_models)
+    form = {"prompt": "a corgi", "seed": "3", "steps": "1", "frames": "2", "height": "16", "width": "16",
+            "base": "StableDiffusion/stable-diffusion-v1-5", "motion_module": "Motion_Module/mm_tiny_v2.ckpt",
+            "dreambooth": NONE, "lora": NONE, "motion_lora": NONE}
+    path, settings = studio.generate(form)
+    assert settings["motion_module"] == str(tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt")
+    studio.generate({**form, "prompt": "a cat"})
+    assert studio.loads == 1
+    studio.generate({**form, "motion_module": NONE})
+    assert studio.loads == 2 and len(studio.gallery()) == 3
+    with pytest.raises(CheckpointError, match="missing.ckpt"):
+        studio.generate({**form, "motion_module": "Motion_Module/missing.ckpt"})
