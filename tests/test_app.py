@@ -32,7 +32,7 @@ tiny_models = test_cli.tiny_models  # the tiny SD folder + motion module fixture
 def _need(what: str, ok: bool) -> None:
     """Skip without ``what`` on a developer machine; fail under CI, which must have it (.ci/run installs it)."""
     if not ok:
-        message = f"{what} is missing (.ci/run installs it)"
+        message = f"missing: {what} (.ci/run installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
