@@ -17,6 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import batch_cli
+from .app import command as app_command
 from .checks import finite_number
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
+    batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs, or show one",
@@ -171,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="training config file (TOML; see examples/train_config.toml)")
     t.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value pairs overriding the config")
     t.set_defaults(func=cmd_train)
+
+    app_command.add_parser(sub)  # `animatediff-lite app` (app/command.py; Gradio only when it runs)
     return parser
 
 
@@ -256,11 +261,13 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate_options import pipeline_options, prompt_map
     if args.threads is not None and args.threads > 1:
         # Idle OpenMP workers sleep instead of spinning: spinning made 2 threads 3-20x slower than 1 on a busy
         # 2-core machine, sleeping ones 0.3-1.6x (docs/threads.md). Read when torch starts: below, in a CLI run.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if batch_cli.wanted(args):  # --batch / --from: every setting comes from the file (batch_cli.py)
+        return batch_cli.run(args, build_parser)
+    from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video, video_format
 
