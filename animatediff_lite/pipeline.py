@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
+from .control import Control, ControlUnit, prepare_control
 from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
@@ -78,6 +79,7 @@ class Pipeline:
         # for (the embedded default model makes 8 frames of 32x32).
         self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
         self.compile_mode: str | None = None  # set by compile()
+        self.controlnets: list[ControlUnit] = []  # load_pipeline(controlnets=...); see control.py
         self._backend_request = backend
         self.set_backend(backend)
 
@@ -92,7 +94,7 @@ class Pipeline:
         """
         self._backend_request = backend
         self.backend = resolve_backend(backend, self.device)
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (self.text_encoder, self.vae, self.unet, *(u.model for u in self.controlnets)):
             if isinstance(m, torch.nn.Module):
                 set_backend(m, self.backend, self.device)
         return self.backend
@@ -105,7 +107,7 @@ class Pipeline:
         before (a name, or None for the environment variable).
         """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (self.text_encoder, self.vae, self.unet, *(u.model for u in self.controlnets)):
             m.to(self.device, self.dtype)
         request = backend if backend is not None else self._backend_request
         self.set_backend(request.name if isinstance(request, Backend) else request)
@@ -155,19 +157,25 @@ class Pipeline:
         return self.text_encoder(ids).to(self.dtype)
 
     def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float,
-                      frames: slice | None = None) -> torch.Tensor:
+                      frames: slice | None = None, control: Control | None = None,
+                      step: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D),
-        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used."""
+        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used.
+        control: the ControlNets' residuals for step ``step`` = (index, count) of the schedule (control.py)."""
         guided = embeds.shape[0] == 2 * x.shape[0]
         if embeds.dim() == 4:
             embeds = window_embeddings(embeds, slice(None) if frames is None else frames)
         inp = torch.cat([x, x]) if guided else x
         timestep = torch.tensor(t, dtype=torch.long, device=x.device)
+        extra = {}
+        if control is not None:
+            down, mid = control.residuals(inp, timestep, embeds, *step, frames)
+            extra = {} if mid is None else {"down_residuals": down, "mid_residual": mid}
         if self.compile_mode == "reduce-overhead" and inp.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # one replay per call; its outputs are reused memory
-            out = self.unet(inp, timestep, embeds).clone()
+            out = self.unet(inp, timestep, embeds, **extra).clone()
         else:
-            out = self.unet(inp, timestep, embeds)
+            out = self.unet(inp, timestep, embeds, **extra)
         if not guided:
             return out
         uncond, cond = out.chunk(2)
@@ -186,7 +194,10 @@ class Pipeline:
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
                  callback: StepCallback | None = None, free_init: FreeInit | None = None,
-                 video: VideoInput | None = None, strength: float | None = None) -> torch.Tensor:
+                 video: VideoInput | None = None, strength: float | None = None,
+                 control_frames: Sequence[VideoInput] | None = None,
+                 control_start: float | Sequence[float] | None = None,
+                 control_end: float | Sequence[float] | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -207,6 +218,9 @@ class Pipeline:
         video: video-to-video from a (frames, 3, H, W) float tensor in [0, 1], a list of PIL images or a
         GIF/MP4 path; num_frames/height/width come from it. strength in (0, 1] (default 0.8): the share of
         the schedule run from the noised input (as diffusers' ``AnimateDiffVideoToVideoPipeline``).
+        control_frames: one condition video per ControlNet of ``load_pipeline(controlnets=...)`` ((F, 3, H, W)
+        tensor in [0, 1], PIL images or a path; F = num_frames, H x W the video size), applied to every video of
+        the batch; control_start / control_end: the share of the schedule each acts in (see control.py).
         """
         if video is not None:  # video-to-video: frames and size come from the input (video_input.py)
             frames_in = read_video(video)
@@ -227,6 +241,8 @@ class Pipeline:
             raise ValueError(f"free_init must be an animatediff_lite.FreeInit or None, got {type(free_init).__name__}")
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
+        control = prepare_control(self.controlnets, control_frames, control_start, control_end, num_frames,
+                                  height, width, self.device, self.dtype)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -259,7 +275,8 @@ class Pipeline:
                 x = free_init.reinitialize(x, initial_noise, sched, generator)
             timesteps = sched.timesteps(rnd_steps).tolist()[start:]  # video-to-video starts later
             for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
-                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
+                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale,
+                                 control=control, step=(i, len(timesteps)))
                 eps = windowed(eps_fn, x, windows, pass_frames=True) if windows else eps_fn(x)
                 x = sched.step(eps, t, x, sched.prev_timestep(t, rnd_steps), eta=eta, generator=generator)
                 if callback is not None and (replaced := callback(i, t, x)) is not None:

@@ -23,6 +23,7 @@ from ..scheduler import DDIM, DDIMConfig
 from ..unet import UNet3D
 from .checkpoint import Checkpoint, read_checkpoint
 from .clip_map import clip_state_from_ldm, text_encoder_from_checkpoint, tokenizer_from_checkpoint
+from .controlnet_map import controlnet_units, read_controlnets
 from .default_model import default_pipeline_from_checkpoint, load_default_pipeline
 from .detect import BASE_LAYOUTS
 from .io import load_strict
@@ -40,7 +41,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: DDIMConfig | None = None, backend: str | None = None,
-                  compile: bool | str = False) -> Pipeline:
+                  compile: bool | str = False, controlnets: Sequence[LoraSpec] = ()) -> Pipeline:
     """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -56,6 +57,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     backend: kernel choice, resolved once ("auto" | "triton" | "torch"; None: ANIMATEDIFF_LITE_BACKEND, else
     "auto"), see :meth:`Pipeline.set_backend`. compile: True (or a torch.compile mode such as "reduce-overhead")
     compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`.
+    controlnets: ``(path, scale)`` pairs of SD1.5 ControlNets (diffusers folder/file or an original
+    ``control_*.pth``/``.safetensors``), applied per frame with ``pipe(..., control_frames=[...])``.
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -64,9 +67,11 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     base_ckpt = read_checkpoint(base, BASE_WHAT) if base is not None else None
     db = _read_again_or_reuse(dreambooth, base_ckpt, DREAMBOOTH_WHAT)
     lora_ckpts = [(read_checkpoint(path, "a LoRA"), scale) for path, scale in loras]
+    control_ckpts = read_controlnets(controlnets, read_checkpoint)
     motion_lora_ckpts = [(read_checkpoint(path, "a MotionLoRA"), scale) for path, scale in motion_loras]
     others = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
-                                   ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]
+                                   ("motion_loras", motion_loras), ("scheduler", scheduler),
+                                   ("controlnets", controlnets)) if v]
     if base_ckpt is None or base_ckpt.layout == "default_model":
         if others:
             where = "without base=" if base_ckpt is None else f"with base={base_ckpt.where} (an embedded default model)"
@@ -88,6 +93,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
     if lora_ckpts or motion_lora_ckpts:
         apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
+    pipe.controlnets = controlnet_units(control_ckpts, unet.config, device, dtype)
     return _finish(pipe, backend, compile)
 
 
