@@ -15,6 +15,7 @@ import random
 import sys
 from pathlib import Path
 
+from .control_options import add_arguments as add_control_arguments
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
+    add_control_arguments(g)  # ControlNet (control_options.py)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")
@@ -136,6 +138,7 @@ def _pick(value, preset_value, default):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from . import control_options as control
     from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video
@@ -159,10 +162,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress, **pipeline_options(args))
+                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
-                   backend=args.backend, compile=args.compile or False)
+                   backend=args.backend, compile=args.compile or False, **control.load_options(args))
     rank, world = _ranks()
     if preset is None and (args.per_prompt or world > 1):
         if args.seed is None:

@@ -3,6 +3,7 @@ tests/test_pipeline.py (motion GroupNorm patched to per frame there), loaders of
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -166,3 +167,31 @@ def test_full_size_keys_on_meta_match_diffusers_and_its_ldm_converter() -> None:
     assert all(converted[k] is theirs[k] for k in converted), "diffusers reads our original names differently"
     back = controlnet_state_from_ldm({"control_model." + k: v for k, v in ldm.items()}, SD15.unet)
     assert back.keys() == theirs.keys() and all(back[k] is theirs[k] for k in back)
+
+
+def test_cli_controlnet_flags_give_the_librarys_video(models, cn, tmp_path: Path, capsys) -> None:
+    from animatediff_lite.cli import main
+    from animatediff_lite.video import load_video_frames, save_video
+
+    frames = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in _frames(4)])
+    save_video(frames[None], tmp_path / "cond", fps=8)  # a folder of PNG frames: lossless
+    cond = load_video_frames(tmp_path / "cond")
+    out = tmp_path / "out"
+    common = ["generate", PROMPT, "--base", str(models.sd), "--motion-module", str(models.mm), "--frames",
+              str(FRAMES), "--height", str(H), "--width", str(W), "--steps", str(STEPS), "--seed", "0",
+              "--no-progress", "--device", "cpu"]
+    assert main([*common, "--controlnet", f"{cn.dirs[0]}:0.7", "--control-video", str(tmp_path / "cond"),
+                 "--control-end", "0.6", "-o", str(out)]) == 0
+    pipe = load_pipeline(models.sd, motion_module=models.mm, controlnets=[(cn.dirs[0], 0.7)])
+    expected = _ours(pipe, control_frames=[cond], control_end=0.6)
+    got = load_video_frames(out)
+    assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6  # the PNG frames round to 8 bits
+    capsys.readouterr()
+    assert main([*common, "--controlnet", str(cn.dirs[0]), "-o", str(out)]) == 2
+    assert "--control-video: 0 given for 1 --controlnet" in capsys.readouterr().err
+    assert main([*common, "--control-start", "0.2", "-o", str(out)]) == 2
+    assert "--control-start needs --controlnet" in capsys.readouterr().err
+    assert main(["info", str(cn.root / "control_ldm.pth"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "ldm_controlnet" and info["embedding_channels"] == [8, 16]
+    assert info["channels"] == [32, 64] and info["base"] == "not SD1.5" and info["tensors"] == 120

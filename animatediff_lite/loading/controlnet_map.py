@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 
 from ..config import UNetConfig
+from ..control import ControlUnit
 from ..controlnet import ControlNet, ControlNetConfig
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint
@@ -214,7 +215,23 @@ def read_controlnets(specs, read) -> list[tuple[Checkpoint, float]]:
 
 
 def controlnet_units(pairs: list[tuple[Checkpoint, float]], like: UNetConfig, device: str | torch.device,
-                     dtype: torch.dtype) -> list:
+                     dtype: torch.dtype) -> list[ControlUnit]:
     """Loaded :class:`~animatediff_lite.control.ControlUnit` s for the pipeline, in the given order."""
-    from ..control import ControlUnit  # control.py is the pipeline's layer; loading/ may import it
     return [ControlUnit(controlnet_from_checkpoint(c, like, device, dtype), scale, c.where) for c, scale in pairs]
+
+
+def describe_controlnet(checkpoint: Checkpoint) -> dict:
+    """What ``animatediff-lite info`` says of a ControlNet: its sizes (SD1.5 head/group conventions assumed
+    where a single file cannot say) and the base it fits."""
+    sd15 = UNetConfig()
+    if checkpoint.layout == "diffusers_controlnet" and checkpoint.config:
+        cfg = controlnet_config_from_diffusers(checkpoint.config)
+    else:
+        state = (controlnet_state_from_ldm(checkpoint.state, sd15, checkpoint.where)
+                 if checkpoint.layout == "ldm_controlnet" else checkpoint.state)
+        cfg = controlnet_config_from_state(state, sd15)
+    u = cfg.unet
+    fits = "SD1.5" if (u.block_out_channels, u.cross_attention_dim) == (sd15.block_out_channels, 768) else "not SD1.5"
+    return {"channels": list(u.block_out_channels), "text_width": u.cross_attention_dim,
+            "condition_channels": cfg.conditioning_channels, "embedding_channels": list(cfg.embedding_channels),
+            "base": fits}
