@@ -6,14 +6,21 @@ and embeds them once (the condition embedding does not depend on the step); at e
 :meth:`Control.residuals` runs each active ControlNet on the model input, both CFG halves and every video of the
 batch with the same condition frames, and sums their outputs as diffusers' ``MultiControlNetModel`` does.
 A ControlNet acts at step i of N unless i/N < start or (i+1)/N > end (diffusers' control_guidance_start/end).
+
+SparseCtrl (``load_pipeline(sparsectrl=file)``) joins the same sum: :func:`prepare_sparse` places the key frames
+of ``control_images={frame: image}`` (VAE posterior means for the RGB variant, the images for scribble) with a
+mask of ones on those frames and zeros elsewhere, embeds them once, and the encoder then runs on zeroed latents
+at every step, as diffusers' ``AnimateDiffSparseControlNetPipeline`` does.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from .controlnet import ControlNet
 from .video_input import VideoInput, read_video
@@ -34,6 +41,7 @@ class _Active:
     start: float
     end: float
     embedded: torch.Tensor  # (F, C0, h, w): the condition frames through the condition embedding
+    zero_input: bool = False  # SparseCtrl: the encoder sees zeros instead of the noisy latents
 
 
 class Control:
@@ -41,6 +49,10 @@ class Control:
 
     def __init__(self, active: list[_Active]) -> None:
         self.active = active
+
+    def extend(self, other: Control | None) -> Control:
+        """This and ``other``'s ControlNets in one sum (ControlNets first, then SparseCtrl)."""
+        return self if other is None else Control(self.active + other.active)
 
     def residuals(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, step: int, num_steps: int,
                   frames: slice | None = None) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
@@ -58,7 +70,8 @@ class Control:
             model = a.unit.model
             cond = a.embedded[frames if frames is not None else slice(None)].repeat(b, 1, 1, 1)
             temb = model.embed_time(timestep, b)
-            d, m = model.encode(folded, cond, temb, ctx, f, a.unit.scale)
+            d, m = model.encode(torch.zeros_like(folded) if a.zero_input else folded, cond, temb, ctx, f,
+                                a.unit.scale)
             down = d if down is None else [p + q for p, q in zip(down, d, strict=True)]
             mid = m if mid is None else mid + m
         return down, mid
@@ -90,7 +103,7 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         if control_frames is not None or control_start is not None or control_end is not None:
             raise ValueError("control_frames/control_start/control_end given but the pipeline has no ControlNet; "
                              "load one with load_pipeline(..., controlnets=[(file, scale)])")
-        return None
+        return Control([])
     n = len(units)
     if control_frames is None:
         raise ValueError(f"control_frames: the pipeline has {n} ControlNet(s) ({', '.join(u.source for u in units)}); "
@@ -117,3 +130,65 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         embedded = model.controlnet_cond_embedding(video.to(w.device, w.dtype))
         active.append(_Active(unit, float(start), float(end), embedded.to(device, dtype)))
     return Control(active)
+
+
+def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, control_scale: float | None, vae,
+                   num_frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Control:
+    """Check and embed SparseCtrl key frames: ``control_images`` maps a frame index to a PIL image, a (3, H, W)
+    tensor in [0, 1] or an image path, each ``height`` x ``width``; ``control_scale`` (default 1.0) multiplies the
+    residuals. RGB key frames go through ``vae`` (posterior mean, scaled latents: no noise is drawn, so a seed
+    gives the same initial latents as without SparseCtrl). ValueError naming the argument otherwise."""
+    if unit is None:
+        if control_images is not None or control_scale is not None:
+            raise ValueError("control_images/control_scale given but the pipeline has no SparseCtrl; load one with "
+                             "load_pipeline(..., sparsectrl='v3_sd15_sparsectrl_rgb.ckpt')")
+        return Control([])
+    model = unit.model
+    if not isinstance(control_images, dict) or not control_images:
+        raise ValueError(f"control_images: the pipeline has SparseCtrl ({unit.source}); pass a dict of at least one "
+                         "{frame index: image}, e.g. control_images={0: 'first.png'}")
+    scale = 1.0 if control_scale is None else control_scale
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"control_scale must be a number, got {control_scale!r}")
+    frames = sorted(control_images)
+    for i in frames:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_frames:
+            raise ValueError(f"control_images: frame index {i!r} is outside the video's frames 0..{num_frames - 1}")
+    images = torch.stack([_read_image(control_images[i], f"control_images[{i}]", height, width) for i in frames])
+    w = model.controlnet_cond_embedding.weight if model.simplified else model.controlnet_cond_embedding.conv_in.weight
+    if model.simplified:  # RGB: VAE latents of the key frames
+        v = next(vae.parameters())
+        mean, _ = vae.encode_frames((images * 2 - 1).to(v.device, v.dtype))
+        keys = mean * vae.config.scaling_factor
+    else:
+        keys = images
+    cond = torch.zeros((num_frames, *keys.shape[1:]), device=w.device, dtype=w.dtype)
+    mask = torch.zeros((num_frames, 1, *keys.shape[2:]), device=w.device, dtype=w.dtype)
+    cond[frames] = keys.to(w.device, w.dtype)
+    mask[frames] = 1
+    embedded = model.embed_condition(cond, mask).to(device, dtype)
+    return Control([_Active(ControlUnit(model, float(scale), unit.source), 0.0, 1.0, embedded, zero_input=True)])
+
+
+def _read_image(image, name: str, height: int, width: int) -> torch.Tensor:
+    """A PIL image, a (3, H, W) float tensor in [0, 1] or an image path -> float32 CPU (3, H, W) of the video's size."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{name}: cannot read {os.fspath(image)!r} as an image ({e})") from e
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3:
+            raise ValueError(f"{name}: expected a (3, H, W) float tensor in [0, 1], got shape {tuple(image.shape)}")
+        image = image[None]
+    elif hasattr(image, "convert"):
+        image = [image]
+    else:
+        raise ValueError(f"{name}: expected a PIL image, a (3, H, W) tensor in [0, 1] or an image path, "
+                         f"got {type(image).__name__}")
+    frame = read_video(image, name)[0]
+    if tuple(frame.shape[-2:]) != (height, width):
+        raise ValueError(f"{name}: the image is {frame.shape[-1]}x{frame.shape[-2]}, the video is {width}x{height}; "
+                         "resize it to the video size")
+    return frame

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
-from .control import Control, ControlUnit, prepare_control
+from .control import Control, ControlUnit, prepare_control, prepare_sparse
 from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
@@ -80,6 +80,7 @@ class Pipeline:
         self.sample_defaults: dict[str, float | int] = dict(SAMPLE_DEFAULTS)
         self.compile_mode: str | None = None  # set by compile()
         self.controlnets: list[ControlUnit] = []  # load_pipeline(controlnets=...); see control.py
+        self.sparsectrl: ControlUnit | None = None  # load_pipeline(sparsectrl=...)
         self._backend_request = backend
         self.set_backend(backend)
 
@@ -94,7 +95,7 @@ class Pipeline:
         """
         self._backend_request = backend
         self.backend = resolve_backend(backend, self.device)
-        for m in (self.text_encoder, self.vae, self.unet, *(u.model for u in self.controlnets)):
+        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
             if isinstance(m, torch.nn.Module):
                 set_backend(m, self.backend, self.device)
         return self.backend
@@ -107,7 +108,7 @@ class Pipeline:
         before (a name, or None for the environment variable).
         """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
-        for m in (self.text_encoder, self.vae, self.unet, *(u.model for u in self.controlnets)):
+        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
             m.to(self.device, self.dtype)
         request = backend if backend is not None else self._backend_request
         self.set_backend(request.name if isinstance(request, Backend) else request)
@@ -140,6 +141,10 @@ class Pipeline:
                 if isinstance(conv, torch.nn.Conv2d):
                     conv.to(memory_format=fmt)  # cuDNN follows the weight's layout, so activations become NHWC
         return self
+
+    def _control_models(self) -> list[torch.nn.Module]:
+        units = [*getattr(self, "controlnets", []), *([self.sparsectrl] if getattr(self, "sparsectrl", None) else [])]
+        return [u.model for u in units]
 
     @property
     def max_frames(self) -> int | None:
@@ -197,7 +202,8 @@ class Pipeline:
                  video: VideoInput | None = None, strength: float | None = None,
                  control_frames: Sequence[VideoInput] | None = None,
                  control_start: float | Sequence[float] | None = None,
-                 control_end: float | Sequence[float] | None = None) -> torch.Tensor:
+                 control_end: float | Sequence[float] | None = None, control_images: dict | None = None,
+                 control_scale: float | None = None) -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -221,6 +227,9 @@ class Pipeline:
         control_frames: one condition video per ControlNet of ``load_pipeline(controlnets=...)`` ((F, 3, H, W)
         tensor in [0, 1], PIL images or a path; F = num_frames, H x W the video size), applied to every video of
         the batch; control_start / control_end: the share of the schedule each acts in (see control.py).
+        control_images: SparseCtrl key frames {frame index: PIL image, (3, H, W) tensor in [0, 1] or path} for
+        ``load_pipeline(sparsectrl=...)``, applied to every video and both CFG halves; control_scale: its
+        residual scale (default 1.0).
         """
         if video is not None:  # video-to-video: frames and size come from the input (video_input.py)
             frames_in = read_video(video)
@@ -242,7 +251,10 @@ class Pipeline:
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
         control = prepare_control(self.controlnets, control_frames, control_start, control_end, num_frames,
-                                  height, width, self.device, self.dtype)
+                                  height, width, self.device, self.dtype).extend(
+            prepare_sparse(self.sparsectrl, control_images, control_scale, self.vae, num_frames, height, width,
+                           self.device, self.dtype))
+        control = control if control.active else None
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)

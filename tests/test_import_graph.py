@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "animatediff_lite"
 # Model parts: build and run networks, know nothing of files, sampling loops, the CLI or training.
 MODEL_PARTS = ("config", "tokenizer", "clip", "vae", "unet", "unet_blocks", "motion", "scheduler", "attention",
-               "ops", "context", "errors", "atomic", "kernels", "controlnet")
+               "ops", "context", "errors", "atomic", "kernels", "controlnet", "sparsectrl")
 # What each layer may not import (prefixes of module names below the package).
 FORBIDDEN = {
     **{part: ("loading", "pipeline", "cli", "train", "api", "lora", "video", "toy", "presets") for part in MODEL_PARTS},

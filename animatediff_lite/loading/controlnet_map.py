@@ -74,9 +74,13 @@ def controlnet_config_from_state(state: Mapping[str, torch.Tensor], like: UNetCo
         context = state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
         linear = state[attn + "proj_in.weight"].ndim == 2
         emb = "controlnet_cond_embedding."
-        hint_in = state[emb + "conv_in.weight"]
-        blocks = sum(1 for k in state if k.startswith(emb + "blocks.") and k.endswith(".weight"))
-        widths = [hint_in.shape[0]] + [state[f"{emb}blocks.{2 * j + 1}.weight"].shape[0] for j in range(blocks // 2)]
+        if emb + "weight" in state:  # SparseCtrl RGB: one conv (its stack widths are then unused)
+            hint_in, widths = state[emb + "weight"], list(ControlNetConfig().embedding_channels)
+        else:
+            hint_in = state[emb + "conv_in.weight"]
+            blocks = sum(1 for k in state if k.startswith(emb + "blocks.") and k.endswith(".weight"))
+            widths = [hint_in.shape[0]] + [state[f"{emb}blocks.{2 * j + 1}.weight"].shape[0]
+                                           for j in range(blocks // 2)]
         in_channels = state["conv_in.weight"].shape[1]
     except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"tensors do not look like a ControlNet (missing {e})") from e
@@ -168,6 +172,14 @@ def controlnet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: ControlNetC
     return out
 
 
+def check_base(mine: UNetConfig, like: UNetConfig, where: str, what: str) -> None:
+    """CheckpointError naming the file when a control model was made for another base than ``like``."""
+    if (mine.block_out_channels, mine.cross_attention_dim) != (like.block_out_channels, like.cross_attention_dim):
+        raise CheckpointError(f"{where}: {what} for another base model (channels {list(mine.block_out_channels)}, "
+                              f"text width {mine.cross_attention_dim}); the base UNet has channels "
+                              f"{list(like.block_out_channels)}, text width {like.cross_attention_dim}")
+
+
 def controlnet_from_checkpoint(checkpoint: Checkpoint, like: UNetConfig, device: str | torch.device = "cpu",
                                dtype: torch.dtype = torch.float32) -> ControlNet:
     """Build and strictly load a ControlNet for a base UNet of config ``like``.
@@ -192,11 +204,7 @@ def controlnet_from_checkpoint(checkpoint: Checkpoint, like: UNetConfig, device:
     else:
         hint = " (a SparseCtrl file: pass it as sparsectrl=)" if checkpoint.layout.startswith("sparsectrl") else ""
         raise CheckpointError(f"{where}: {checkpoint.looks}{hint}; expected {WHAT}")
-    base = (like.block_out_channels, like.cross_attention_dim)
-    mine = (cfg.unet.block_out_channels, cfg.unet.cross_attention_dim)
-    if mine != base:
-        raise CheckpointError(f"{where}: a ControlNet for another base model (channels {list(mine[0])}, text width "
-                              f"{mine[1]}); the base UNet has channels {list(base[0])}, text width {base[1]}")
+    check_base(cfg.unet, like, where, "a ControlNet")
     with torch.device("meta"):
         model = ControlNet(cfg)
     load_strict(model, state, where, "a ControlNet", device=device, dtype=dtype, file=checkpoint.file)

@@ -17,6 +17,7 @@ from .default_model import split_default_model
 from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
 from .lora_map import parse_lora
 from .motion_load import motion_from_checkpoint
+from .sparsectrl_map import SPARSE_LAYOUTS, describe_sparsectrl
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -43,6 +44,8 @@ def describe(path: str | os.PathLike) -> dict:
                     parts=sorted({p.part for p in pairs}), alphas=alphas)
     elif checkpoint.layout in CONTROLNET_LAYOUTS:
         info.update(describe_controlnet(checkpoint))
+    elif checkpoint.layout in SPARSE_LAYOUTS:
+        info.update(describe_sparsectrl(checkpoint))
     elif checkpoint.layout == "default_model":
         _, config, metadata = split_default_model(checkpoint)
         info.update(generation=config.motion.version if config.motion else None,

@@ -29,6 +29,8 @@ LAYOUTS: dict[str, str] = {
     "clip_text_encoder": "a CLIP text encoder state dict",
     "diffusers_controlnet": "a diffusers ControlNetModel (controlnet_cond_embedding.*, controlnet_down_blocks.*)",
     "ldm_controlnet": "an original ControlNet (input_hint_block.*, zero_convs.*, bare or under control_model.)",
+    "sparsectrl": "an original AnimateDiff SparseCtrl (controlnet_cond_embedding + motion_modules.N.temporal_transformer)",
+    "diffusers_sparsectrl": "a diffusers SparseControlNetModel (controlnet_cond_embedding + diffusers motion modules)",
     "unknown": "weights of no known layout",
 }
 BASE_LAYOUTS = ("diffusers_folder", "ldm_single_file")
@@ -45,7 +47,7 @@ DEFAULT_MODEL_FORMAT = "animatediff-lite-default-model/1"
 CONFIG_CLASSES: dict[str, str] = {
     "MotionAdapter": "diffusers_motion_adapter", "UNetMotionModel": "diffusers_motion_unet",
     "UNet2DConditionModel": "diffusers_unet", "AutoencoderKL": "diffusers_vae", "CLIPTextModel": "clip_text_encoder",
-    "ControlNetModel": "diffusers_controlnet",
+    "ControlNetModel": "diffusers_controlnet", "SparseControlNetModel": "diffusers_sparsectrl",
 }
 
 
@@ -79,6 +81,10 @@ def decide_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         return "ldm_single_file", f"keys start with {', '.join(found)}"
     if class_name in CONFIG_CLASSES:
         return CONFIG_CLASSES[class_name], f"its config.json names {class_name}"
+    if has("controlnet_cond_embedding.") and has("motion_modules."):
+        if has(".temporal_transformer."):
+            return "sparsectrl", "controlnet_cond_embedding.* and original-layout motion_modules.* keys"
+        return "diffusers_sparsectrl", "controlnet_cond_embedding.* and diffusers-layout motion_modules.* keys"
     if has("controlnet_cond_embedding.") and has("controlnet_down_blocks."):
         return "diffusers_controlnet", "controlnet_cond_embedding.* and controlnet_down_blocks.* keys"
     unet_body = "conv_in.weight" in keys and has("time_embedding.")

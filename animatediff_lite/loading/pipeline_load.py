@@ -28,6 +28,8 @@ from .default_model import default_pipeline_from_checkpoint, load_default_pipeli
 from .detect import BASE_LAYOUTS
 from .io import load_strict
 from .motion_load import assign_motion_state, motion_from_checkpoint
+from .sparsectrl_map import WHAT as SPARSECTRL_WHAT
+from .sparsectrl_map import sparsectrl_unit
 from .unet_map import spatial_keys, unet_source_from_checkpoint, unet_state_from_ldm
 from .vae_map import vae_from_checkpoint, vae_state_from_ldm
 
@@ -41,7 +43,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: DDIMConfig | None = None, backend: str | None = None,
-                  compile: bool | str = False, controlnets: Sequence[LoraSpec] = ()) -> Pipeline:
+                  compile: bool | str = False, controlnets: Sequence[LoraSpec] = (),
+                  sparsectrl: str | os.PathLike | None = None) -> Pipeline:
     """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -59,6 +62,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`.
     controlnets: ``(path, scale)`` pairs of SD1.5 ControlNets (diffusers folder/file or an original
     ``control_*.pth``/``.safetensors``), applied per frame with ``pipe(..., control_frames=[...])``.
+    sparsectrl: an AnimateDiff v3 SparseCtrl file (``v3_sd15_sparsectrl_rgb.ckpt`` / ``..._scribble.ckpt``) or a
+    diffusers SparseControlNetModel, steered by ``pipe(..., control_images={frame: image})``.
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -68,10 +73,11 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     db = _read_again_or_reuse(dreambooth, base_ckpt, DREAMBOOTH_WHAT)
     lora_ckpts = [(read_checkpoint(path, "a LoRA"), scale) for path, scale in loras]
     control_ckpts = read_controlnets(controlnets, read_checkpoint)
+    sparse_ckpt = read_checkpoint(sparsectrl, SPARSECTRL_WHAT) if sparsectrl is not None else None
     motion_lora_ckpts = [(read_checkpoint(path, "a MotionLoRA"), scale) for path, scale in motion_loras]
     others = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
                                    ("motion_loras", motion_loras), ("scheduler", scheduler),
-                                   ("controlnets", controlnets)) if v]
+                                   ("controlnets", controlnets), ("sparsectrl", sparsectrl)) if v]
     if base_ckpt is None or base_ckpt.layout == "default_model":
         if others:
             where = "without base=" if base_ckpt is None else f"with base={base_ckpt.where} (an embedded default model)"
@@ -94,6 +100,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     if lora_ckpts or motion_lora_ckpts:
         apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
     pipe.controlnets = controlnet_units(control_ckpts, unet.config, device, dtype)
+    pipe.sparsectrl = sparsectrl_unit(sparse_ckpt, unet.config, device, dtype)
     return _finish(pipe, backend, compile)
 
 
