@@ -29,7 +29,7 @@ LAYOUTS: dict[str, str] = {
     "clip_text_encoder": "a CLIP text encoder state dict",
     "diffusers_controlnet": "a diffusers ControlNetModel (controlnet_cond_embedding.*, controlnet_down_blocks.*)",
     "ldm_controlnet": "an original ControlNet (input_hint_block.*, zero_convs.*, bare or under control_model.)",
-    "sparsectrl": "an original AnimateDiff SparseCtrl (controlnet_cond_embedding + motion_modules.N.temporal_transformer)",
+    "sparsectrl": "an original SparseCtrl (controlnet_cond_embedding + motion_modules.N.temporal_transformer)",
     "diffusers_sparsectrl": "a diffusers SparseControlNetModel (controlnet_cond_embedding + diffusers motion modules)",
     "unknown": "weights of no known layout",
 }

@@ -32,6 +32,8 @@ from .motion_map import motion_state_from_diffusers, motion_state_to_diffusers
 WHAT = "an AnimateDiff SparseCtrl model (v3_sd15_sparsectrl_rgb/scribble.ckpt or a diffusers SparseControlNetModel)"
 SPARSE_LAYOUTS = ("sparsectrl", "diffusers_sparsectrl")
 _PE = re.compile(r"\.pos_(encoder|embed)\.pe$")
+_ATTN_BLOCK = re.compile(r"\.motion_modules\.\d+\.temporal_transformer\.transformer_blocks\.\d+"
+                         r"\.attention_blocks\.(\d+)\.")
 
 
 def sparsectrl_state(checkpoint: Checkpoint) -> tuple[StateDict, int | None]:
@@ -67,9 +69,11 @@ def sparsectrl_config(checkpoint: Checkpoint, native: Mapping[str, torch.Tensor]
     config = ControlNetConfig(base.unet, base.conditioning_channels - 1, base.embedding_channels)
     heads = cfg.get("motion_num_attention_heads", 8) if cfg else 8
     length = int(cfg.get("motion_max_seq_length", 32)) if cfg else (pe_len or 32)
+    # The published files have one temporal self-attention per motion module ("Temporal_Self" once).
+    blocks = 1 + max((int(m.group(1)) for k in native if (m := _ATTN_BLOCK.search(k))), default=0)
     motion = MotionConfig(version="v3", num_heads=int(heads if isinstance(heads, int) else heads[0]),
                           max_position_len=length, mid_block=False, joint_groupnorm=False,
-                          norm_num_groups=base.unet.norm_num_groups)
+                          num_attention_blocks=blocks, norm_num_groups=base.unet.norm_num_groups)
     return config, motion, simplified
 
 

@@ -1,0 +1,157 @@
+"""SparseCtrl: our module and pipeline vs diffusers' AnimateDiffSparseControlNetPipeline on the tiny random model
+of tests/test_pipeline.py (motion GroupNorms patched to per frame in the UNet and in SparseCtrl, as the original
+AnimateDiff; RGB key frames encoded as the VAE posterior mean on both sides), loaders, converters, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.checkpoint import read_checkpoint
+from animatediff_lite.loading.motion_map import motion_state_from_diffusers
+from animatediff_lite.loading.pipeline_load import load_pipeline
+from animatediff_lite.loading.sparsectrl_map import save_sparsectrl
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.pipelines.animatediff import pipeline_animatediff_sparsectrl as sparse_pipeline  # noqa: E402
+
+from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
+from tests.test_pipeline import FRAMES, H, W, _check, _PerFrameGroupNorm, _randomize  # noqa: E402
+
+models = tp.models
+PROMPT = "a corgi running on the beach"
+STEPS = 3
+
+
+def _sparse(seed: int, rgb: bool):
+    torch.manual_seed(seed)
+    net = diffusers.SparseControlNetModel(
+        in_channels=4, conditioning_channels=4 if rgb else 3, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"), layers_per_block=1, cross_attention_dim=32,
+        attention_head_dim=2, norm_num_groups=8, conditioning_embedding_out_channels=(8, 16),
+        motion_max_seq_length=32, motion_num_attention_heads=8, use_simplified_condition_embedding=rgb)
+    _randomize(net, seed, 0.05)
+    return net.eval()
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def sc(models, tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("sparsectrl")
+    nets = {"rgb": _sparse(20, True), "scribble": _sparse(21, False)}
+    for name, net in nets.items():
+        net.save_pretrained(str(root / name))
+        original = motion_state_from_diffusers(net.state_dict(), keep_pe=True)  # original names, PE tables kept
+        # one temporal attention per motion module: keep the PE table of attention block 0 only, as upstream's files
+        original = {k: v for k, v in original.items() if "attention_blocks.1.pos_encoder" not in k}
+        torch.save({"controlnet": {**original, "animatediff_config": {"x": 1}}},
+                   root / f"v3_sd15_sparsectrl_{name}.ckpt")
+    return SimpleNamespace(root=root, nets=nets)
+
+
+def _oracle(models, net, monkeypatch):
+    # diffusers draws the RGB key frames' posterior noise from the global RNG: take the mean, as we do.
+    monkeypatch.setattr(sparse_pipeline, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
+                                        steps_offset=1, clip_sample=False)
+    pipe = diffusers.AnimateDiffSparseControlNetPipeline(
+        vae=models.base.vae, text_encoder=models.base.text, tokenizer=models.tokenizer, unet=models.base.unet,
+        motion_adapter=models.adapter, controlnet=net, scheduler=scheduler)
+    for m in [*pipe.unet.modules(), *pipe.controlnet.modules()]:
+        if isinstance(m, tp.unet_motion_model.AnimateDiffTransformer3D):
+            norm = _PerFrameGroupNorm(m.norm.num_groups, m.norm.num_channels, eps=m.norm.eps)
+            norm.load_state_dict(m.norm.state_dict())
+            m.norm = norm
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _reference(models, net, monkeypatch, keys: dict, **kwargs) -> torch.Tensor:
+    pipe = _oracle(models, net, monkeypatch)
+    frames = sorted(keys)
+    with torch.no_grad():
+        out = pipe(PROMPT, num_frames=FRAMES, height=H, width=W, num_inference_steps=STEPS, output_type="pt",
+                   conditioning_frames=[keys[i] for i in frames], controlnet_frame_indices=frames,
+                   generator=torch.Generator("cpu").manual_seed(0), **kwargs).frames
+    return out.float()
+
+
+def _ours(pipe, **kwargs) -> torch.Tensor:
+    return pipe(PROMPT, num_frames=FRAMES, height=H, width=W, steps=STEPS, seed=0, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("variant", ["rgb", "scribble"])
+def test_original_file_matches_diffusers(models, sc, monkeypatch, variant: str) -> None:
+    keys = {0: _image(1), 3: _image(2)}
+    expected = _reference(models, sc.nets[variant], monkeypatch, keys, controlnet_conditioning_scale=0.9)
+    path = sc.root / f"v3_sd15_sparsectrl_{variant}.ckpt"
+    assert read_checkpoint(path).layout == "sparsectrl"
+    pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=path)
+    got = _ours(pipe, control_images=keys, control_scale=0.9)
+    _check(f"sparsectrl {variant}", got, expected)
+    plain = _ours(load_pipeline(models.sd, motion_module=models.mm))
+    assert (got - plain).abs().max() > 1e-2, "SparseCtrl changed nothing: the test could not fail"
+
+
+def test_diffusers_folder_and_converted_files_load_the_same(models, sc, tmp_path: Path) -> None:
+    folder = sc.root / "rgb"
+    assert read_checkpoint(folder).layout == "diffusers_sparsectrl"
+    original = sc.root / "v3_sd15_sparsectrl_rgb.ckpt"
+    save_sparsectrl(read_checkpoint(original), tmp_path / "as_diffusers.safetensors", "diffusers")
+    save_sparsectrl(read_checkpoint(tmp_path / "as_diffusers.safetensors"), tmp_path / "back.ckpt", "original")
+    assert read_checkpoint(tmp_path / "as_diffusers.safetensors").layout == "diffusers_sparsectrl"
+    assert set(torch.load(tmp_path / "back.ckpt", weights_only=True)) == {"controlnet"}  # upstream's wrapper
+    states = []
+    for path in (folder, original, tmp_path / "as_diffusers.safetensors", tmp_path / "back.ckpt"):
+        pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=path)
+        states.append(pipe.sparsectrl.model.state_dict())
+    assert all(s.keys() == states[0].keys() and all(torch.equal(s[k], states[0][k]) for k in s) for s in states)
+
+
+def test_key_frame_inputs_and_errors(models, sc) -> None:
+    pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    im = _image(5)
+    im.save(sc.root / "first.png")
+    tensor = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255
+    a = _ours(pipe, control_images={0: im})
+    assert torch.equal(a, _ours(pipe, control_images={0: tensor}))
+    assert torch.equal(a, _ours(pipe, control_images={0: str(sc.root / "first.png")}))
+    with pytest.raises(ValueError, match=r"control_images: frame index 4 is outside the video's frames 0\.\.3"):
+        _ours(pipe, control_images={4: im})
+    with pytest.raises(ValueError, match=r"control_images\[0\]: the image is 8x8, the video is 16x16"):
+        _ours(pipe, control_images={0: im.resize((8, 8))})
+    with pytest.raises(ValueError, match="control_images: the pipeline has SparseCtrl"):
+        _ours(pipe)
+    with pytest.raises(ValueError, match="no SparseCtrl"):
+        _ours(load_pipeline(models.sd, motion_module=models.mm), control_images={0: im})
+
+
+def test_wrong_files_name_the_file(models, sc) -> None:
+    from tests.test_controlnet import _controlnet
+
+    cn_dir = sc.root / "a_controlnet"
+    _controlnet(3).save_pretrained(str(cn_dir))
+    with pytest.raises(CheckpointError, match="a_controlnet.*a ControlNet: pass it in controlnets="):
+        load_pipeline(models.sd, motion_module=models.mm, sparsectrl=cn_dir)
+    with pytest.raises(CheckpointError, match=r"sparsectrl_rgb\.ckpt.*a SparseCtrl file: pass it as sparsectrl="):
+        load_pipeline(models.sd, motion_module=models.mm, controlnets=[(sc.root / "v3_sd15_sparsectrl_rgb.ckpt", 1)])
+
+
+def test_info_describes_sparsectrl(sc, capsys) -> None:
+    from animatediff_lite.cli import main
+
+    assert main(["info", str(sc.root / "v3_sd15_sparsectrl_scribble.ckpt"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layout"] == "sparsectrl" and info["variant"].startswith("image condition")
+    assert info["condition_channels"] == 3 and info["max_position_len"] == 32 and info["channels"] == [32, 64]
