@@ -155,3 +155,49 @@ def test_info_describes_sparsectrl(sc, capsys) -> None:
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "sparsectrl" and info["variant"].startswith("image condition")
     assert info["condition_channels"] == 3 and info["max_position_len"] == 32 and info["channels"] == [32, 64]
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_full_size_keys_on_meta_match_diffusers(rgb: bool) -> None:
+    """SD1.5-size SparseCtrl on the meta device: our native keys, renamed by the converter, are exactly diffusers'
+    SparseControlNetModel keys and shapes (RGB: 4 latent channels + mask; scribble: 3 image channels + mask)."""
+    from animatediff_lite.config import SD15, MotionConfig
+    from animatediff_lite.controlnet import ControlNetConfig
+    from animatediff_lite.loading.sparsectrl_map import sparsectrl_to_diffusers
+    from animatediff_lite.sparsectrl import SparseControlNet
+
+    with torch.device("meta"):
+        theirs = diffusers.SparseControlNetModel(conditioning_channels=4 if rgb else 3, cross_attention_dim=768,
+                                                 use_simplified_condition_embedding=rgb).state_dict()
+        motion = MotionConfig(version="v3", mid_block=False, num_attention_blocks=1)
+        ours = SparseControlNet(ControlNetConfig(SD15.unet, 4 if rgb else 3), motion, simplified=rgb).state_dict()
+    renamed = sparsectrl_to_diffusers(ours, 32)
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    assert "down_blocks.3.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight" \
+        in ours and ("controlnet_cond_embedding.weight" in ours) == rgb
+
+
+def test_cli_sparsectrl_flags_give_the_librarys_video(models, sc, tmp_path: Path, capsys) -> None:
+    from animatediff_lite.cli import main
+    from animatediff_lite.video import load_video_frames
+
+    _image(7).save(tmp_path / "first.png")
+    _image(8).save(tmp_path / "last.png")
+    ckpt = sc.root / "v3_sd15_sparsectrl_scribble.ckpt"
+    out = tmp_path / "out"
+    common = ["generate", PROMPT, "--base", str(models.sd), "--motion-module", str(models.mm), "--frames",
+              str(FRAMES), "--height", str(H), "--width", str(W), "--steps", str(STEPS), "--seed", "0",
+              "--no-progress", "--device", "cpu"]
+    assert main([*common, "--sparsectrl", str(ckpt), "--control-image", f"0:{tmp_path / 'first.png'}",
+                 "--control-image", f"3:{tmp_path / 'last.png'}", "--control-scale", "0.8", "-o", str(out)]) == 0
+    pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=ckpt)
+    expected = _ours(pipe, control_images={0: _image(7), 3: _image(8)}, control_scale=0.8)
+    assert (load_video_frames(out) - expected[0]).abs().max() <= 1 / 255 + 1e-6  # 8-bit PNG frames
+    capsys.readouterr()
+    assert main([*common, "--sparsectrl", str(ckpt), "-o", str(out)]) == 2
+    assert "--sparsectrl needs at least one --control-image" in capsys.readouterr().err
+    assert main([*common, "--control-image", f"0:{tmp_path / 'first.png'}", "-o", str(out)]) == 2
+    assert "--control-image/--control-scale need --sparsectrl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--sparsectrl", str(ckpt), "--control-image", "first.png"])
+    assert "expected FRAME:FILE" in capsys.readouterr().err
