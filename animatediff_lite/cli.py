@@ -210,6 +210,9 @@ def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, sa
     runs = preset.runs()
     for key in ("base", "dreambooth", "loras", "motion_loras"):  # command-line weights win over the preset's
         weights[key] = weights[key] or files[key]
+    if files["sparsectrl"] is not None:  # v3 SparseCtrl presets: the file and its key frames, unless given
+        weights.setdefault("sparsectrl", files["sparsectrl"])
+        sampling.setdefault("control_images", files["control_images"])
     motion_modules = [args.motion_module] if args.motion_module else files["motion_modules"]
     samples, log = [], []
     for motion_module in motion_modules:

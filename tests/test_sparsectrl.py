@@ -201,3 +201,40 @@ def test_cli_sparsectrl_flags_give_the_librarys_video(models, sc, tmp_path: Path
     with pytest.raises(SystemExit):
         main([*common, "--sparsectrl", str(ckpt), "--control-image", "first.png"])
     assert "expected FRAME:FILE" in capsys.readouterr().err
+
+
+def test_v3_presets_and_a_sparsectrl_preset_run(models, sc, tmp_path: Path, monkeypatch) -> None:
+    import animatediff_lite.presets as presets_mod
+    from animatediff_lite.cli import main
+    from animatediff_lite.presets import get_preset
+
+    board = get_preset("SparseCtrl_Scribble_Storyboard")
+    assert board.sparsectrl == "SparseCtrl/v3_sd15_sparsectrl_scribble.ckpt" and board.guidance_scale == 8.5
+    assert [f for f, _ in board.control_images] == [0, 8, 15] and board.lora == "Motion_Module/v3_sd15_adapter.ckpt"
+    assert board.runs()[1][2] is None  # seed -1: random, as upstream
+    rgb = get_preset("SparseCtrl_RGB_Firework")
+    assert rgb.motion_modules == ("Motion_Module/v3_sd15_mm.ckpt",) and rgb.control_images[0][0] == 0
+
+    root = tmp_path / "models"
+    (root / "StableDiffusion").mkdir(parents=True)
+    (root / "StableDiffusion" / "sd").symlink_to(models.sd)
+    (root / "mm").symlink_to(models.mm)
+    (root / "sc.ckpt").symlink_to(sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    _image(9).save(root / "key.png")
+    text = ('[Tiny]\nbase = "StableDiffusion/sd"\nmotion_modules = ["mm"]\ndreambooth = ""\nlora_scale = 1.0\n'
+            f'width = {W}\nheight = {H}\nframes = {FRAMES}\nfps = 8\nsteps = {STEPS}\nguidance_scale = 8.5\n'
+            'sparsectrl = "sc.ckpt"\ncontrol_images = [{ frame = 2, path = "key.png" }]\n'
+            'seeds = ["3"]\nprompts = ["a boat"]\nnegative_prompts = ["worst quality"]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    out = tmp_path / "samples"
+    assert main(["generate", "--preset", "Tiny", "--models-dir", str(root), "-o", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    log = json.loads((out / "config.json").read_text())
+    assert log["control_images"] == {"2": str(root / "key.png")}
+    pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    expected = pipe("a boat", negative_prompt="worst quality", num_frames=FRAMES, height=H, width=W, steps=STEPS,
+                    guidance_scale=8.5, seed=3, progress=False, control_images={2: _image(9)})
+    from animatediff_lite.video import load_video_frames
+    got = load_video_frames(next((out / "sample").iterdir()))
+    assert (got - expected[0]).abs().max() <= 2 / 255 + 1e-6  # GIF palette quantisation
