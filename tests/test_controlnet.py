@@ -195,3 +195,15 @@ def test_cli_controlnet_flags_give_the_librarys_video(models, cn, tmp_path: Path
     info = json.loads(capsys.readouterr().out)
     assert info["layout"] == "ldm_controlnet" and info["embedding_channels"] == [8, 16]
     assert info["channels"] == [32, 64] and info["base"] == "not SD1.5" and info["tensors"] == 120
+
+
+def test_context_windows_take_their_condition_frames(models, cn) -> None:
+    pipe = load_pipeline(models.sd, motion_module=models.mm, controlnets=[(cn.dirs[0], 1.0)])
+    frames = _frames(6)
+    full = _ours(pipe, control_frames=[frames])
+    assert torch.equal(full, _ours(pipe, control_frames=[frames], context_frames=FRAMES, context_overlap=0))
+    # Disjoint windows of 2 frames are denoised independently: changing the condition of frames 2-3 must leave
+    # frames 0-1 exactly as they were and change frames 2-3 (each window reads its own condition frames).
+    a = _ours(pipe, control_frames=[frames], context_frames=2, context_overlap=0)
+    b = _ours(pipe, control_frames=[frames[:2] + _frames(7)[2:]], context_frames=2, context_overlap=0)
+    assert torch.equal(a[:, :2], b[:, :2]) and (a[:, 2:] - b[:, 2:]).abs().max() > 1e-4  # 6e-4 here

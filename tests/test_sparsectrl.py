@@ -238,3 +238,22 @@ def test_v3_presets_and_a_sparsectrl_preset_run(models, sc, tmp_path: Path, monk
     from animatediff_lite.video import load_video_frames
     got = load_video_frames(next((out / "sample").iterdir()))
     assert (got - expected[0]).abs().max() <= 2 / 255 + 1e-6  # GIF palette quantisation
+
+
+def test_converter_script(sc, tmp_path: Path, capsys) -> None:
+    import runpy
+    import sys
+
+    script = Path(__file__).parents[1] / "weights" / "convert" / "sparsectrl_convert.py"
+    out = tmp_path / "d.safetensors"
+    argv = sys.argv
+    try:
+        sys.argv = [str(script), str(sc.root / "v3_sd15_sparsectrl_scribble.ckpt"), str(out), "--to", "diffusers"]
+        runpy.run_path(str(script), run_name="__main__")
+        assert read_checkpoint(out).layout == "diffusers_sparsectrl"
+        assert "image condition" in capsys.readouterr().out
+        sys.argv = [str(script), str(sc.root / "rgb" / "config.json"), str(out), "--to", "original"]
+        with pytest.raises(SystemExit, match="error: .*config.json"):
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv

@@ -104,7 +104,9 @@ def sparsectrl_unit(checkpoint: Checkpoint | None, like: UNetConfig, device: str
 
 
 def describe_sparsectrl(checkpoint: Checkpoint) -> dict:
-    """What ``animatediff-lite info`` says of a SparseCtrl file."""
+    """What ``animatediff-lite info`` says of a SparseCtrl file (CheckpointError naming it for another kind)."""
+    if checkpoint.layout not in SPARSE_LAYOUTS:
+        raise CheckpointError(f"{checkpoint.where}: {checkpoint.looks}; expected {WHAT}")
     native, pe_len = sparsectrl_state(checkpoint)
     config, motion, simplified = sparsectrl_config(checkpoint, native, pe_len, UNetConfig())
     return {"variant": "rgb (VAE latents of the key frames)" if simplified else "image condition (e.g. scribble)",
