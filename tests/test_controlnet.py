@@ -207,3 +207,14 @@ def test_context_windows_take_their_condition_frames(models, cn) -> None:
     a = _ours(pipe, control_frames=[frames], context_frames=2, context_overlap=0)
     b = _ours(pipe, control_frames=[frames[:2] + _frames(7)[2:]], context_frames=2, context_overlap=0)
     assert torch.equal(a[:, :2], b[:, :2]) and (a[:, 2:] - b[:, 2:]).abs().max() > 1e-4  # 6e-4 here
+
+
+def test_every_video_of_a_batch_gets_the_condition_frames(models, cn) -> None:
+    """Two videos in one batch (CFG on) follow the same condition frames as each alone with its own latents."""
+    pipe = load_pipeline(models.sd, motion_module=models.mm, controlnets=[(cn.dirs[0], 1.0)])
+    frames = _frames(8)
+    lat = torch.randn((2, 4, FRAMES, H // 2, W // 2), generator=torch.Generator().manual_seed(1))
+    both = _ours(pipe, control_frames=[frames], num_videos_per_prompt=2, latents=lat)
+    for i in range(2):
+        alone = _ours(pipe, control_frames=[frames], latents=lat[i:i + 1])
+        assert (both[i] - alone[0]).abs().max() <= 1e-5
