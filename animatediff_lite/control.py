@@ -192,3 +192,14 @@ def _read_image(image, name: str, height: int, width: int) -> torch.Tensor:
         raise ValueError(f"{name}: the image is {frame.shape[-1]}x{frame.shape[-2]}, the video is {width}x{height}; "
                          "resize it to the video size")
     return frame
+
+
+def control_for_call(pipe, control_frames, control_start, control_end, control_images, control_scale,
+                     num_frames: int, height: int, width: int) -> Control | None:
+    """The ControlNets and SparseCtrl of ``pipe`` prepared for one generation (see :func:`prepare_control` and
+    :func:`prepare_sparse`), or None when neither is loaded nor asked for."""
+    control = prepare_control(pipe.controlnets, control_frames, control_start, control_end, num_frames, height,
+                              width, pipe.device, pipe.dtype)
+    control = control.extend(prepare_sparse(pipe.sparsectrl, control_images, control_scale, pipe.vae, num_frames,
+                                            height, width, pipe.device, pipe.dtype))
+    return control if control.active else None

@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .context import context_windows, windowed
-from .control import Control, ControlUnit, prepare_control, prepare_sparse
+from .control import Control, ControlUnit, control_for_call
 from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
@@ -250,11 +250,8 @@ class Pipeline:
             raise ValueError(f"free_init must be an animatediff_lite.FreeInit or None, got {type(free_init).__name__}")
         windows = self._check_args(num_frames, height, width, steps, num_videos_per_prompt, eta,
                                    context_frames, context_overlap, seed, generator)
-        control = prepare_control(self.controlnets, control_frames, control_start, control_end, num_frames,
-                                  height, width, self.device, self.dtype).extend(
-            prepare_sparse(self.sparsectrl, control_images, control_scale, self.vae, num_frames, height, width,
-                           self.device, self.dtype))
-        control = control if control.active else None
+        control = control_for_call(self, control_frames, control_start, control_end, control_images, control_scale,
+                                   num_frames, height, width)  # ControlNet / SparseCtrl (control.py)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
