@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
-    add_control_arguments(g)  # ControlNet (control_options.py)
+    add_control_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
     g.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("presets", help="list the reference configs", description="List the shipped presets.")

@@ -2,7 +2,7 @@
 
 Builds small random-weight models with diffusers (SD1.5 block layout at reduced widths), saves them, then runs
 each variant in a fresh subprocess: {ours, diffusers} x {plain, +controlnet, +sparsectrl}. On the CPU it reports
-the growth of the peak resident set size over the process just before sampling; on CUDA
+the peak resident set size during sampling (polled every millisecond) above the size just before; on CUDA
 ``torch.cuda.max_memory_allocated`` above what was allocated before. The control branch's cost is the variant's
 peak minus the plain peak of the same library.
 
@@ -18,6 +18,8 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -58,6 +60,31 @@ def build(root: Path, width: int) -> None:
                                     conditioning_channels=4, **common).save_pretrained(str(root / "sc"))
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _rss_peak_during(fn) -> int:
+    """Peak resident set size while ``fn`` runs, above the size just before (sampled every millisecond: the
+    loading peak that ru_maxrss keeps would hide a smaller sampling peak)."""
+    before, peak, done = _rss(), [0], threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss()) - before
+
+
 def run(root: Path, lib: str, variant: str, frames: int, size: int, steps: int, device: str) -> dict:
     """One sampling call in this process; returns the peak bytes above the memory in use before it."""
     images = [torch.rand(3, size, size) for _ in range(frames)]
@@ -77,7 +104,8 @@ def run(root: Path, lib: str, variant: str, frames: int, size: int, steps: int, 
 
         kw = dict(vae=diffusers.AutoencoderKL.from_pretrained(str(root / "sd" / "vae")),
                   text_encoder=transformers.CLIPTextModel.from_pretrained(str(root / "sd" / "text_encoder")),
-                  tokenizer=transformers.CLIPTokenizer.from_pretrained(str(root / "sd" / "tokenizer")),
+                  tokenizer=transformers.CLIPTokenizer.from_pretrained(str(root / "sd" / "tokenizer"),
+                                                                       model_max_length=77),
                   unet=diffusers.UNet2DConditionModel.from_pretrained(str(root / "sd" / "unet")),
                   motion_adapter=diffusers.MotionAdapter.from_pretrained(str(root / "mm")),
                   scheduler=diffusers.DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False))
@@ -89,7 +117,10 @@ def run(root: Path, lib: str, variant: str, frames: int, size: int, steps: int, 
         elif variant == "sparsectrl":
             pipe = diffusers.AnimateDiffSparseControlNetPipeline(
                 controlnet=diffusers.SparseControlNetModel.from_pretrained(str(root / "sc")), **kw)
-            call = {"conditioning_frames": images[:1], "controlnet_frame_indices": [0]}
+            from PIL import Image  # diffusers reads a lone (3, H, W) tensor as a batch of 3 images
+
+            key = Image.fromarray((images[0].permute(1, 2, 0) * 255).byte().numpy())
+            call = {"conditioning_frames": [key], "controlnet_frame_indices": [0]}
         else:
             pipe = diffusers.AnimateDiffPipeline(**kw)
         pipe.to(device)
@@ -105,9 +136,7 @@ def run(root: Path, lib: str, variant: str, frames: int, size: int, steps: int, 
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before
         else:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            fn()
-            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # Linux: KiB
+            peak = _rss_peak_during(fn)
     return {"lib": lib, "variant": variant, "peak_bytes": int(peak)}
 
 
