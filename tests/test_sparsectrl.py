@@ -257,3 +257,19 @@ def test_converter_script(sc, tmp_path: Path, capsys) -> None:
             runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = argv
+
+
+def test_to_bfloat16_moves_controlnet_and_sparsectrl(models, sc) -> None:
+    """pipe.to(dtype=...) casts the control models too; bf16 follows fp32 loosely (8-bit mantissa)."""
+    from tests.test_controlnet import _controlnet
+
+    cn_dir = sc.root / "cn_bf16"
+    _controlnet(4).save_pretrained(str(cn_dir))
+    pipe = load_pipeline(models.sd, motion_module=models.mm, controlnets=[(cn_dir, 1.0)],
+                         sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    kwargs = dict(control_frames=[[_image(i) for i in range(FRAMES)]], control_images={1: _image(9)})
+    fp32 = _ours(pipe, **kwargs)
+    pipe.to(dtype=torch.bfloat16)
+    assert pipe.controlnets[0].model.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.sparsectrl.model.controlnet_cond_embedding.weight.dtype == torch.bfloat16
+    _check("bf16 with ControlNet + SparseCtrl vs fp32", _ours(pipe, **kwargs), fp32, atol=0.1)
