@@ -273,3 +273,44 @@ def test_to_bfloat16_moves_controlnet_and_sparsectrl(models, sc) -> None:
     assert pipe.controlnets[0].model.conv_in.weight.dtype == torch.bfloat16
     assert pipe.sparsectrl.model.controlnet_cond_embedding.weight.dtype == torch.bfloat16
     _check("bf16 with ControlNet + SparseCtrl vs fp32", _ours(pipe, **kwargs), fp32, atol=0.1)
+
+
+def test_v3_motion_module_and_domain_adapter_match_diffusers(models, sc, monkeypatch, tmp_path: Path) -> None:
+    """The original v3 recipe: v3 motion module (no mid block) + v3 domain adapter LoRA + SparseCtrl RGB, against
+    diffusers with the adapter merged by hand (W += scale * up @ down) into its UNet."""
+    import copy
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(6)
+    adapter = diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
+                                      motion_num_attention_heads=8, motion_norm_num_groups=8,
+                                      motion_max_seq_length=32, use_motion_mid_block=False)
+    _randomize(adapter, 6)
+    torch.save({"state_dict": motion_state_from_diffusers(adapter.state_dict(), keep_pe=True)},
+               tmp_path / "v3_sd15_mm.ckpt")
+    unet = copy.deepcopy(models.base.unet)
+    mods = dict(unet.named_modules())
+    lora = {}
+    for base in ("down_blocks.0.attentions.0.transformer_blocks.0.attn1",
+                 "mid_block.attentions.0.transformer_blocks.0.attn2"):
+        for proj, native in (("to_q", "to_q"), ("to_v", "to_v"), ("to_out", "to_out.0")):
+            w = mods[f"{base}.{native}"].weight
+            down, up = torch.randn(4, w.shape[1], generator=gen) * 0.1, torch.randn(w.shape[0], 4, generator=gen) * 0.1
+            lora[f"{base}.processor.{proj}_lora.down.weight"] = down
+            lora[f"{base}.processor.{proj}_lora.up.weight"] = up
+            with torch.no_grad():
+                w += 0.8 * up @ down
+    torch.save({"state_dict": lora}, tmp_path / "v3_sd15_adapter.ckpt")
+
+    keys = {0: _image(11)}
+    oracle_models = SimpleNamespace(**{**vars(models), "adapter": adapter.eval(),
+                                       "base": SimpleNamespace(**{**vars(models.base), "unet": unet})})
+    expected = _reference(oracle_models, sc.nets["rgb"], monkeypatch, keys, guidance_scale=8.5)
+    pipe = load_pipeline(models.sd, motion_module=tmp_path / "v3_sd15_mm.ckpt",
+                         loras=[(tmp_path / "v3_sd15_adapter.ckpt", 0.8)],
+                         sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    assert pipe.unet.motion.version == "v3"
+    _check("v3 motion module + adapter + SparseCtrl", _ours(pipe, control_images=keys, guidance_scale=8.5), expected)
+    no_adapter = load_pipeline(models.sd, motion_module=tmp_path / "v3_sd15_mm.ckpt",
+                               sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    assert (_ours(no_adapter, control_images=keys, guidance_scale=8.5) - expected).abs().max() > 1e-3
