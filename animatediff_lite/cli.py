@@ -20,6 +20,7 @@ from pathlib import Path
 from . import batch_cli
 from .app import command as app_command
 from .checks import finite_number
+from .control_options import add_arguments as add_control_arguments
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
+    add_control_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
     batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
 
@@ -267,6 +269,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if batch_cli.wanted(args):  # --batch / --from: every setting comes from the file (batch_cli.py)
         return batch_cli.run(args, build_parser)
+    from . import control_options as control
     from .generate_options import pipeline_options, prompt_map
     from .loading.pipeline_load import load_pipeline
     from .video import save_video, video_format
@@ -298,10 +301,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress, **pipeline_options(args))
+                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
-                   backend=args.backend, compile=args.compile or False, threads=args.threads)
+                   backend=args.backend, compile=args.compile or False, threads=args.threads,
+                   **control.load_options(args))
     rank, world = _ranks()
     if preset is None and (args.per_prompt or world > 1):
         if args.seed is None:
@@ -361,6 +365,9 @@ def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, sa
     runs = preset.runs()
     for key in ("base", "dreambooth", "loras", "motion_loras"):  # command-line weights win over the preset's
         weights[key] = weights[key] or files[key]
+    if files["sparsectrl"] is not None:  # v3 SparseCtrl presets: the file and its key frames, unless given
+        weights.setdefault("sparsectrl", files["sparsectrl"])
+        sampling.setdefault("control_images", files["control_images"])
     motion_modules = [args.motion_module] if args.motion_module else files["motion_modules"]
     samples, log = [], []
     for motion_module in motion_modules:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .checks import finite_number, warn_untrained
 from .context import context_windows, windowed
+from .control import Control, ControlUnit, control_for_call
 from .free_init import FreeInit
 from .kernels._backend import Backend, resolve_backend
 from .motion import refresh_fused_projections
@@ -92,6 +93,8 @@ class Pipeline:
         # other sizes are allowed but warned about. None: unknown, never warned.
         self.trained_for: dict[str, int] | None = None
         self.compile_mode: str | None = None  # set by compile()
+        self.controlnets: list[ControlUnit] = []  # load_pipeline(controlnets=...); see control.py
+        self.sparsectrl: ControlUnit | None = None  # load_pipeline(sparsectrl=...)
         self._backend_request = backend
         self.set_backend(backend)
 
@@ -106,7 +109,7 @@ class Pipeline:
         """
         self._backend_request = backend
         self.backend = resolve_backend(backend, self.device)
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
             if isinstance(m, torch.nn.Module):
                 set_backend(m, self.backend, self.device)
         return self.backend
@@ -119,7 +122,7 @@ class Pipeline:
         before (a name, or None for the environment variable).
         """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
-        for m in (self.text_encoder, self.vae, self.unet):
+        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
             m.to(self.device, self.dtype)
         request = backend if backend is not None else self._backend_request
         self.set_backend(request.name if isinstance(request, Backend) else request)
@@ -153,6 +156,10 @@ class Pipeline:
                     conv.to(memory_format=fmt)  # cuDNN follows the weight's layout, so activations become NHWC
         return self
 
+    def _control_models(self) -> list[torch.nn.Module]:
+        units = [*getattr(self, "controlnets", []), *([self.sparsectrl] if getattr(self, "sparsectrl", None) else [])]
+        return [u.model for u in units]
+
     @property
     def max_frames(self) -> int | None:
         """Frames one UNet call can take (the motion module's PE length), None without a motion module."""
@@ -169,19 +176,25 @@ class Pipeline:
         return self.text_encoder(ids).to(self.dtype)
 
     def predict_noise(self, x: torch.Tensor, t: int, embeds: torch.Tensor, guidance_scale: float,
-                      frames: slice | None = None) -> torch.Tensor:
+                      frames: slice | None = None, control: Control | None = None,
+                      step: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Guided model output at x (B, 4, f, h, w); embeds is [uncond; cond] (2B, 77, D) or cond (B, 77, D),
-        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used."""
+        or per frame (2B or B, F, 77, D) (prompt travel), of which the ``frames`` of x (default all) are used.
+        control: the ControlNets' residuals for step ``step`` = (index, count) of the schedule (control.py)."""
         guided = embeds.shape[0] == 2 * x.shape[0]
         if embeds.dim() == 4:
             embeds = window_embeddings(embeds, slice(None) if frames is None else frames)
         inp = torch.cat([x, x]) if guided else x
         timestep = torch.tensor(t, device=x.device)  # int64, or float32 for the Euler samplers (as diffusers)
+        extra = {}
+        if control is not None:
+            down, mid = control.residuals(inp, timestep, embeds, *step, frames)
+            extra = {} if mid is None else {"down_residuals": down, "mid_residual": mid}
         if self.compile_mode == "reduce-overhead" and inp.is_cuda:
             torch.compiler.cudagraph_mark_step_begin()  # one replay per call; its outputs are reused memory
-            out = self.unet(inp, timestep, embeds).clone()
+            out = self.unet(inp, timestep, embeds, **extra).clone()
         else:
-            out = self.unet(inp, timestep, embeds)
+            out = self.unet(inp, timestep, embeds, **extra)
         if not guided:
             return out
         uncond, cond = out.chunk(2)
@@ -200,7 +213,11 @@ class Pipeline:
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
                  context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
                  callback: StepCallback | None = None, free_init: FreeInit | None = None,
-                 video: VideoInput | None = None, strength: float | None = None, sampler: str = "ddim") -> torch.Tensor:
+                 video: VideoInput | None = None, strength: float | None = None,
+                 control_frames: Sequence[VideoInput] | None = None,
+                 control_start: float | Sequence[float] | None = None,
+                 control_end: float | Sequence[float] | None = None, control_images: dict | None = None,
+                 control_scale: float | None = None, sampler: str = "ddim") -> torch.Tensor:
         """Generate videos; returns float32 CPU (len(prompts) * num_videos_per_prompt, num_frames, 3, H, W) in [0, 1].
 
         prompt / negative_prompt: one string or a list (a negative string applies to every prompt; None
@@ -223,6 +240,12 @@ class Pipeline:
         video: video-to-video from a (frames, 3, H, W) float tensor in [0, 1], a list of PIL images or a
         GIF/MP4 path; num_frames/height/width come from it. strength in (0, 1] (default 0.8): the share of
         the schedule run from the noised input (as diffusers' ``AnimateDiffVideoToVideoPipeline``).
+        control_frames: one condition video per ControlNet of ``load_pipeline(controlnets=...)`` ((F, 3, H, W)
+        tensor in [0, 1], PIL images or a path; F = num_frames, H x W the video size), applied to every video of
+        the batch; control_start / control_end: the share of the schedule each acts in (see control.py).
+        control_images: SparseCtrl key frames {frame index: PIL image, (3, H, W) tensor in [0, 1] or path} for
+        ``load_pipeline(sparsectrl=...)``, applied to every video and both CFG halves; control_scale: its
+        residual scale (default 1.0).
         """
         if video is not None:  # video-to-video: frames and size come from the input (video_input.py)
             frames_in = read_video(video)
@@ -248,6 +271,8 @@ class Pipeline:
         start = first_step(steps, strength) if video is not None else 0  # video-to-video skips the first steps
         rounds = free_init.round_steps(steps) if free_init else [steps]  # steps per FreeInit round
         run = SamplerRun(make_sampler(sampler, self.scheduler, eta), rounds[0], start)
+        control = control_for_call(self, control_frames, control_start, control_end, control_images, control_scale,
+                                   num_frames, height, width)  # ControlNet / SparseCtrl (control.py)
         batch = len(prompts) * num_videos_per_prompt
         f = self.latent_factor
         shape = (batch, self.unet_in_channels, num_frames, height // f, width // f)
@@ -280,7 +305,8 @@ class Pipeline:
                 x = free_init.reinitialize(x, initial_noise, run, generator)  # run: the last round's schedule
                 run = SamplerRun(make_sampler(sampler, self.scheduler, eta), rnd_steps)
             for i, t in enumerate(tqdm(run.timesteps, disable=not progress, desc="sampling")):
-                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale)
+                eps_fn = partial(self.predict_noise, t=t, embeds=embeds, guidance_scale=guidance_scale,
+                                 control=control, step=(i, len(run.timesteps)))
                 x_in = run.scale_input(i, x)
                 eps = windowed(eps_fn, x_in, windows, pass_frames=True) if windows else eps_fn(x_in)
                 x = run.step(i, eps, x, generator)

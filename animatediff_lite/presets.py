@@ -51,6 +51,8 @@ class Preset:
     frames: int
     fps: float
     sampler: str = "ddim"  # a name of animatediff_lite.samplers.SAMPLERS (AnimateLCM: "lcm")
+    sparsectrl: str | None = None  # v3 SparseCtrl presets: the SparseCtrl file and its key frames
+    control_images: tuple[tuple[int, str], ...] = ()
 
     def runs(self) -> list[tuple[str, str, int | None]]:
         """(prompt, negative prompt, seed) per sample, like upstream: a single negative prompt or seed is
@@ -65,7 +67,7 @@ class Preset:
         """Absolute model paths inside ``models_dir``; CheckpointError listing every missing one and where.
 
         Returns {"base": Path, "motion_modules": [Path], "dreambooth": Path | None, "loras": [(Path, scale)],
-        "motion_loras": [(Path, scale)]}.
+        "motion_loras": [(Path, scale)], "sparsectrl": Path | None, "control_images": {frame: Path}}.
         """
         root = Path(models_dir)
         found = {
@@ -74,16 +76,19 @@ class Preset:
             "dreambooth": root / self.dreambooth if self.dreambooth else None,
             "loras": [(root / self.lora, self.lora_scale)] if self.lora else [],
             "motion_loras": [(root / p, s) for p, s in self.motion_loras],
+            "sparsectrl": root / self.sparsectrl if self.sparsectrl else None,
+            "control_images": {frame: root / p for frame, p in self.control_images},
         }
         wanted = [found["base"], *found["motion_modules"], *(p for p, _ in found["loras"] + found["motion_loras"])]
-        if found["dreambooth"] is not None:
-            wanted.append(found["dreambooth"])
+        wanted += [p for p in (found["dreambooth"], found["sparsectrl"]) if p is not None]
+        wanted += list(found["control_images"].values())
         missing = [p for p in wanted if not p.exists()]
         if missing:
             raise CheckpointError(f"preset {self.name}: {len(missing)} model files missing under {root}: "
                                   f"{', '.join(str(p.relative_to(root)) for p in missing)} (expected layout: "
                                   "StableDiffusion/stable-diffusion-v1-5/ diffusers folder, Motion_Module/*.ckpt, "
-                                  "DreamBooth_LoRA/*.safetensors, MotionLoRA/*.ckpt)")
+                                  "DreamBooth_LoRA/*.safetensors, MotionLoRA/*.ckpt, SparseCtrl/*.ckpt, and "
+                                  "upstream's __assets__/demos/ key-frame images)")
         return found
 
 
@@ -125,6 +130,8 @@ def _preset(name: str, e: dict[str, Any]) -> Preset:
         negative_prompts=tuple(e.get("negative_prompts") or [""]), steps=int(e["steps"]),
         guidance_scale=float(e["guidance_scale"]), width=int(e["width"]), height=int(e["height"]),
         frames=int(e["frames"]), fps=float(e["fps"]), sampler=sampler_name(e.get("sampler", "ddim")),
+        sparsectrl=e.get("sparsectrl") or None,
+        control_images=tuple((int(c["frame"]), str(c["path"])) for c in e.get("control_images", [])),
     )
 
 

@@ -130,11 +130,14 @@ class UNet3D(nn.Module):
         return block(*args)
 
     def forward(self, sample: torch.Tensor, timestep: int | float | torch.Tensor,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, down_residuals: list[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
         """Predict noise for video latents.
 
         sample (B, C_in, F, h, w); timestep a number, 0-d or (B,) tensor; encoder_hidden_states (B, L, D),
         or (B*F, L, D) for per-frame text (frame-major within each video) -> (B, C_out, F, h, w).
+        down_residuals / mid_residual: ControlNet outputs in the folded (B*F, C, h', w') layout, added to every
+        skip tensor of the down path and to the mid block's output (as diffusers' additional residuals).
         """
         if sample.dim() != 5 or sample.shape[1] != self.config.in_channels:
             raise ValueError(f"sample must be (batch, {self.config.in_channels}, frames, h, w), "
@@ -159,7 +162,13 @@ class UNet3D(nn.Module):
         for block in self.down_blocks:
             x, block_skips = self._run(block, x, temb, ctx, f)
             skips.extend(block_skips)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"down_residuals: {len(down_residuals)} tensors for {len(skips)} skip tensors")
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]
         x = self._run(self.mid_block, x, temb, ctx, f)
+        if mid_residual is not None:
+            x = x + mid_residual
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]

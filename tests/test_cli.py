@@ -77,6 +77,8 @@ def test_presets_load_and_pair_like_upstream():
     presets = load_presets()
     assert set(REFERENCE) <= set(presets)
     for name, p in presets.items():
+        if p.sparsectrl:  # the v3 SparseCtrl presets (guidance 8.5, random seeds): tests/test_sparsectrl.py
+            continue
         runs = p.runs()
         assert len(runs) == len(p.prompts), name  # every prompt gets a negative prompt and a seed
         assert all(isinstance(seed, int) and 0 <= seed < 2**64 for _, _, seed in runs), name

@@ -17,11 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "animatediff_lite"
 # Model parts: build and run networks, know nothing of files, sampling loops, the CLI or training.
 MODEL_PARTS = ("config", "tokenizer", "clip", "vae", "unet", "unet_blocks", "motion", "scheduler", "samplers",
-               "attention", "ops", "context", "errors", "atomic", "kernels")
+               "attention", "ops", "context", "errors", "atomic", "kernels", "controlnet", "sparsectrl")
 # What each layer may not import (prefixes of module names below the package).
 FORBIDDEN = {
     **{part: ("loading", "pipeline", "cli", "train", "api", "lora", "video", "toy", "presets") for part in MODEL_PARTS},
     "pipeline": ("loading", "cli", "train", "api", "toy", "lora"),
+    "control": ("loading", "cli", "train", "api", "toy", "lora"),
     "loading": ("cli", "train", "api", "toy", "video", "presets"),
     "toy": ("loading", "pipeline", "cli", "train", "api"),
 }

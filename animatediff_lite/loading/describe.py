@@ -12,10 +12,12 @@ from collections import Counter
 
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint, read_checkpoint
+from .controlnet_map import CONTROLNET_LAYOUTS, describe_controlnet
 from .default_model import read_default_model
 from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
 from .lora_map import parse_lora
 from .motion_load import read_motion_module
+from .sparsectrl_map import SPARSE_LAYOUTS, describe_sparsectrl
 
 
 def describe(path: str | os.PathLike) -> dict:
@@ -40,6 +42,10 @@ def describe(path: str | os.PathLike) -> dict:
         alphas = sorted({p.alpha for p in pairs if p.alpha is not None})
         info.update(lora_modules=len(pairs), ranks=sorted({p.rank for p in pairs}),
                     parts=sorted({p.part for p in pairs}), alphas=alphas)
+    elif checkpoint.layout in CONTROLNET_LAYOUTS:
+        info.update(describe_controlnet(checkpoint))
+    elif checkpoint.layout in SPARSE_LAYOUTS:
+        info.update(describe_sparsectrl(checkpoint))
     elif checkpoint.layout == "default_model":
         _, config, metadata = read_default_model(checkpoint)
         info.update(generation=config.motion.version if config.motion else None,

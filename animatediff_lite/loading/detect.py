@@ -27,6 +27,10 @@ LAYOUTS: dict[str, str] = {
     "diffusers_unet": "a diffusers UNet2DConditionModel state dict",
     "diffusers_vae": "a diffusers AutoencoderKL state dict",
     "clip_text_encoder": "a CLIP text encoder state dict",
+    "diffusers_controlnet": "a diffusers ControlNetModel (controlnet_cond_embedding.*, controlnet_down_blocks.*)",
+    "ldm_controlnet": "an original ControlNet (input_hint_block.*, zero_convs.*, bare or under control_model.)",
+    "sparsectrl": "an original SparseCtrl (controlnet_cond_embedding + motion_modules.N.temporal_transformer)",
+    "diffusers_sparsectrl": "a diffusers SparseControlNetModel (controlnet_cond_embedding + diffusers motion modules)",
     "unknown": "weights of no known layout",
 }
 BASE_LAYOUTS = ("diffusers_folder", "ldm_single_file")
@@ -43,6 +47,7 @@ DEFAULT_MODEL_FORMAT = "animatediff-lite-default-model/1"
 CONFIG_CLASSES: dict[str, str] = {
     "MotionAdapter": "diffusers_motion_adapter", "UNetMotionModel": "diffusers_motion_unet",
     "UNet2DConditionModel": "diffusers_unet", "AutoencoderKL": "diffusers_vae", "CLIPTextModel": "clip_text_encoder",
+    "ControlNetModel": "diffusers_controlnet", "SparseControlNetModel": "diffusers_sparsectrl",
 }
 
 
@@ -69,11 +74,19 @@ def decide_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         return "adapter_lora", "processor-style LoRA keys (..._lora.down/up) on spatial layers"
     if has(".lora_A.") or has(".lora_B.") or has(".lora.down.") or has(".lora.up."):
         return "diffusers_lora", "keys with .lora_A/.lora_B or .lora.down/.lora.up"
+    if has("input_hint_block.") and has("zero_convs."):  # before LDM: old files also hold a whole SD model
+        return "ldm_controlnet", "input_hint_block.* and zero_convs.* keys"
     if any(k.startswith(LDM_PREFIXES) for k in keys):
         found = sorted({p for p in LDM_PREFIXES for k in keys if k.startswith(p)})
         return "ldm_single_file", f"keys start with {', '.join(found)}"
     if class_name in CONFIG_CLASSES:
         return CONFIG_CLASSES[class_name], f"its config.json names {class_name}"
+    if has("controlnet_cond_embedding.") and has("motion_modules."):
+        if has(".temporal_transformer."):
+            return "sparsectrl", "controlnet_cond_embedding.* and original-layout motion_modules.* keys"
+        return "diffusers_sparsectrl", "controlnet_cond_embedding.* and diffusers-layout motion_modules.* keys"
+    if has("controlnet_cond_embedding.") and has("controlnet_down_blocks."):
+        return "diffusers_controlnet", "controlnet_cond_embedding.* and controlnet_down_blocks.* keys"
     unet_body = "conv_in.weight" in keys and has("time_embedding.")
     if has("motion_modules."):
         if has(".temporal_transformer."):

@@ -30,7 +30,7 @@ StateDict = dict[str, torch.Tensor]
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 # Wrappers that training frameworks put around the tensors.
-WRAPPER_KEYS = ("state_dict", "model", "module")
+WRAPPER_KEYS = ("state_dict", "model", "module", "controlnet")  # "controlnet": original SparseCtrl files
 MAX_HEADER = 100_000_000  # bytes; a larger safetensors header means a corrupt or foreign file
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -24,10 +24,13 @@ from ..threads import apply_threads
 from ..unet import UNet3D
 from .checkpoint import Checkpoint, read_checkpoint
 from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
+from .controlnet_map import controlnet_units, read_controlnets
 from .default_model import load_default_pipeline
 from .detect import BASE_LAYOUTS
 from .io import load_strict
 from .motion_load import assign_motion_state, read_motion_module
+from .sparsectrl_map import WHAT as SPARSECTRL_WHAT
+from .sparsectrl_map import sparsectrl_unit
 from .unet_map import load_spatial, read_unet_source, unet_state_from_ldm
 from .vae_map import load_vae, vae_state_from_ldm
 
@@ -41,7 +44,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                   motion_loras: Sequence[LoraSpec] = (), motion_module_version: str | None = None,
                   device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: DDIMConfig | None = None, backend: str | None = None,
-                  compile: bool | str = False, threads: int | None = None) -> Pipeline:
+                  compile: bool | str = False, threads: int | None = None, controlnets: Sequence[LoraSpec] = (),
+                  sparsectrl: str | os.PathLike | None = None) -> Pipeline:
     """Build a text-to-video pipeline from weight files, each read once.
 
     base: a diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``) or
@@ -58,6 +62,10 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     "auto"), see :meth:`Pipeline.set_backend`. compile: True (or a torch.compile mode such as "reduce-overhead")
     compiles the UNet3D with fullgraph=True, see :meth:`Pipeline.compile`. threads: CPU threads for this
     process (None: 1 on the CPU unless OMP_NUM_THREADS is set, see :mod:`animatediff_lite.threads`).
+    controlnets: ``(path, scale)`` pairs of SD1.5 ControlNets (diffusers folder/file or an original
+    ``control_*.pth``/``.safetensors``), applied per frame with ``pipe(..., control_frames=[...])``.
+    sparsectrl: an AnimateDiff v3 SparseCtrl file (``v3_sd15_sparsectrl_rgb.ckpt`` / ``..._scribble.ckpt``) or a
+    diffusers SparseControlNetModel, steered by ``pipe(..., control_images={frame: image})``.
     Raises CheckpointError for unusable files, ValueError for bad arguments.
     """
     device, dtype = check_device_dtype(device, dtype)
@@ -67,9 +75,12 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     base_ckpt = read_checkpoint(base, BASE_WHAT) if base is not None else None
     db = _read_again_or_reuse(dreambooth, base_ckpt, DREAMBOOTH_WHAT)
     lora_ckpts = [(read_checkpoint(path, "a LoRA"), scale) for path, scale in loras]
+    control_ckpts = read_controlnets(controlnets, read_checkpoint)
+    sparse_ckpt = read_checkpoint(sparsectrl, SPARSECTRL_WHAT) if sparsectrl is not None else None
     motion_lora_ckpts = [(read_checkpoint(path, "a MotionLoRA"), scale) for path, scale in motion_loras]
     others = [name for name, v in (("motion_module", motion_module), ("dreambooth", dreambooth), ("loras", loras),
-                                   ("motion_loras", motion_loras), ("scheduler", scheduler)) if v]
+                                   ("motion_loras", motion_loras), ("scheduler", scheduler),
+                                   ("controlnets", controlnets), ("sparsectrl", sparsectrl)) if v]
     if base_ckpt is None or base_ckpt.layout == "default_model":
         if others:
             where = "without base=" if base_ckpt is None else f"with base={base_ckpt.where} (an embedded default model)"
@@ -89,6 +100,8 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
     if lora_ckpts or motion_lora_ckpts:
         apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
+    pipe.controlnets = controlnet_units(control_ckpts, unet.config, device, dtype)
+    pipe.sparsectrl = sparsectrl_unit(sparse_ckpt, unet.config, device, dtype)
     return _finish(pipe, backend, compile)
 
 
