@@ -416,6 +416,11 @@ def test_presets_shows_one_preset(capsys):
         assert text in out, text
     assert main(["presets", "ZoomIn"]) == 0
     assert "v2_lora_ZoomIn.ckpt" in capsys.readouterr().out  # its MotionLoRA
+    assert main(["presets", "AnimateLCM"]) == 0
+    assert "lcm, 6 steps" in capsys.readouterr().out  # its sampler
+    assert main(["presets", "SparseCtrl_RGB_Firework"]) == 0
+    out = capsys.readouterr().out
+    assert "v3_sd15_sparsectrl_rgb.ckpt" in out and "RealisticVision_firework.png" in out  # SparseCtrl + key frame
     assert main(["presets", "NoSuch"]) == 2
     assert "available: ToonYou" in capsys.readouterr().err
 
