@@ -67,7 +67,7 @@ def _batch(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> 
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     outcomes = run_jobs(jobs, args.out, rank, world, device, dtype, args.backend, progress=not args.no_progress,
-                        threads=args.threads)
+                        threads=args.threads, compile=args.compile or False)
     everything = gather_outcomes(outcomes, world)
     if rank == 0:
         print(summary(everything), file=sys.stderr)
@@ -93,6 +93,6 @@ def _from(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> i
     threads = args.threads  # else the sidecar's: same thread count, same float reduction order, same bits on CPU
     if threads is None and isinstance(settings.get("threads"), int) and settings["threads"] > 0:
         threads = settings["threads"]
-    pipe = load_for(job, device, dtype, args.backend, threads)  # load_pipeline sets the count (threads.py)
+    pipe = load_for(job, device, dtype, args.backend, threads, args.compile or False)  # sets the count
     print(run_job(pipe, job, out, progress=not args.no_progress)[0])
     return 0

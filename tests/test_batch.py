@@ -260,3 +260,21 @@ def test_threads_reach_batch_and_from(tmp_path, monkeypatch):
         assert json.loads((tmp_path / "s.json").read_text())["threads"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_compile_reaches_load_pipeline_with_batch_and_from(tmp_path, monkeypatch):
+    """--compile [MODE] is a run flag --batch / --from accept: it must reach load_pipeline (it was dropped)."""
+    seen = []
+
+    def recording(**kwargs):
+        seen.append(kwargs.get("compile"))
+        return load_pipeline(**{**kwargs, "compile": False})  # the mode is what is checked, not compiling
+
+    monkeypatch.setattr(batch_mod, "load_pipeline", recording)
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nid = "a"\nprompt = "a red circle moving up"\nsteps = 1\n'
+                                        'frames = 4\nseed = 1\n')
+    assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--device", "cpu",
+                 "--no-progress", "--compile", "reduce-overhead"]) == 0
+    assert main(["generate", "--from", str(tmp_path / "o" / "a.json"), "-o", str(tmp_path / "r.gif"), "--device",
+                 "cpu", "--no-progress", "--compile"]) == 0
+    assert seen == ["reduce-overhead", "default"]
