@@ -335,10 +335,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print_seed(seed: int):
-    """A step callback that prints the seed once the first step ran: after every argument was checked."""
+    """A step callback that prints the seed once the first step ran: after every argument was checked.
+
+    Once per run: the step index restarts with every FreeInit round."""
+    printed = []
 
     def callback(step: int, t: int, latents) -> None:
-        if step == 0:
+        if not printed:
+            printed.append(True)
             from tqdm.auto import tqdm
 
             tqdm.write(f"seed: {seed}", file=sys.stderr)  # above the progress bar, not through it

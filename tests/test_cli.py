@@ -393,6 +393,13 @@ def test_seed_printed_once_sampling_started(tmp_path, capsys):
     assert "seed: 5\n" in capsys.readouterr().err
 
 
+def test_seed_printed_once_with_free_init(tmp_path, capsys):
+    """FreeInit restarts the step index every round: the seed line still comes once."""
+    assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "5", "--no-progress",
+                 "--free-init", "2", "-o", str(tmp_path / "x.gif")]) == 0
+    assert capsys.readouterr().err.count("seed: 5\n") == 1
+
+
 def test_untrained_size_warns_once(tmp_path, capsys):
     """The default model was trained on 8 frames of 32x32: other sizes print one warning line, once."""
     argv = ["generate", "a red circle moving up", "a blue square moving left", "--steps", "1", "--seed", "0",
