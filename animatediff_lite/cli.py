@@ -294,9 +294,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt (positional), --prompts FILE, --prompt-at/--prompt-map or --preset NAME")
     _check_weight_paths(args)
     device, dtype = _device_dtype(args)
-    sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, None),
-                    height=_pick(args.height, preset and preset.height, None),
-                    width=_pick(args.width, preset and preset.width, None),
+    sized = preset if args.video is None else None  # video-to-video: frames and size come from the input
+    sampling = dict(num_frames=_pick(args.frames, sized and sized.frames, None),
+                    height=_pick(args.height, sized and sized.height, None),
+                    width=_pick(args.width, sized and sized.width, None),
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),

@@ -269,6 +269,25 @@ def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, m
     assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
 
 
+def test_generate_preset_with_video_takes_the_videos_frames_and_size(tiny_models, tmp_path, monkeypatch):
+    """--preset with --video: the preset's frames / height / width must not be passed (they clashed with the input's:
+    'the input has num_frames=3 but num_frames=2 was passed', with no way to leave them out)."""
+    import animatediff_lite.presets as presets_mod
+    from animatediff_lite.video import load_video_frames, save_video
+
+    text = ('[defaults]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\n'
+            'fps = 8\nsteps = 2\nguidance_scale = 7.5\nlora_scale = 0.8\n\n[Tiny]\n'
+            'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt"]\ndreambooth = ""\n'
+            'seeds = ["5"]\nprompts = ["d"]\nnegative_prompts = [""]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    save_video(torch.rand(1, 3, 3, 24, 24), tmp_path / "in.gif")
+    out = tmp_path / "samples"
+    assert main(["generate", "--preset", "Tiny", "--models-dir", str(tiny_models), "-o", str(out), "--device", "cpu",
+                 "--no-progress", "--video", str(tmp_path / "in.gif"), "--strength", "0.5"]) == 0
+    assert tuple(load_video_frames(out / "sample" / "0-d.gif").shape) == (3, 3, 24, 24)
+
+
 def test_convert_unet_ldm_roundtrip_and_info_folder(tiny_models, tmp_path, capsys):
     from animatediff_lite.loading.io import read_state_dict
 
