@@ -418,8 +418,11 @@ def describe_preset(preset) -> str:
             f"  dreambooth      {preset.dreambooth or '-'}",
             f"  lora            {', '.join(loras) or '-'}",
             f"  motion loras    {', '.join(f'{p} (scale {s:g})' for p, s in preset.motion_loras) or '-'}",
-            f"  sampling        {preset.steps} steps, guidance {preset.guidance_scale:g}, {preset.frames} frames of "
-            f"{preset.width}x{preset.height}, {preset.fps:g} fps",
+            *([f"  sparsectrl      {preset.sparsectrl}, key frames "
+               f"{', '.join(f'{frame}: {path}' for frame, path in preset.control_images)}"]
+              if preset.sparsectrl else []),
+            f"  sampling        {preset.sampler}, {preset.steps} steps, guidance {preset.guidance_scale:g}, "
+            f"{preset.frames} frames of {preset.width}x{preset.height}, {preset.fps:g} fps",
             f"  samples         {len(preset.runs())} per motion module:"]
     for i, (prompt, negative, seed) in enumerate(preset.runs()):
         rows += [f"  [{i}] seed      {'random' if seed is None else seed}",

@@ -446,6 +446,17 @@ def test_presets_shows_one_preset(capsys):
     assert "available: ToonYou" in capsys.readouterr().err
 
 
+def test_presets_shows_the_sampler_and_sparsectrl_files(capsys):
+    """The sampler (AnimateLCM: lcm) and a v3 preset's SparseCtrl file and key frames are part of what it runs."""
+    assert main(["presets", "AnimateLCM"]) == 0
+    assert "lcm, 6 steps" in capsys.readouterr().out
+    preset = get_preset("SparseCtrl_RGB_Firework")
+    assert main(["presets", preset.name]) == 0
+    out = capsys.readouterr().out
+    assert "ddim, " in out and preset.sparsectrl in out
+    assert all(f"{frame}: {path}" in out for frame, path in preset.control_images)
+
+
 def test_help_texts_say_defaults_and_config(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
