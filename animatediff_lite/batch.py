@@ -69,20 +69,24 @@ def run_job(pipe: Pipeline, job: Job, path: str | Path, progress: bool = False,
     return write_result(video, path, settings), settings
 
 
-def load_for(job: Job, device: str, dtype: torch.dtype | None, backend: str | None) -> Pipeline:
-    """The pipeline of a job's model set on ``device`` (the job's dtype, else ``dtype``, else float32)."""
+def load_for(job: Job, device: str, dtype: torch.dtype | None, backend: str | None,
+             threads: int | None = None, compile: bool | str = False) -> Pipeline:
+    """The pipeline of a job's model set on ``device`` (the job's dtype, else ``dtype``, else float32).
+
+    threads, compile: as in :func:`~animatediff_lite.load_pipeline` (None / False: its defaults)."""
     kwargs = job.load_kwargs()
     kwargs.setdefault("dtype", dtype or torch.float32)
-    return load_pipeline(**kwargs, device=device, backend=backend)
+    return load_pipeline(**kwargs, device=device, backend=backend, threads=threads, compile=compile)
 
 
 def run_jobs(jobs: list[Job], out_dir: str | Path, rank: int = 0, world: int = 1, device: str = "cpu",
-             dtype: torch.dtype | None = None, backend: str | None = None, progress: bool = True) -> list[Outcome]:
+             dtype: torch.dtype | None = None, backend: str | None = None, progress: bool = True,
+             threads: int | None = None, compile: bool | str = False) -> list[Outcome]:
     """Run this rank's share of ``jobs`` (indices i with i % world == rank) into ``out_dir``.
 
     Jobs whose video already exists are skipped; the rest are grouped by model set (each loaded once, in
     order of first use). A job or model set that fails is reported on stderr and recorded; the others go on.
-    Returns this rank's outcomes.
+    Returns this rank's outcomes. threads, compile: load_pipeline's, for every model set.
     """
     out_dir = Path(out_dir)
     outcomes: list[Outcome] = []
@@ -96,7 +100,7 @@ def run_jobs(jobs: list[Job], out_dir: str | Path, rank: int = 0, world: int = 1
     bar = tqdm(total=sum(map(len, groups.values())), desc=desc, disable=not progress or rank != 0)
     for group in groups.values():
         try:
-            pipe = load_for(group[0][1], device, dtype, backend)
+            pipe = load_for(group[0][1], device, dtype, backend, threads, compile)
         except Exception as e:  # a bad model set fails its jobs, not the run
             reason = f"loading the models: {_reason(e)}"
             outcomes += [_failed(i, job, reason, rank, world) for i, job in group]

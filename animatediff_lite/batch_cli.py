@@ -66,7 +66,8 @@ def _batch(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    outcomes = run_jobs(jobs, args.out, rank, world, device, dtype, args.backend, progress=not args.no_progress)
+    outcomes = run_jobs(jobs, args.out, rank, world, device, dtype, args.backend, progress=not args.no_progress,
+                        threads=args.threads, compile=args.compile or False)
     everything = gather_outcomes(outcomes, world)
     if rank == 0:
         print(summary(everything), file=sys.stderr)
@@ -74,8 +75,6 @@ def _batch(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> 
 
 
 def _from(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> int:
-    import torch  # lazy: see the note at the top
-
     from .batch import load_for, run_job
     from .jobs import OUTPUT_FORMATS, parse_job
     from .sidecar import read_settings
@@ -91,9 +90,9 @@ def _from(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> i
         job = parse_job({**job.settings(), "format": fmt}, str(path), path.parent, job.id)
     else:
         out = out / job.filename
-    threads = settings.get("threads")
-    if getattr(args, "threads", None) is None and isinstance(threads, int) and threads > 0:
-        torch.set_num_threads(threads)  # same thread count, same float reduction order: the same bits on CPU
-    pipe = load_for(job, device, dtype, args.backend)
+    threads = args.threads  # else the sidecar's: same thread count, same float reduction order, same bits on CPU
+    if threads is None and isinstance(settings.get("threads"), int) and settings["threads"] > 0:
+        threads = settings["threads"]
+    pipe = load_for(job, device, dtype, args.backend, threads, args.compile or False)  # sets the count
     print(run_job(pipe, job, out, progress=not args.no_progress)[0])
     return 0

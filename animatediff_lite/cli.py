@@ -294,9 +294,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("give a prompt (positional), --prompts FILE, --prompt-at/--prompt-map or --preset NAME")
     _check_weight_paths(args)
     device, dtype = _device_dtype(args)
-    sampling = dict(num_frames=_pick(args.frames, preset and preset.frames, None),
-                    height=_pick(args.height, preset and preset.height, None),
-                    width=_pick(args.width, preset and preset.width, None),
+    sized = preset if args.video is None else None  # video-to-video: frames and size come from the input
+    sampling = dict(num_frames=_pick(args.frames, sized and sized.frames, None),
+                    height=_pick(args.height, sized and sized.height, None),
+                    width=_pick(args.width, sized and sized.width, None),
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
@@ -335,10 +336,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _print_seed(seed: int):
-    """A step callback that prints the seed once the first step ran: after every argument was checked."""
+    """A step callback that prints the seed once the first step ran: after every argument was checked.
+
+    Once per run: the step index restarts with every FreeInit round."""
+    printed = []
 
     def callback(step: int, t: int, latents) -> None:
-        if step == 0:
+        if not printed:
+            printed.append(True)
             from tqdm.auto import tqdm
 
             tqdm.write(f"seed: {seed}", file=sys.stderr)  # above the progress bar, not through it
@@ -413,8 +418,9 @@ def describe_preset(preset) -> str:
             f"  dreambooth      {preset.dreambooth or '-'}",
             f"  lora            {', '.join(loras) or '-'}",
             f"  motion loras    {', '.join(f'{p} (scale {s:g})' for p, s in preset.motion_loras) or '-'}",
-            f"  sparsectrl      {preset.sparsectrl or '-'}"
-            + "".join(f"\n  key frame {frame:<5} {path}" for frame, path in preset.control_images),
+            *([f"  sparsectrl      {preset.sparsectrl}, key frames "
+               f"{', '.join(f'{frame}: {path}' for frame, path in preset.control_images)}"]
+              if preset.sparsectrl else []),
             f"  sampling        {preset.sampler}, {preset.steps} steps, guidance {preset.guidance_scale:g}, "
             f"{preset.frames} frames of {preset.width}x{preset.height}, {preset.fps:g} fps",
             f"  samples         {len(preset.runs())} per motion module:"]

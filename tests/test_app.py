@@ -102,6 +102,14 @@ def test_models_folder_choices_unreadable_file_and_presets(tmp_path):
     assert (form["frames"], form["height"], form["width"]) == (16, 512, 512)
 
 
+def test_preset_fills_the_sampler():
+    """Picking AnimateLCM must select its lcm sampler (the form kept ddim: 6 DDIM steps of an LCM model)."""
+    assert preset_form(get_preset("AnimateLCM"))["sampler"] == "lcm"
+    assert preset_form(get_preset("ToonYou"))["sampler"] == "ddim"
+    ui = pytest.importorskip("animatediff_lite.app.ui")
+    assert "sampler" in ui.PRESET_KEYS and set(ui.PRESET_KEYS) <= set(ui.FORM)
+
+
 def test_app_binds_to_localhost_by_default():
     args = build_parser().parse_args(["app"])
     assert (args.host, args.port, args.output_dir, args.models_dir) == ("127.0.0.1", 7860, "outputs", None)

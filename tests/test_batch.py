@@ -237,3 +237,44 @@ def test_model_keys_reach_load_pipeline_like_the_cli_flags(tiny_models, tmp_path
     assert s["loras"] == [[str(tmp_path / "l.safetensors"), 0.5]]
     assert s["motion_loras"] == [[str(tmp_path / "ml.ckpt"), 2.0]]
     assert s["base"] == str(sd) and s["motion_module"] == str(mm)
+
+
+def test_threads_reach_batch_and_from(tmp_path, monkeypatch):
+    """--threads N with --batch / --from sets N threads; --from without it uses the sidecar's count (load_pipeline
+    used to reset both to its default of 1 on the CPU)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        (tmp_path / "jobs.toml").write_text('[[jobs]]\nid = "a"\nprompt = "a red circle moving up"\nsteps = 1\n'
+                                            'frames = 4\nseed = 1\n')
+        assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--device",
+                     "cpu", "--no-progress", "--threads", "2"]) == 0
+        assert json.loads((tmp_path / "o" / "a.json").read_text())["threads"] == 2
+        sidecar = json.loads((tmp_path / "o" / "a.json").read_text())
+        (tmp_path / "b.json").write_text(json.dumps({**sidecar, "threads": 3}))
+        assert main(["generate", "--from", str(tmp_path / "b.json"), "-o", str(tmp_path / "r.gif"), "--device", "cpu",
+                     "--no-progress"]) == 0
+        assert json.loads((tmp_path / "r.json").read_text())["threads"] == 3
+        assert main(["generate", "--from", str(tmp_path / "b.json"), "-o", str(tmp_path / "s.gif"), "--device", "cpu",
+                     "--no-progress", "--threads", "2"]) == 0
+        assert json.loads((tmp_path / "s.json").read_text())["threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_compile_reaches_load_pipeline_with_batch_and_from(tmp_path, monkeypatch):
+    """--compile [MODE] is a run flag --batch / --from accept: it must reach load_pipeline (it was dropped)."""
+    seen = []
+
+    def recording(**kwargs):
+        seen.append(kwargs.get("compile"))
+        return load_pipeline(**{**kwargs, "compile": False})  # the mode is what is checked, not compiling
+
+    monkeypatch.setattr(batch_mod, "load_pipeline", recording)
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nid = "a"\nprompt = "a red circle moving up"\nsteps = 1\n'
+                                        'frames = 4\nseed = 1\n')
+    assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--device", "cpu",
+                 "--no-progress", "--compile", "reduce-overhead"]) == 0
+    assert main(["generate", "--from", str(tmp_path / "o" / "a.json"), "-o", str(tmp_path / "r.gif"), "--device",
+                 "cpu", "--no-progress", "--compile"]) == 0
+    assert seen == ["reduce-overhead", "default"]

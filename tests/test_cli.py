@@ -269,6 +269,25 @@ def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, m
     assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
 
 
+def test_generate_preset_with_video_takes_the_videos_frames_and_size(tiny_models, tmp_path, monkeypatch):
+    """--preset with --video: the preset's frames / height / width must not be passed (they clashed with the input's:
+    'the input has num_frames=3 but num_frames=2 was passed', with no way to leave them out)."""
+    import animatediff_lite.presets as presets_mod
+    from animatediff_lite.video import load_video_frames, save_video
+
+    text = ('[defaults]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\n'
+            'fps = 8\nsteps = 2\nguidance_scale = 7.5\nlora_scale = 0.8\n\n[Tiny]\n'
+            'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt"]\ndreambooth = ""\n'
+            'seeds = ["5"]\nprompts = ["d"]\nnegative_prompts = [""]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    save_video(torch.rand(1, 3, 3, 24, 24), tmp_path / "in.gif")
+    out = tmp_path / "samples"
+    assert main(["generate", "--preset", "Tiny", "--models-dir", str(tiny_models), "-o", str(out), "--device", "cpu",
+                 "--no-progress", "--video", str(tmp_path / "in.gif"), "--strength", "0.5"]) == 0
+    assert tuple(load_video_frames(out / "sample" / "0-d.gif").shape) == (3, 3, 24, 24)
+
+
 def test_convert_unet_ldm_roundtrip_and_info_folder(tiny_models, tmp_path, capsys):
     from animatediff_lite.loading.io import read_state_dict
 
@@ -393,6 +412,13 @@ def test_seed_printed_once_sampling_started(tmp_path, capsys):
     assert "seed: 5\n" in capsys.readouterr().err
 
 
+def test_seed_printed_once_with_free_init(tmp_path, capsys):
+    """FreeInit restarts the step index every round: the seed line still comes once."""
+    assert main(["generate", "a red circle moving up", "--steps", "1", "--seed", "5", "--no-progress",
+                 "--free-init", "2", "-o", str(tmp_path / "x.gif")]) == 0
+    assert capsys.readouterr().err.count("seed: 5\n") == 1
+
+
 def test_untrained_size_warns_once(tmp_path, capsys):
     """The default model was trained on 8 frames of 32x32: other sizes print one warning line, once."""
     argv = ["generate", "a red circle moving up", "a blue square moving left", "--steps", "1", "--seed", "0",
@@ -423,6 +449,17 @@ def test_presets_shows_one_preset(capsys):
     assert "v3_sd15_sparsectrl_rgb.ckpt" in out and "RealisticVision_firework.png" in out  # SparseCtrl + key frame
     assert main(["presets", "NoSuch"]) == 2
     assert "available: ToonYou" in capsys.readouterr().err
+
+
+def test_presets_shows_the_sampler_and_sparsectrl_files(capsys):
+    """The sampler (AnimateLCM: lcm) and a v3 preset's SparseCtrl file and key frames are part of what it runs."""
+    assert main(["presets", "AnimateLCM"]) == 0
+    assert "lcm, 6 steps" in capsys.readouterr().out
+    preset = get_preset("SparseCtrl_RGB_Firework")
+    assert main(["presets", preset.name]) == 0
+    out = capsys.readouterr().out
+    assert "ddim, " in out and preset.sparsectrl in out
+    assert all(f"{frame}: {path}" in out for frame, path in preset.control_images)
 
 
 def test_help_texts_say_defaults_and_config(capsys):

@@ -53,4 +53,4 @@ def preset_form(preset: Preset) -> dict:
             "lora": preset.lora or NONE, "lora_scale": preset.lora_scale,
             "motion_lora": lora[0], "motion_lora_scale": lora[1], "prompt": prompt, "negative_prompt": negative,
             "seed": "" if seed is None else str(seed), "steps": preset.steps, "guidance_scale": preset.guidance_scale,
-            "frames": preset.frames, "height": preset.height, "width": preset.width}
+            "frames": preset.frames, "height": preset.height, "width": preset.width, "sampler": preset.sampler}

@@ -100,7 +100,7 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
 
 
 PRESET_KEYS = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lora", "motion_lora_scale",
-               "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "frames", "height", "width")
+               "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "frames", "height", "width", "sampler")
 
 
 def launch(studio: Studio, choices: ModelChoices, host: str = "127.0.0.1", port: int = 7860,
