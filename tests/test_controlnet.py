@@ -20,7 +20,7 @@ from animatediff_lite.loading.pipeline_load import load_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
-from tests.test_pipeline import FRAMES, H, W, _check, _PerFrameGroupNorm, _randomize  # noqa: E402
+from tests.test_pipeline import FRAMES, H, W, _check, _randomize  # noqa: E402
 
 models = tp.models
 PROMPT = "a corgi running on the beach"
@@ -62,11 +62,7 @@ def _oracle(models, nets):
     pipe = diffusers.AnimateDiffControlNetPipeline(
         vae=models.base.vae, text_encoder=models.base.text, tokenizer=models.tokenizer, unet=models.base.unet,
         motion_adapter=models.adapter, controlnet=nets if len(nets) > 1 else nets[0], scheduler=scheduler)
-    for m in pipe.unet.modules():
-        if isinstance(m, tp.unet_motion_model.AnimateDiffTransformer3D):
-            norm = _PerFrameGroupNorm(m.norm.num_groups, m.norm.num_channels, eps=m.norm.eps)
-            norm.load_state_dict(m.norm.state_dict())
-            m.norm = norm
+    tp.per_frame_motion_norms(pipe.unet.modules())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -126,16 +126,21 @@ class _PerFrameGroupNorm(torch.nn.GroupNorm):
         return y.reshape(b, f, c, h, w).transpose(1, 2)
 
 
+def per_frame_motion_norms(modules) -> None:
+    """Patch diffusers' motion-module GroupNorm (joint over frames) to per frame, as the original AnimateDiff."""
+    for m in modules:
+        if isinstance(m, unet_motion_model.AnimateDiffTransformer3D):
+            norm = _PerFrameGroupNorm(m.norm.num_groups, m.norm.num_channels, eps=m.norm.eps)
+            norm.load_state_dict(m.norm.state_dict())
+            m.norm = norm
+
+
 def _oracle(parts: SimpleNamespace, models: SimpleNamespace):
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                                         steps_offset=1, clip_sample=False)
     pipe = diffusers.AnimateDiffPipeline(vae=parts.vae, text_encoder=parts.text, tokenizer=models.tokenizer,
                                          unet=parts.unet, motion_adapter=models.adapter, scheduler=scheduler)
-    for m in pipe.unet.modules():
-        if isinstance(m, unet_motion_model.AnimateDiffTransformer3D):
-            norm = _PerFrameGroupNorm(m.norm.num_groups, m.norm.num_channels, eps=m.norm.eps)
-            norm.load_state_dict(m.norm.state_dict())
-            m.norm = norm
+    per_frame_motion_norms(pipe.unet.modules())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

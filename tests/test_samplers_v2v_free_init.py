@@ -22,6 +22,7 @@ from animatediff_lite.scheduler import DDIM, DDIMConfig
 
 diffusers = pytest.importorskip("diffusers")
 from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
+from tests.test_free_init import _oracle_free_init  # noqa: E402
 from tests.test_pipeline import FRAMES, PROMPTS, H, W, _check  # noqa: E402
 from tests.test_samplers import oracle as scheduler_oracle  # noqa: E402
 from tests.test_video_to_video import _clip, _pil  # noqa: E402
@@ -47,17 +48,9 @@ def _v2v_oracle(oracle, name: str, config: DDIMConfig):
 def _free_init_oracle(oracle, name: str, config: DDIMConfig, free_init: FreeInit, steps: int, **kwargs):
     saved = oracle.scheduler
     oracle.scheduler = scheduler_oracle(name, config)
-    oracle.enable_free_init(num_iters=free_init.iterations, use_fast_sampling=free_init.use_fast_sampling,
-                            method=free_init.method, order=free_init.order,
-                            spatial_stop_frequency=free_init.spatial_stop,
-                            temporal_stop_frequency=free_init.temporal_stop)
     try:
-        with torch.no_grad():
-            out = oracle(num_frames=FRAMES, height=H, width=W, num_inference_steps=steps, output_type="pt",
-                         **kwargs).frames
-        return out.float()
+        return _oracle_free_init(oracle, free_init, steps, **kwargs)
     finally:
-        oracle.disable_free_init()
         oracle.scheduler = saved
 
 

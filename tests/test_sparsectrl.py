@@ -23,7 +23,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusers.pipelines.animatediff import pipeline_animatediff_sparsectrl as sparse_pipeline  # noqa: E402
 
 from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
-from tests.test_pipeline import FRAMES, H, W, _check, _PerFrameGroupNorm, _randomize  # noqa: E402
+from tests.test_pipeline import FRAMES, H, W, _check, _randomize  # noqa: E402
 
 models = tp.models
 PROMPT = "a corgi running on the beach"
@@ -68,11 +68,7 @@ def _oracle(models, net, monkeypatch):
     pipe = diffusers.AnimateDiffSparseControlNetPipeline(
         vae=models.base.vae, text_encoder=models.base.text, tokenizer=models.tokenizer, unet=models.base.unet,
         motion_adapter=models.adapter, controlnet=net, scheduler=scheduler)
-    for m in [*pipe.unet.modules(), *pipe.controlnet.modules()]:
-        if isinstance(m, tp.unet_motion_model.AnimateDiffTransformer3D):
-            norm = _PerFrameGroupNorm(m.norm.num_groups, m.norm.num_channels, eps=m.norm.eps)
-            norm.load_state_dict(m.norm.state_dict())
-            m.norm = norm
+    tp.per_frame_motion_norms([*pipe.unet.modules(), *pipe.controlnet.modules()])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
