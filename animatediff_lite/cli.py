@@ -302,7 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
                     context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args))
+                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args, preset))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
                    backend=args.backend, compile=args.compile or False, threads=args.threads,

@@ -110,3 +110,74 @@ def test_defaults_may_hold_the_control_model_and_jobs_their_inputs(tmp_path):
     assert job.load_kwargs()["controlnets"] == [(str(tmp_path / "a"), 1.0), (str(tmp_path / "b"), 0.5)]
     assert job.call_kwargs()["control_frames"] == [str(tmp_path / "x.gif"), str(tmp_path / "y")]
     assert job.call_kwargs()["control_start"] == [0.1, 0.2] and "controlnet" not in job.load_kwargs()
+
+
+@pytest.fixture
+def sparse_preset(models, sc, tmp_path, monkeypatch):
+    """A tiny v3 SparseCtrl preset (file and key frame under a models folder) as the shipped presets file."""
+    import animatediff_lite.presets as presets_mod
+
+    root = tmp_path / "models"
+    (root / "StableDiffusion").mkdir(parents=True)
+    (root / "StableDiffusion" / "sd").symlink_to(models.sd)
+    (root / "mm").symlink_to(models.mm)
+    (root / "SparseCtrl").mkdir()
+    (root / "SparseCtrl" / "sc.ckpt").symlink_to(sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    _image(9).save(root / "key.png")
+    (tmp_path / "presets.toml").write_text(
+        '[Tiny]\nbase = "StableDiffusion/sd"\nmotion_modules = ["mm"]\ndreambooth = ""\nlora_scale = 1.0\n'
+        f'width = {W}\nheight = {H}\nframes = {FRAMES}\nfps = 8\nsteps = {STEPS}\nguidance_scale = 8.5\n'
+        'sparsectrl = "SparseCtrl/sc.ckpt"\ncontrol_images = [{ frame = 2, path = "key.png" }]\n'
+        'seeds = ["3"]\nprompts = ["a boat"]\nnegative_prompts = ["worst quality"]\n')
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    return root
+
+
+def _library_gif(models, sc, path: Path, **control) -> Path:
+    from animatediff_lite.loading.pipeline_load import load_pipeline
+
+    pipe = load_pipeline(models.sd, motion_module=models.mm, sparsectrl=sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
+    video = pipe("a boat", negative_prompt="worst quality", num_frames=FRAMES, height=H, width=W, steps=STEPS,
+                 guidance_scale=8.5, seed=3, progress=False, **control)
+    return save_video(video, path)
+
+
+def test_sparsectrl_preset_takes_control_image_and_scale(models, sc, sparse_preset, tmp_path, capsys):
+    """--control-image / --control-scale with a v3 SparseCtrl preset replace its key frames and scale (they were
+    refused: "need --sparsectrl" although the preset names the SparseCtrl file)."""
+    _image(10).save(tmp_path / "other.png")
+    out = tmp_path / "samples"
+    assert main(["generate", "--preset", "Tiny", "--models-dir", str(sparse_preset), "-o", str(out), "--device",
+                 "cpu", "--no-progress", "--control-image", f"1:{tmp_path / 'other.png'}", "--control-scale",
+                 "0.7"]) == 0, capsys.readouterr().err
+    expected = _library_gif(models, sc, tmp_path / "expected.gif", control_images={1: _image(10)}, control_scale=0.7)
+    (got,) = (out / "sample").iterdir()
+    assert torch.equal(load_video_frames(got), load_video_frames(expected))
+    log = json.loads((out / "config.json").read_text())
+    assert log["control_images"] == {"1": str(tmp_path / "other.png")} and log["control_scale"] == 0.7
+    # Without a SparseCtrl preset or --sparsectrl the flags are still refused, naming both ways out.
+    assert main(["generate", "a", "--control-image", f"0:{tmp_path / 'other.png'}", "-o", str(tmp_path / "x.gif")]) == 2
+    err = capsys.readouterr().err
+    assert "--control-image/--control-scale need --sparsectrl FILE (or a SparseCtrl --preset)" in err
+
+
+def test_app_passes_a_sparsectrl_presets_file_and_key_frames(models, sc, sparse_preset, tmp_path):
+    from animatediff_lite.app.models import NONE, preset_form, scan
+    from animatediff_lite.app.studio import Studio
+    from animatediff_lite.presets import get_preset
+
+    form = preset_form(get_preset("Tiny"))
+    assert (form["sparsectrl"], form["control_images"]) == ("SparseCtrl/sc.ckpt", "2:key.png")
+    assert scan(sparse_preset).sparsectrl == ["SparseCtrl/sc.ckpt"]
+    studio = Studio(sparse_preset, tmp_path / "out", "cpu")
+    path, settings = studio.generate(form)
+    assert settings["sparsectrl"] == str((sparse_preset / "SparseCtrl" / "sc.ckpt").resolve())
+    assert settings["control_images"] == {"2": str(sparse_preset / "key.png")}
+    expected = _library_gif(models, sc, tmp_path / "expected.gif", control_images={2: _image(9)})
+    assert torch.equal(load_video_frames(path), load_video_frames(expected))
+    with pytest.raises(ValueError, match="Key frames: expected one FRAME:FILE per line"):
+        studio.generate({**form, "control_images": "key.png"})
+    with pytest.raises(ValueError, match="control_images needs the model key 'sparsectrl'"):
+        studio.generate({**form, "sparsectrl": NONE})
+    ui = pytest.importorskip("animatediff_lite.app.ui")  # the page binds the two fields and a preset fills them
+    assert {"sparsectrl", "control_images"} <= set(ui.PRESET_KEYS) <= set(ui.FORM)
