@@ -114,8 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more threads "
                    "were 3-20x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
                    "unless set, see docs/threads.md)")
-    g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
-    g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); default "
                    "out.gif; with --preset the output folder (default samples/NAME-TIME), with --per-prompt the "
                    "folder of the files (default samples)")
@@ -134,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-prompt", action="store_true",
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
-    add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
+    add_travel_video_arguments(g)  # context windows, prompt travel, FreeInit, video-to-video (generate_options.py)
     add_control_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
     batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
@@ -301,7 +299,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
-                    context_frames=args.context_frames, context_overlap=args.context_overlap,
                     progress=not args.no_progress, **pipeline_options(args), **control.call_options(args, preset))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import default_context_overlap
 from .free_init import FreeInit
 from .pipeline import Pipeline
 
@@ -135,6 +136,10 @@ def parse_job(raw: dict, where: str, base_dir: Path, default_id: str, info_ok: b
             sample[key] = _scalar(raw[key], key, where)
     if raw.get("frames") is not None:
         sample["frames"] = _scalar(raw["frames"], "frames", where)
+    frames = sample.get("context_frames")
+    if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 and \
+            sample.get("context_overlap") is None:  # the CLI's default: short windows must still advance
+        sample["context_overlap"] = default_context_overlap(frames)
     if raw.get("free_init") is not None:
         sample["free_init"] = _free_init(raw["free_init"], where)
     if raw.get("video") is not None:

@@ -509,3 +509,38 @@ def test_bad_weight_file_next_to_a_good_base(tiny_models, flag, kind, tmp_path, 
     print(err)
     assert "Traceback" not in err and err.count("\n") == 1 and bad.name in err and "seed:" not in err
     assert not (tmp_path / "x.gif").exists()
+
+
+def test_short_context_windows_get_a_default_overlap_and_flag_errors(tmp_path, capsys):
+    """--context-frames 4 used to fail on the default overlap of 4 with a message naming context_overlap: without
+    --context-overlap the overlap is min(4, N // 2), in the CLI, batch jobs and the app alike; a bad one names
+    the flags."""
+    from animatediff_lite import load_pipeline, save_video
+    from animatediff_lite.app.studio import Studio
+    from animatediff_lite.video import load_video_frames
+
+    argv = ["generate", "a red circle moving up", "--frames", "8", "--steps", "1", "--seed", "2", "--no-progress"]
+    assert main([*argv, "--context-frames", "4", "-o", str(tmp_path / "cli.gif")]) == 0
+    video = load_pipeline()("a red circle moving up", num_frames=8, steps=1, seed=2, context_frames=4,
+                            context_overlap=2, progress=False)
+    save_video(video, tmp_path / "lib.gif")
+    assert torch.equal(load_video_frames(tmp_path / "cli.gif"), load_video_frames(tmp_path / "lib.gif"))
+    capsys.readouterr()
+    for extra, message in ((["--context-frames", "4", "--context-overlap", "4"],
+                            "--context-overlap 4: expected 0 <= --context-overlap < --context-frames (4)"),
+                           (["--context-overlap", "2"], "--context-overlap 2: needs --context-frames N"),
+                           (["--context-frames", "0"], "--context-frames 0: expected an integer >= 1")):
+        assert main([*argv, *extra, "-o", str(tmp_path / "x.gif")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "context_overlap" not in err and err.count("\n") == 1, err
+
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nid = "a"\nprompt = "a red circle moving up"\nframes = 8\n'
+                                        'steps = 1\nseed = 2\ncontext_frames = 4\n')
+    assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "a.json").read_text())["context_overlap"] == 2
+    assert torch.equal(load_video_frames(tmp_path / "o" / "a.gif"), load_video_frames(tmp_path / "lib.gif"))
+    form = {"prompt": "a red circle moving up", "frames": "8", "steps": "1", "seed": "2", "context_frames": "4",
+            "context_overlap": ""}
+    path, settings = Studio(None, tmp_path / "app", "cpu").generate(form)
+    assert settings["context_overlap"] == 2
+    assert torch.equal(load_video_frames(path), load_video_frames(tmp_path / "lib.gif"))

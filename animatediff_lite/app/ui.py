@@ -68,7 +68,8 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                 with gr.Row():
                     f["context_frames"] = gr.Textbox(label="Context frames", placeholder="off",
                                                      info="sliding windows; blank: off")
-                    f["context_overlap"] = gr.Number(4, label="Context overlap")
+                    f["context_overlap"] = gr.Textbox(label="Context overlap", placeholder="auto",
+                                                      info="blank: 4, at most half the window")
                     f["format"] = gr.Radio(["gif", "mp4"], value="gif", label="Format")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
