@@ -180,14 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
+    """Run one command; returns the exit status (0, 2 for a user error, 130 when interrupted, 141 when the reader
+    of stdout went away, as a command killed by SIGPIPE reports)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `animatediff-lite presets NAME | head -1`: the reader is gone, say nothing
+        try:  # the interpreter flushes stdout again at exit: into /dev/null, not the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout replaced by something without a file descriptor
+            pass
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     prefix = f"animatediff-lite {args.command}"
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)  # shown once each by _one_line_warnings
         warnings.showwarning = _one_line_warnings(prefix)
         try:
-            return args.func(args) or 0
+            status = args.func(args) or 0
+            sys.stdout.flush()  # a closed pipe fails here, inside main, not in the interpreter's exit
+            return status
+        except BrokenPipeError:
+            raise  # an OSError, but about stdout, not a user's file: main() ends quietly
         except (CheckpointError, ValueError) as e:
             print(f"{prefix}: error: {e}", file=sys.stderr)
         except OSError as e:  # reading or writing a user's path: permissions, a folder in the way, disk full

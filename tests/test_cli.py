@@ -544,3 +544,17 @@ def test_short_context_windows_get_a_default_overlap_and_flag_errors(tmp_path, c
     path, settings = Studio(None, tmp_path / "app", "cpu").generate(form)
     assert settings["context_overlap"] == 2
     assert torch.equal(load_video_frames(path), load_video_frames(tmp_path / "lib.gif"))
+
+
+@pytest.mark.parametrize("argv", [["presets", "ToonYou"], ["presets"], ["generate", "--help"]])
+def test_closed_stdout_ends_quietly(argv):
+    """`animatediff-lite presets NAME | head -1` printed "error: Broken pipe": a reader that went away ends the
+    command without a word (status 141, as a command killed by SIGPIPE; 0 for --help, which argparse ends)."""
+    run = subprocess.Popen([sys.executable, "-m", "animatediff_lite", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    run.stdout.close()  # the reader is gone before the first write
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=120) in (0, 141) and err == "", err
+    shell = subprocess.run(f"{sys.executable} -m animatediff_lite {' '.join(argv)} | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert shell.returncode == 0 and shell.stderr == "" and shell.stdout.count("\n") == 1, shell.stderr
