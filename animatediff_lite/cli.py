@@ -8,8 +8,6 @@ stderr naming the argument or file and exit with status 2; warnings print as one
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
 import os
 import random
@@ -17,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import batch_cli
+from . import batch_cli, preset_cli
 from .app import command as app_command
 from .checks import finite_number
 from .control_options import add_arguments as add_control_arguments
@@ -320,12 +318,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
                    backend=args.backend, compile=args.compile or False, threads=args.threads,
                    **control.load_options(args))
-    rank, world = _ranks()
-    if preset is None and (args.per_prompt or world > 1):
+    rank, world = preset_cli.ranks()
+    if world > 1 and device.startswith("cuda"):  # one GPU per rank
+        weights["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if preset is not None:
+        return preset_cli.run(args, preset, prompts, weights, sampling)
+    if args.per_prompt or world > 1:
         if args.seed is None:
             raise ValueError("--seed is required with --per-prompt / torchrun, so every rank draws the same seeds")
-        if world > 1 and device.startswith("cuda"):
-            weights["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         pipe = load_pipeline(motion_module=args.motion_module, **weights)
         out_dir = Path(args.out or "samples")
         for i in range(rank, len(prompts), world):  # rank r takes prompts r, r+world, ...
@@ -333,19 +333,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             name = "-".join(prompts[i].replace("/", "").split(" ")[:10])
             print(save_video(video, out_dir / f"{i:04d}-{name}.gif", fps=args.fps))
         return 0
-    if preset is None:
-        try:
-            video_format(args.out or "out.gif")  # before sampling, not after it
-        except ValueError as e:
-            raise ValueError(f"-o/--out: {e}") from None
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
-        pipe = load_pipeline(motion_module=args.motion_module, **weights)
-        negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
-        video = pipe(travel or prompts, negative_prompt=negative, seed=seed, callback=_print_seed(seed), **sampling)
-        out = save_video(video, args.out or "out.gif", fps=args.fps)
-        print(out)
-        return 0
-    return _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video)
+    try:
+        video_format(args.out or "out.gif")  # before sampling, not after it
+    except ValueError as e:
+        raise ValueError(f"-o/--out: {e}") from None
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+    pipe = load_pipeline(motion_module=args.motion_module, **weights)
+    negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
+    video = pipe(travel or prompts, negative_prompt=negative, seed=seed, callback=_print_seed(seed), **sampling)
+    print(save_video(video, args.out or "out.gif", fps=args.fps))
+    return 0
 
 
 def _print_seed(seed: int):
@@ -364,84 +361,17 @@ def _print_seed(seed: int):
     return callback
 
 
-def _ranks() -> tuple[int, int]:
-    """(rank, world size) under torchrun (its RANK / WORLD_SIZE variables), (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video) -> int:
-    """One GIF per (motion module, prompt) plus the combined grid ``sample.gif``, as upstream's animate.py."""
-    import torch
-
-    files = preset.files(args.models_dir)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    out_dir = Path(args.out or f"samples/{preset.name}-{stamp}")
-    if prompts:  # prompts on the command line replace the preset's; seeds are paired with them as upstream
-        preset = dataclasses.replace(preset, prompts=tuple(prompts), negative_prompts=("",))
-    if args.negative is not None:
-        preset = dataclasses.replace(preset, negative_prompts=(args.negative,))
-    runs = preset.runs()
-    for key in ("base", "dreambooth", "loras", "motion_loras"):  # command-line weights win over the preset's
-        weights[key] = weights[key] or files[key]
-    if files["sparsectrl"] is not None:  # v3 SparseCtrl presets: the file and its key frames, unless given
-        weights.setdefault("sparsectrl", files["sparsectrl"])
-        sampling.setdefault("control_images", files["control_images"])
-    motion_modules = [args.motion_module] if args.motion_module else files["motion_modules"]
-    samples, log = [], []
-    for motion_module in motion_modules:
-        pipe = load_pipeline(motion_module=motion_module, **weights)
-        for prompt, negative, seed in runs:
-            seed = args.seed if args.seed is not None else seed
-            if seed is None:
-                seed = random.SystemRandom().randrange(2**63)
-            video = pipe(prompt, negative_prompt=negative, seed=seed, **sampling)
-            name = "-".join(prompt.replace("/", "").split(" ")[:10])  # upstream's file naming
-            path = save_video(video, out_dir / "sample" / f"{len(samples)}-{name}.gif", fps=args.fps)
-            print(f"{path}  (seed {seed})")
-            samples.append(video)
-            log.append({"motion_module": str(motion_module), "prompt": prompt, "negative_prompt": negative,
-                        "seed": seed, "file": str(path)})
-    print(save_video(torch.cat(samples), out_dir / "sample.gif", fps=args.fps, n_rows=4))
-    settings = {"preset": preset.name, "source": preset.source, "samples": log,
-                **{k: v for k, v in sampling.items() if k != "progress"}}
-    (out_dir / "config.json").write_text(json.dumps(settings, indent=1, default=str), encoding="utf-8")
-    return 0
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
     from .presets import get_preset, load_presets
 
     if args.name is not None:
-        print(describe_preset(get_preset(args.name)))
+        print(preset_cli.describe_preset(get_preset(args.name)))
         return 0
     for name, p in load_presets().items():
         print(f"{name:22s} {len(p.prompts)} prompts  motion: {', '.join(Path(m).name for m in p.motion_modules)}  "
               f"dreambooth: {Path(p.dreambooth).name if p.dreambooth else '-'}")
     print("\n`animatediff-lite presets NAME` shows one in full; `generate --preset NAME --models-dir DIR` runs it.")
     return 0
-
-
-def describe_preset(preset) -> str:
-    """One preset as text: model files (relative to --models-dir), sampling settings, then every sample's
-    prompt, negative prompt and seed, paired as upstream pairs them."""
-    loras = [f"{preset.lora} (scale {preset.lora_scale:g})"] if preset.lora else []
-    rows = [f"{preset.name}  (upstream {preset.source})" if preset.source else preset.name,
-            f"  base            {preset.base}",
-            f"  motion modules  {', '.join(preset.motion_modules)}",
-            f"  dreambooth      {preset.dreambooth or '-'}",
-            f"  lora            {', '.join(loras) or '-'}",
-            f"  motion loras    {', '.join(f'{p} (scale {s:g})' for p, s in preset.motion_loras) or '-'}",
-            *([f"  sparsectrl      {preset.sparsectrl}, key frames "
-               f"{', '.join(f'{frame}: {path}' for frame, path in preset.control_images)}"]
-              if preset.sparsectrl else []),
-            f"  sampling        {preset.sampler}, {preset.steps} steps, guidance {preset.guidance_scale:g}, "
-            f"{preset.frames} frames of {preset.width}x{preset.height}, {preset.fps:g} fps",
-            f"  samples         {len(preset.runs())} per motion module:"]
-    for i, (prompt, negative, seed) in enumerate(preset.runs()):
-        rows += [f"  [{i}] seed      {'random' if seed is None else seed}",
-                 f"      prompt    {prompt}",
-                 f"      negative  {negative or '-'}"]
-    return "\n".join(rows)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

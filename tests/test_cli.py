@@ -269,6 +269,37 @@ def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, m
     assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
 
 
+def test_preset_split_over_torchrun_ranks(tiny_models, tmp_path):
+    """torchrun ... generate --preset: rank r makes samples r, r+2, ... (each rank made every sample); the sample
+    GIFs, the grid and the log equal a one-process run's, byte for byte."""
+    text = ('[Tiny]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\nfps = 8\n'
+            'steps = 1\nguidance_scale = 7.5\nlora_scale = 1.0\ndreambooth = ""\n'
+            'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt", "Motion_Module/mm_tiny_v2.ckpt"]\n'
+            'seeds = ["1", "2", "3"]\nprompts = ["a corgi", "a cat", "a boat"]\nnegative_prompts = [""]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    script = tmp_path / "run.py"  # the presets file is swapped in each process, as monkeypatch does in-process
+    script.write_text("import sys\nfrom pathlib import Path\nimport animatediff_lite.presets as p\n"
+                      "p.PRESETS_FILE = Path(sys.argv[1])\nfrom animatediff_lite.cli import main\n"
+                      "sys.exit(main(sys.argv[2:]))\n")
+    args = [str(script), str(tmp_path / "presets.toml"), "generate", "--preset", "Tiny", "--models-dir",
+            str(tiny_models), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in both runs: equal thread counts give equal bits
+    one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "-o", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    made = [line for line in two.stdout.splitlines() if "(seed " in line]
+    assert len(made) == 6 and len(set(made)) == 6, two.stdout  # 2 motion modules x 3 prompts, each once
+    assert two.stdout.count("sample.gif") == 1  # the grid: rank 0 only
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len(files) == 8  # 6 samples, the grid, config.json
+    for name in files:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        assert a == (b.replace(b"/two/", b"/one/") if name.suffix == ".json" else b), name
+
+
 def test_generate_preset_with_video_takes_the_videos_frames_and_size(tiny_models, tmp_path, monkeypatch):
     """--preset with --video: the preset's frames / height / width must not be passed (they clashed with the input's:
     'the input has num_frames=3 but num_frames=2 was passed', with no way to leave them out)."""
