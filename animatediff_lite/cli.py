@@ -16,11 +16,16 @@ import warnings
 from pathlib import Path
 
 from . import batch_cli, preset_cli
+from . import control_options as control
 from .app import command as app_command
 from .checks import finite_number
-from .control_options import add_arguments as add_control_arguments
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
+from .generate_options import pipeline_options, prompt_map
+from .presets import get_preset, load_presets
+
+# Function-level imports below load torch and the model code (about 1 s on a small CPU): only the commands that
+# run a model pay for it, never --help, `presets` or an argument error (tests/test_startup.py).
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -131,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
     add_travel_video_arguments(g)  # context windows, prompt travel, FreeInit, video-to-video (generate_options.py)
-    add_control_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
+    control.add_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
     batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
 
@@ -281,10 +286,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if batch_cli.wanted(args):  # --batch / --from: every setting comes from the file (batch_cli.py)
         return batch_cli.run(args, build_parser)
-    from . import control_options as control
-    from .generate_options import pipeline_options, prompt_map
-    from .loading.pipeline_load import load_pipeline
-    from .video import save_video, video_format
+    from .loading.pipeline_load import load_pipeline  # torch: see the note at the top
+    from .video import save_video, video_format  # torch, numpy, imageio: see the note at the top
 
     prompts = list(args.prompt)
     if args.prompts:
@@ -296,8 +299,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     travel, travel_negative = prompt_map(args, prompts)
     preset = None
     if args.preset:
-        from .presets import get_preset
-
         preset = get_preset(args.preset)
         if not Path(args.models_dir).is_dir():
             raise ValueError(f"--models-dir {args.models_dir}: not a folder; expected the folder holding "
@@ -362,8 +363,6 @@ def _print_seed(seed: int):
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import get_preset, load_presets
-
     if args.name is not None:
         print(preset_cli.describe_preset(get_preset(args.name)))
         return 0
@@ -375,7 +374,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .loading.describe import describe
+    from .loading.describe import describe  # torch: see the note at the top
 
     if not Path(args.file).exists():
         raise ValueError(f"{args.file}: no such file or folder; expected a weights file or model folder")
@@ -390,9 +389,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_motion(args: argparse.Namespace) -> int:
-    from .loading.io import save_state_dict
-    from .loading.motion_load import read_motion_module, save_motion_module, save_motion_module_original
-    from .loading.motion_map import motion_state_to_diffusers
+    from .loading.io import save_state_dict  # torch: see the note at the top
+    from .loading.motion_load import read_motion_module, save_motion_module, save_motion_module_original  # torch
+    from .loading.motion_map import motion_state_to_diffusers  # torch
 
     state, info = read_motion_module(args.input, args.motion_module_version)
     if args.to == "diffusers":
@@ -406,8 +405,8 @@ def cmd_convert_motion(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_unet(args: argparse.Namespace) -> int:
-    from .loading.io import save_state_dict
-    from .loading.unet_map import read_unet_source, unet_state_to_ldm
+    from .loading.io import save_state_dict  # torch: see the note at the top
+    from .loading.unet_map import read_unet_source, unet_state_to_ldm  # torch
 
     state, cfg, what = read_unet_source(args.input)
     if args.to == "ldm":
@@ -419,7 +418,7 @@ def cmd_convert_unet(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from .train import main as train_main
+        from .train import main as train_main  # torch; may be left out of an installation (ImportError below)
     except ImportError as e:
         raise ValueError(f"training is not available in this installation ({e})") from e
     user_file(args.config, "config", "a TOML training config like examples/train_config.toml", text=True)

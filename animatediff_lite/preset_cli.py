@@ -51,8 +51,8 @@ def run(args: argparse.Namespace, preset, prompts: list[str], weights: dict, sam
     upstream's animate.py. Under torchrun rank r makes samples r, r + world, ...; the files equal one process's."""
     import torch  # lazy: cli.py imports this module to build its parser, which must not load torch
 
-    from .loading.pipeline_load import load_pipeline
-    from .video import save_video
+    from .loading.pipeline_load import load_pipeline  # torch: lazy, as the import above
+    from .video import save_video  # torch: lazy, as the import above
 
     files = preset.files(args.models_dir)
     if prompts:  # prompts on the command line replace the preset's; seeds are paired with them as upstream
