@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, build_parser: Callable[[], argparse.ArgumentPa
 
 def _batch(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> int:
     from .batch import gather_outcomes, run_jobs, summary  # lazy: see the note at the top
-    from .jobs import read_jobs
+    from .jobs import read_jobs  # torch, through the Pipeline signature it reads: lazy too
 
     jobs = read_jobs(args.batch)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -75,9 +75,9 @@ def _batch(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> 
 
 
 def _from(args: argparse.Namespace, device: str, dtype: torch.dtype | None) -> int:
-    from .batch import load_for, run_job
-    from .jobs import OUTPUT_FORMATS, parse_job
-    from .sidecar import read_settings
+    from .batch import load_for, run_job  # lazy: see the note at the top
+    from .jobs import OUTPUT_FORMATS, parse_job  # torch: lazy too
+    from .sidecar import read_settings  # torch (it writes videos): lazy too
 
     path = Path(args.from_settings)
     settings = read_settings(path)

@@ -21,6 +21,16 @@ def sampler_name(name: object) -> str:
     return name
 
 
+def default_context_overlap(context_frames: int) -> int:
+    """The overlap of sliding context windows when none is given: 4, at most half the window.
+
+    4 frames is the default of AnimateDiff-Evolved's and animatediff-cli's context schedulers (with 16-frame
+    windows); neither adapts it to short windows, where overlap >= window length stops the windows advancing.
+    Capping it at half the window keeps 4 for windows of 8+ frames and lets ``context_frames=4`` run (overlap 2).
+    """
+    return min(4, context_frames // 2)
+
+
 def finite_number(name: str, value: object, minimum: float | None = None, exclusive: bool = False) -> float:
     """``value`` as a float if it is a finite real number (>= ``minimum``, or > with ``exclusive``).
 

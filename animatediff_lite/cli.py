@@ -8,8 +8,6 @@ stderr naming the argument or file and exit with status 2; warnings print as one
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime
 import json
 import os
 import random
@@ -17,12 +15,17 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import batch_cli
+from . import batch_cli, preset_cli
+from . import control_options as control
 from .app import command as app_command
 from .checks import finite_number
-from .control_options import add_arguments as add_control_arguments
 from .errors import CheckpointError
 from .generate_options import add_arguments as add_travel_video_arguments
+from .generate_options import pipeline_options, prompt_map
+from .presets import get_preset, load_presets
+
+# Function-level imports below load torch and the model code (about 1 s on a small CPU): only the commands that
+# run a model pay for it, never --help, `presets` or an argument error (tests/test_startup.py).
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -114,8 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=count, help="CPU threads (default 1 unless OMP_NUM_THREADS is set: more threads "
                    "were 3-20x slower when other work shares the cores; N > 1 also sets OMP_WAIT_POLICY=PASSIVE "
                    "unless set, see docs/threads.md)")
-    g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
-    g.add_argument("--context-overlap", type=int, default=4, help="frames shared by neighbouring windows")
     g.add_argument("-o", "--out", help="output: .gif/.mp4/.webp, or a folder of PNG frames (no suffix); default "
                    "out.gif; with --preset the output folder (default samples/NAME-TIME), with --per-prompt the "
                    "folder of the files (default samples)")
@@ -134,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-prompt", action="store_true",
                    help="one file per prompt in the folder -o (prompt i uses seed+i), instead of one grid; "
                         "implied under torchrun, where the prompts are split over the ranks")
-    add_travel_video_arguments(g)  # prompt travel, FreeInit, video-to-video (generate_options.py)
-    add_control_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
+    add_travel_video_arguments(g)  # context windows, prompt travel, FreeInit, video-to-video (generate_options.py)
+    control.add_arguments(g)  # ControlNet, SparseCtrl (control_options.py)
     batch_cli.add_arguments(g)  # --batch JOBS, --from NAME.json (batch_cli.py)
     g.set_defaults(func=cmd_generate)
 
@@ -182,14 +183,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0, 2 for a user error, 130 when interrupted)."""
+    """Run one command; returns the exit status (0, 2 for a user error, 130 when interrupted, 141 when the reader
+    of stdout went away, as a command killed by SIGPIPE reports)."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `animatediff-lite presets NAME | head -1`: the reader is gone, say nothing
+        try:  # the interpreter flushes stdout again at exit: into /dev/null, not the closed pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout replaced by something without a file descriptor
+            pass
+        return 141
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     prefix = f"animatediff-lite {args.command}"
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)  # shown once each by _one_line_warnings
         warnings.showwarning = _one_line_warnings(prefix)
         try:
-            return args.func(args) or 0
+            status = args.func(args) or 0
+            sys.stdout.flush()  # a closed pipe fails here, inside main, not in the interpreter's exit
+            return status
+        except BrokenPipeError:
+            raise  # an OSError, but about stdout, not a user's file: main() ends quietly
         except (CheckpointError, ValueError) as e:
             print(f"{prefix}: error: {e}", file=sys.stderr)
         except OSError as e:  # reading or writing a user's path: permissions, a folder in the way, disk full
@@ -269,10 +286,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if batch_cli.wanted(args):  # --batch / --from: every setting comes from the file (batch_cli.py)
         return batch_cli.run(args, build_parser)
-    from . import control_options as control
-    from .generate_options import pipeline_options, prompt_map
-    from .loading.pipeline_load import load_pipeline
-    from .video import save_video, video_format
+    from .loading.pipeline_load import load_pipeline  # torch: see the note at the top
+    from .video import save_video, video_format  # torch, numpy, imageio: see the note at the top
 
     prompts = list(args.prompt)
     if args.prompts:
@@ -284,8 +299,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     travel, travel_negative = prompt_map(args, prompts)
     preset = None
     if args.preset:
-        from .presets import get_preset
-
         preset = get_preset(args.preset)
         if not Path(args.models_dir).is_dir():
             raise ValueError(f"--models-dir {args.models_dir}: not a folder; expected the folder holding "
@@ -301,18 +314,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     steps=_pick(args.steps, preset and preset.steps, None),
                     guidance_scale=_pick(args.guidance, preset and preset.guidance_scale, None),
                     sampler=_pick(args.sampler, preset and preset.sampler, "ddim"),
-                    context_frames=args.context_frames, context_overlap=args.context_overlap,
-                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args))
+                    progress=not args.no_progress, **pipeline_options(args), **control.call_options(args, preset))
     weights = dict(base=args.base, dreambooth=args.dreambooth, loras=args.lora, motion_loras=args.motion_lora,
                    motion_module_version=args.motion_module_version, device=device, dtype=dtype,
                    backend=args.backend, compile=args.compile or False, threads=args.threads,
                    **control.load_options(args))
-    rank, world = _ranks()
-    if preset is None and (args.per_prompt or world > 1):
+    rank, world = preset_cli.ranks()
+    if world > 1 and device.startswith("cuda"):  # one GPU per rank
+        weights["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    if preset is not None:
+        return preset_cli.run(args, preset, prompts, weights, sampling)
+    if args.per_prompt or world > 1:
         if args.seed is None:
             raise ValueError("--seed is required with --per-prompt / torchrun, so every rank draws the same seeds")
-        if world > 1 and device.startswith("cuda"):
-            weights["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         pipe = load_pipeline(motion_module=args.motion_module, **weights)
         out_dir = Path(args.out or "samples")
         for i in range(rank, len(prompts), world):  # rank r takes prompts r, r+world, ...
@@ -320,19 +334,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             name = "-".join(prompts[i].replace("/", "").split(" ")[:10])
             print(save_video(video, out_dir / f"{i:04d}-{name}.gif", fps=args.fps))
         return 0
-    if preset is None:
-        try:
-            video_format(args.out or "out.gif")  # before sampling, not after it
-        except ValueError as e:
-            raise ValueError(f"-o/--out: {e}") from None
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
-        pipe = load_pipeline(motion_module=args.motion_module, **weights)
-        negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
-        video = pipe(travel or prompts, negative_prompt=negative, seed=seed, callback=_print_seed(seed), **sampling)
-        out = save_video(video, args.out or "out.gif", fps=args.fps)
-        print(out)
-        return 0
-    return _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video)
+    try:
+        video_format(args.out or "out.gif")  # before sampling, not after it
+    except ValueError as e:
+        raise ValueError(f"-o/--out: {e}") from None
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**63)
+    pipe = load_pipeline(motion_module=args.motion_module, **weights)
+    negative = travel_negative if travel_negative is not None and args.negative is None else args.negative or ""
+    video = pipe(travel or prompts, negative_prompt=negative, seed=seed, callback=_print_seed(seed), **sampling)
+    print(save_video(video, args.out or "out.gif", fps=args.fps))
+    return 0
 
 
 def _print_seed(seed: int):
@@ -351,55 +362,9 @@ def _print_seed(seed: int):
     return callback
 
 
-def _ranks() -> tuple[int, int]:
-    """(rank, world size) under torchrun (its RANK / WORLD_SIZE variables), (0, 1) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _generate_preset(args, preset, prompts, weights, sampling, load_pipeline, save_video) -> int:
-    """One GIF per (motion module, prompt) plus the combined grid ``sample.gif``, as upstream's animate.py."""
-    import torch
-
-    files = preset.files(args.models_dir)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    out_dir = Path(args.out or f"samples/{preset.name}-{stamp}")
-    if prompts:  # prompts on the command line replace the preset's; seeds are paired with them as upstream
-        preset = dataclasses.replace(preset, prompts=tuple(prompts), negative_prompts=("",))
-    if args.negative is not None:
-        preset = dataclasses.replace(preset, negative_prompts=(args.negative,))
-    runs = preset.runs()
-    for key in ("base", "dreambooth", "loras", "motion_loras"):  # command-line weights win over the preset's
-        weights[key] = weights[key] or files[key]
-    if files["sparsectrl"] is not None:  # v3 SparseCtrl presets: the file and its key frames, unless given
-        weights.setdefault("sparsectrl", files["sparsectrl"])
-        sampling.setdefault("control_images", files["control_images"])
-    motion_modules = [args.motion_module] if args.motion_module else files["motion_modules"]
-    samples, log = [], []
-    for motion_module in motion_modules:
-        pipe = load_pipeline(motion_module=motion_module, **weights)
-        for prompt, negative, seed in runs:
-            seed = args.seed if args.seed is not None else seed
-            if seed is None:
-                seed = random.SystemRandom().randrange(2**63)
-            video = pipe(prompt, negative_prompt=negative, seed=seed, **sampling)
-            name = "-".join(prompt.replace("/", "").split(" ")[:10])  # upstream's file naming
-            path = save_video(video, out_dir / "sample" / f"{len(samples)}-{name}.gif", fps=args.fps)
-            print(f"{path}  (seed {seed})")
-            samples.append(video)
-            log.append({"motion_module": str(motion_module), "prompt": prompt, "negative_prompt": negative,
-                        "seed": seed, "file": str(path)})
-    print(save_video(torch.cat(samples), out_dir / "sample.gif", fps=args.fps, n_rows=4))
-    settings = {"preset": preset.name, "source": preset.source, "samples": log,
-                **{k: v for k, v in sampling.items() if k != "progress"}}
-    (out_dir / "config.json").write_text(json.dumps(settings, indent=1, default=str), encoding="utf-8")
-    return 0
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
-    from .presets import get_preset, load_presets
-
     if args.name is not None:
-        print(describe_preset(get_preset(args.name)))
+        print(preset_cli.describe_preset(get_preset(args.name)))
         return 0
     for name, p in load_presets().items():
         print(f"{name:22s} {len(p.prompts)} prompts  motion: {', '.join(Path(m).name for m in p.motion_modules)}  "
@@ -408,31 +373,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_preset(preset) -> str:
-    """One preset as text: model files (relative to --models-dir), sampling settings, then every sample's
-    prompt, negative prompt and seed, paired as upstream pairs them."""
-    loras = [f"{preset.lora} (scale {preset.lora_scale:g})"] if preset.lora else []
-    rows = [f"{preset.name}  (upstream {preset.source})" if preset.source else preset.name,
-            f"  base            {preset.base}",
-            f"  motion modules  {', '.join(preset.motion_modules)}",
-            f"  dreambooth      {preset.dreambooth or '-'}",
-            f"  lora            {', '.join(loras) or '-'}",
-            f"  motion loras    {', '.join(f'{p} (scale {s:g})' for p, s in preset.motion_loras) or '-'}",
-            *([f"  sparsectrl      {preset.sparsectrl}, key frames "
-               f"{', '.join(f'{frame}: {path}' for frame, path in preset.control_images)}"]
-              if preset.sparsectrl else []),
-            f"  sampling        {preset.sampler}, {preset.steps} steps, guidance {preset.guidance_scale:g}, "
-            f"{preset.frames} frames of {preset.width}x{preset.height}, {preset.fps:g} fps",
-            f"  samples         {len(preset.runs())} per motion module:"]
-    for i, (prompt, negative, seed) in enumerate(preset.runs()):
-        rows += [f"  [{i}] seed      {'random' if seed is None else seed}",
-                 f"      prompt    {prompt}",
-                 f"      negative  {negative or '-'}"]
-    return "\n".join(rows)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from .loading.describe import describe
+    from .loading.describe import describe  # torch: see the note at the top
 
     if not Path(args.file).exists():
         raise ValueError(f"{args.file}: no such file or folder; expected a weights file or model folder")
@@ -447,9 +389,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_motion(args: argparse.Namespace) -> int:
-    from .loading.io import save_state_dict
-    from .loading.motion_load import read_motion_module, save_motion_module, save_motion_module_original
-    from .loading.motion_map import motion_state_to_diffusers
+    from .loading.io import save_state_dict  # torch: see the note at the top
+    from .loading.motion_load import read_motion_module, save_motion_module, save_motion_module_original  # torch
+    from .loading.motion_map import motion_state_to_diffusers  # torch
 
     state, info = read_motion_module(args.input, args.motion_module_version)
     if args.to == "diffusers":
@@ -463,8 +405,8 @@ def cmd_convert_motion(args: argparse.Namespace) -> int:
 
 
 def cmd_convert_unet(args: argparse.Namespace) -> int:
-    from .loading.io import save_state_dict
-    from .loading.unet_map import read_unet_source, unet_state_to_ldm
+    from .loading.io import save_state_dict  # torch: see the note at the top
+    from .loading.unet_map import read_unet_source, unet_state_to_ldm  # torch
 
     state, cfg, what = read_unet_source(args.input)
     if args.to == "ldm":
@@ -476,7 +418,7 @@ def cmd_convert_unet(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     try:
-        from .train import main as train_main
+        from .train import main as train_main  # torch; may be left out of an installation (ImportError below)
     except ImportError as e:
         raise ValueError(f"training is not available in this installation ({e})") from e
     user_file(args.config, "config", "a TOML training config like examples/train_config.toml", text=True)

@@ -58,8 +58,12 @@ def load_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def call_options(args: argparse.Namespace) -> dict:
-    """``pipe(...)`` keyword arguments of the control flags; ValueError naming the flag for a bad combination."""
+def call_options(args: argparse.Namespace, preset=None) -> dict:
+    """``pipe(...)`` keyword arguments of the control flags; ValueError naming the flag for a bad combination.
+
+    preset: the --preset's :class:`~animatediff_lite.presets.Preset`, if any: a v3 SparseCtrl preset's file and
+    key frames count as --sparsectrl and --control-image (flags given win over them)."""
+    preset_sparse = preset is not None and preset.sparsectrl is not None
     n = len(args.controlnet)
     if len(args.control_video) != n:
         raise ValueError(f"--control-video: {len(args.control_video)} given for {n} --controlnet; give one "
@@ -75,9 +79,9 @@ def call_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"{flag}: {len(values)} given for {n} --controlnet; give one for all or one each")
         if values:
             options[key] = values * n if len(values) == 1 else list(values)
-    if (args.control_image or args.control_scale is not None) and not args.sparsectrl:
-        raise ValueError("--control-image/--control-scale need --sparsectrl FILE")
-    if args.sparsectrl and not args.control_image:
+    if (args.control_image or args.control_scale is not None) and not (args.sparsectrl or preset_sparse):
+        raise ValueError("--control-image/--control-scale need --sparsectrl FILE (or a SparseCtrl --preset)")
+    if args.sparsectrl and not (args.control_image or preset_sparse):
         raise ValueError("--sparsectrl needs at least one --control-image FRAME:FILE key frame")
     if args.control_image:
         options["control_images"] = dict(args.control_image)

@@ -11,9 +11,14 @@ import json
 import os
 from pathlib import Path
 
+from .checks import default_context_overlap
+
 
 def add_arguments(g: argparse.ArgumentParser) -> None:
-    """Add the prompt-travel, FreeInit and video-to-video flags to the ``generate`` parser."""
+    """Add the context-window, prompt-travel, FreeInit and video-to-video flags to the ``generate`` parser."""
+    g.add_argument("--context-frames", type=int, help="sliding-window length over frames (for long videos)")
+    g.add_argument("--context-overlap", type=int, help="frames shared by neighbouring windows (default: 4, at most "
+                   "half of --context-frames)")
     g.add_argument("--prompt-at", nargs=2, action="append", default=[], metavar=("FRAME", "PROMPT"),
                    help="prompt travel: the prompt from frame FRAME on, interpolated between key frames "
                         "(repeatable; a positional prompt is frame 0's unless --prompt-at 0 is given)")
@@ -107,9 +112,28 @@ def _stops(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected SPATIAL[:TEMPORAL] numbers, got {text!r}") from None
 
 
+def context_options(args: argparse.Namespace) -> dict:
+    """``context_frames`` / ``context_overlap`` from their flags (empty without --context-frames); ValueError
+    naming the flags for a bad window (the library's message would name its arguments, not the flags)."""
+    frames, overlap = args.context_frames, args.context_overlap
+    if frames is None:
+        if overlap is not None:
+            raise ValueError(f"--context-overlap {overlap}: needs --context-frames N (the window length)")
+        return {}
+    if frames < 1:
+        raise ValueError(f"--context-frames {frames}: expected an integer >= 1")
+    if overlap is None:
+        overlap = default_context_overlap(frames)
+    elif not 0 <= overlap < frames:
+        raise ValueError(f"--context-overlap {overlap}: expected 0 <= --context-overlap < --context-frames ({frames}); "
+                         "neighbouring windows share that many frames")
+    return {"context_frames": frames, "context_overlap": overlap}
+
+
 def pipeline_options(args: argparse.Namespace) -> dict:
-    """Pipeline keyword arguments from the FreeInit and video-to-video flags (empty when none is given)."""
-    options: dict = {}
+    """Pipeline keyword arguments from the context-window, FreeInit and video-to-video flags (empty when none is
+    given)."""
+    options: dict = context_options(args)
     if args.free_init is not None:
         spatial, temporal = args.free_init_stop
         from .free_init import FreeInit  # lazy: it imports torch, which --help and argument errors never need

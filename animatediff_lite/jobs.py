@@ -1,8 +1,9 @@
 """Generation jobs: read a TOML / JSON-lines job file (or a result's sidecar) into checked :class:`Job`s.
 
 A job is a flat table of keys: the model keys of ``load_pipeline`` (``base``, ``motion_module``, ``dreambooth``,
-``loras``, ...), the sampling arguments of ``Pipeline.__call__`` (``prompt``, ``seed``, ``steps``, ... every
-keyword it has, so a new sampling option is a job key at once), and the output's ``id``, ``format`` and ``fps``.
+``loras``, ..., ``controlnet`` and ``sparsectrl`` as the CLI flags), the sampling arguments of
+``Pipeline.__call__`` (``prompt``, ``seed``, ``steps``, ... every keyword it has, so a new sampling option is a job
+key at once; the ``control_*`` ones with their model key), and the output's ``id``, ``format`` and ``fps``.
 Unknown keys are errors naming the job and the key. Relative paths are relative to the job file's folder.
 """
 
@@ -18,12 +19,16 @@ from pathlib import Path
 
 import torch
 
+from .checks import default_context_overlap
 from .free_init import FreeInit
 from .pipeline import Pipeline
 
 # load_pipeline arguments a job may set; the model set (loaded once per rank) is these values.
 MODEL_PATH_KEYS = ("base", "motion_module", "dreambooth")
-MODEL_KEYS = (*MODEL_PATH_KEYS, "motion_module_version", "loras", "motion_loras", "dtype")
+MODEL_KEYS = (*MODEL_PATH_KEYS, "motion_module_version", "loras", "motion_loras", "controlnet", "sparsectrl", "dtype")
+# Control sampling keys -> the model key they need (ControlNet condition videos, SparseCtrl key frames).
+CONTROL_KEYS = {"control_frames": "controlnet", "control_start": "controlnet", "control_end": "controlnet",
+                "control_images": "sparsectrl", "control_scale": "sparsectrl"}
 DTYPES = ("float32", "float16", "bfloat16")
 OUTPUT_FORMATS = ("gif", "mp4", "webp")
 # Pipeline.__call__ arguments that are not job keys: objects, or handled by a key of their own.
@@ -88,22 +93,26 @@ class Job:
         return kwargs
 
     def load_kwargs(self) -> dict:
-        """``load_pipeline`` keyword arguments (tuples for LoRAs, torch dtype), without device/backend."""
-        kwargs = {k: v for k, v in self.model.items() if k != "dtype"}
+        """``load_pipeline`` keyword arguments (tuples for LoRAs and ControlNets, torch dtype), without
+        device/backend."""
+        kwargs = {k: v for k, v in self.model.items() if k not in ("dtype", "controlnet")}
         for key in ("loras", "motion_loras"):
             if key in kwargs:
                 kwargs[key] = [(p, s) for p, s in kwargs[key]]
+        if "controlnet" in self.model:
+            kwargs["controlnets"] = [(p, s) for p, s in self.model["controlnet"]]
         if "dtype" in self.model:
             kwargs["dtype"] = getattr(torch, self.model["dtype"])
         return kwargs
 
 
 def parse_job(raw: dict, where: str, base_dir: Path, default_id: str, info_ok: bool = False,
-              name_id: bool = True) -> Job:
+              name_id: bool = True, complete: bool = True) -> Job:
     """Check one job table (defaults already merged) -> Job; ValueError starting with ``where`` on any problem.
 
     info_ok: accept the informational keys a sidecar holds (:data:`INFO_KEYS`). name_id: add the job's id to
-    ``where`` in messages.
+    ``where`` in messages. complete: check that keys needing others have them (control_* keys and their model
+    key); off for a ``[defaults]`` table, which jobs complete.
     """
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a table of job keys, got {type(raw).__name__}")
@@ -123,15 +132,20 @@ def parse_job(raw: dict, where: str, base_dir: Path, default_id: str, info_ok: b
     if raw.get("negative_prompt") is not None:
         sample["negative_prompt"] = _prompt(raw["negative_prompt"], "negative_prompt", where)
     for key in sampling_keys():
-        if key in raw:
+        if key in raw and key not in CONTROL_KEYS:
             sample[key] = _scalar(raw[key], key, where)
     if raw.get("frames") is not None:
         sample["frames"] = _scalar(raw["frames"], "frames", where)
+    frames = sample.get("context_frames")
+    if isinstance(frames, int) and not isinstance(frames, bool) and frames > 0 and \
+            sample.get("context_overlap") is None:  # the CLI's default: short windows must still advance
+        sample["context_overlap"] = default_context_overlap(frames)
     if raw.get("free_init") is not None:
         sample["free_init"] = _free_init(raw["free_init"], where)
     if raw.get("video") is not None:
         sample["video"] = _path(raw["video"], "video", where, base_dir)
     model = _model(raw, where, base_dir)
+    sample.update(_control(raw, model, where, base_dir, complete))
     fmt = raw.get("format", "gif")
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"{where}: format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
@@ -192,7 +206,7 @@ def _toml(text: str, path: Path) -> tuple[dict, list]:
         raise ValueError(f"--batch {path}: 'jobs' must be an array of tables ([[jobs]])")
     if defaults:
         parse_job({"prompt": "", **defaults}, f"{path} [defaults]", path.parent, "defaults",
-                  name_id=False)  # keys checked once
+                  name_id=False, complete=False)  # keys checked once
     return defaults, raws
 
 
@@ -275,6 +289,11 @@ def _model(raw: dict, where: str, base_dir: Path) -> dict:
     for key in ("loras", "motion_loras"):
         if raw.get(key):
             model[key] = _loras(raw[key], key, where, base_dir)
+    if raw.get("controlnet"):  # one entry or a list, as repeated --controlnet FILE[:SCALE] flags
+        value = raw["controlnet"]
+        model["controlnet"] = _loras(value if isinstance(value, list) else [value], "controlnet", where, base_dir)
+    if raw.get("sparsectrl") is not None:
+        model["sparsectrl"] = _path(raw["sparsectrl"], "sparsectrl", where, base_dir)
     version = raw.get("motion_module_version")
     if version is not None:
         if version not in ("v1", "v2", "v3"):
@@ -285,3 +304,57 @@ def _model(raw: dict, where: str, base_dir: Path) -> dict:
             raise ValueError(f"{where}: dtype must be one of {', '.join(DTYPES)}, got {raw['dtype']!r}")
         model["dtype"] = raw["dtype"]
     return model
+
+
+def _control(raw: dict, model: dict, where: str, base_dir: Path, complete: bool) -> dict:
+    """The control_* sampling keys, checked against the model keys they need (a ControlNet job fails before
+    anything runs, not when its pipeline turns out to have no ControlNet)."""
+    given = {k: raw[k] for k in CONTROL_KEYS if raw.get(k) is not None}
+    if complete:
+        for key, needs in CONTROL_KEYS.items():
+            if key in given and needs not in model:
+                raise ValueError(f"{where}: {key} needs the model key '{needs}' (the "
+                                 f"{'ControlNet file(s)' if needs == 'controlnet' else 'SparseCtrl file'}); "
+                                 "it is missing")
+        if "controlnet" in model and "control_frames" not in given:
+            raise ValueError(f"{where}: controlnet needs control_frames (one condition video per ControlNet)")
+        if "sparsectrl" in model and "control_images" not in given:
+            raise ValueError(f"{where}: sparsectrl needs control_images (a table of frame = \"key frame image\")")
+    out: dict = {}
+    if "control_frames" in given:
+        value = given["control_frames"]
+        paths = [_path(v, "control_frames", where, base_dir) for v in (value if isinstance(value, list) else [value])]
+        n = len(model.get("controlnet", ()))
+        if complete and len(paths) != n:
+            raise ValueError(f"{where}: control_frames has {len(paths)} video(s) for {n} controlnet; give one "
+                             "condition video per ControlNet, in the same order")
+        out["control_frames"] = paths
+    for key in ("control_start", "control_end"):
+        if key in given:
+            value = given[key]
+            values = value if isinstance(value, list) else [value]
+            if not values or not all(_is_number(v) for v in values):
+                raise ValueError(f"{where}: {key} must be a number or a list of numbers (one per ControlNet), "
+                                 f"got {value!r}")
+            out[key] = value
+    if "control_images" in given:
+        value = given["control_images"]
+        if not isinstance(value, dict) or not value:
+            raise ValueError(f"{where}: control_images must be a table of frame = \"key frame image\", got {value!r}")
+        images = {}
+        for frame, image in value.items():
+            try:
+                index = int(frame)
+            except ValueError:
+                raise ValueError(f"{where}: control_images keys must be frame numbers, got {frame!r}") from None
+            images[index] = _path(image, f"control_images[{frame}]", where, base_dir)
+        out["control_images"] = dict(sorted(images.items()))
+    if "control_scale" in given:
+        if not _is_number(given["control_scale"]):
+            raise ValueError(f"{where}: control_scale must be a number, got {given['control_scale']!r}")
+        out["control_scale"] = given["control_scale"]
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -281,9 +281,10 @@ def test_queue_runs_one_generation_at_a_time_and_tells_positions(server):
     url, out = server
     client = Client(url + "/", verbose=False)
     form = {"base": EMBEDDED, "dreambooth": NONE, "motion_module": NONE, "lora": NONE, "lora_scale": 1.0,
-            "motion_lora": NONE, "motion_lora_scale": 1.0, "prompt": "a blue square moving right",
+            "motion_lora": NONE, "motion_lora_scale": 1.0, "sparsectrl": NONE, "control_images": "",
+            "prompt": "a blue square moving right",
             "negative_prompt": "", "sampler": "ddim", "steps": "20", "guidance_scale": "", "seed": "",
-            "frames": "", "height": "", "width": "", "context_frames": "", "context_overlap": 4, "format": "gif"}
+            "frames": "", "height": "", "width": "", "context_frames": "", "context_overlap": "", "format": "gif"}
     jobs = [client.submit(*[form[k] for k in FORM], api_name="/run") for _ in range(3)]
     ranks: set[int] = set()
     deadline = time.time() + 300

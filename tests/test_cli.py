@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -269,6 +270,37 @@ def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, m
     assert [s["seed"] for s in log["samples"]] == [18339859844376517918, 5]
 
 
+def test_preset_split_over_torchrun_ranks(tiny_models, tmp_path):
+    """torchrun ... generate --preset: rank r makes samples r, r+2, ... (each rank made every sample); the sample
+    GIFs, the grid and the log equal a one-process run's, byte for byte."""
+    text = ('[Tiny]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\nfps = 8\n'
+            'steps = 1\nguidance_scale = 7.5\nlora_scale = 1.0\ndreambooth = ""\n'
+            'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt", "Motion_Module/mm_tiny_v2.ckpt"]\n'
+            'seeds = ["1", "2", "3"]\nprompts = ["a corgi", "a cat", "a boat"]\nnegative_prompts = [""]\n')
+    (tmp_path / "presets.toml").write_text(text)
+    script = tmp_path / "run.py"  # the presets file is swapped in each process, as monkeypatch does in-process
+    script.write_text("import sys\nfrom pathlib import Path\nimport animatediff_lite.presets as p\n"
+                      "p.PRESETS_FILE = Path(sys.argv[1])\nfrom animatediff_lite.cli import main\n"
+                      "sys.exit(main(sys.argv[2:]))\n")
+    args = [str(script), str(tmp_path / "presets.toml"), "generate", "--preset", "Tiny", "--models-dir",
+            str(tiny_models), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread in both runs: equal thread counts give equal bits
+    one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=300, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *args, "-o", str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    made = re.findall(r"sample/(\d+)-[^ ]*\.gif  \(seed", two.stdout)  # the ranks' lines may interleave
+    assert sorted(map(int, made)) == list(range(6)), two.stdout  # 2 motion modules x 3 prompts, each once
+    assert two.stdout.count("sample.gif") == 1  # the grid: rank 0 only
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert len(files) == 8  # 6 samples, the grid, config.json
+    for name in files:
+        a, b = (tmp_path / "one" / name).read_bytes(), (tmp_path / "two" / name).read_bytes()
+        assert a == (b.replace(b"/two/", b"/one/") if name.suffix == ".json" else b), name
+
+
 def test_generate_preset_with_video_takes_the_videos_frames_and_size(tiny_models, tmp_path, monkeypatch):
     """--preset with --video: the preset's frames / height / width must not be passed (they clashed with the input's:
     'the input has num_frames=3 but num_frames=2 was passed', with no way to leave them out)."""
@@ -509,3 +541,52 @@ def test_bad_weight_file_next_to_a_good_base(tiny_models, flag, kind, tmp_path, 
     print(err)
     assert "Traceback" not in err and err.count("\n") == 1 and bad.name in err and "seed:" not in err
     assert not (tmp_path / "x.gif").exists()
+
+
+def test_short_context_windows_get_a_default_overlap_and_flag_errors(tmp_path, capsys):
+    """--context-frames 4 used to fail on the default overlap of 4 with a message naming context_overlap: without
+    --context-overlap the overlap is min(4, N // 2), in the CLI, batch jobs and the app alike; a bad one names
+    the flags."""
+    from animatediff_lite import load_pipeline, save_video
+    from animatediff_lite.app.studio import Studio
+    from animatediff_lite.video import load_video_frames
+
+    argv = ["generate", "a red circle moving up", "--frames", "8", "--steps", "1", "--seed", "2", "--no-progress"]
+    assert main([*argv, "--context-frames", "4", "-o", str(tmp_path / "cli.gif")]) == 0
+    video = load_pipeline()("a red circle moving up", num_frames=8, steps=1, seed=2, context_frames=4,
+                            context_overlap=2, progress=False)
+    save_video(video, tmp_path / "lib.gif")
+    assert torch.equal(load_video_frames(tmp_path / "cli.gif"), load_video_frames(tmp_path / "lib.gif"))
+    capsys.readouterr()
+    for extra, message in ((["--context-frames", "4", "--context-overlap", "4"],
+                            "--context-overlap 4: expected 0 <= --context-overlap < --context-frames (4)"),
+                           (["--context-overlap", "2"], "--context-overlap 2: needs --context-frames N"),
+                           (["--context-frames", "0"], "--context-frames 0: expected an integer >= 1")):
+        assert main([*argv, *extra, "-o", str(tmp_path / "x.gif")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "context_overlap" not in err and err.count("\n") == 1, err
+
+    (tmp_path / "jobs.toml").write_text('[[jobs]]\nid = "a"\nprompt = "a red circle moving up"\nframes = 8\n'
+                                        'steps = 1\nseed = 2\ncontext_frames = 4\n')
+    assert main(["generate", "--batch", str(tmp_path / "jobs.toml"), "-o", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "o" / "a.json").read_text())["context_overlap"] == 2
+    assert torch.equal(load_video_frames(tmp_path / "o" / "a.gif"), load_video_frames(tmp_path / "lib.gif"))
+    form = {"prompt": "a red circle moving up", "frames": "8", "steps": "1", "seed": "2", "context_frames": "4",
+            "context_overlap": ""}
+    path, settings = Studio(None, tmp_path / "app", "cpu").generate(form)
+    assert settings["context_overlap"] == 2
+    assert torch.equal(load_video_frames(path), load_video_frames(tmp_path / "lib.gif"))
+
+
+@pytest.mark.parametrize("argv", [["presets", "ToonYou"], ["presets"], ["generate", "--help"]])
+def test_closed_stdout_ends_quietly(argv):
+    """`animatediff-lite presets NAME | head -1` printed "error: Broken pipe": a reader that went away ends the
+    command without a word (status 141, as a command killed by SIGPIPE; 0 for --help, which argparse ends)."""
+    run = subprocess.Popen([sys.executable, "-m", "animatediff_lite", *argv], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    run.stdout.close()  # the reader is gone before the first write
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=120) in (0, 141) and err == "", err
+    shell = subprocess.run(f"{sys.executable} -m animatediff_lite {' '.join(argv)} | head -1", shell=True,
+                           capture_output=True, text=True, timeout=120)
+    assert shell.returncode == 0 and shell.stderr == "" and shell.stdout.count("\n") == 1, shell.stderr

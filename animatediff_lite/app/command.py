@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the web app needs the [app] extra: pip install 'animatediff-lite[app]' ({e})") from e
     import torch
 
-    from .models import scan
-    from .studio import Studio
+    from .models import scan  # with the page, once the extra is known to be there
+    from .studio import Studio  # torch and the batch engine: only when the app runs, not for --help
 
     choices = scan(args.models_dir)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ VIDEO_SUFFIXES = tuple(f".{f}" for f in OUTPUT_FORMATS)
 # Form keys -> the labels the page shows (messages name what the user sees).
 LABELS = {"steps": "Steps", "guidance_scale": "Guidance", "frames": "Frames", "height": "Height", "width": "Width",
           "context_frames": "Context frames", "context_overlap": "Context overlap", "lora_scale": "LoRA scale",
-          "motion_lora_scale": "MotionLoRA scale"}
+          "motion_lora_scale": "MotionLoRA scale", "control_images": "Key frames"}
 
 
 def samplers() -> list[str]:
@@ -62,6 +62,20 @@ def _number(value, label: str):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _key_frames(text: str) -> dict[str, str]:
+    """The Key frames box: one ``FRAME:FILE`` per line (paths relative to the models folder) -> {frame: path}."""
+    frames = {}
+    for line in text.splitlines():
+        frame, sep, path = line.strip().partition(":")
+        if not line.strip():
+            continue
+        if not sep or not path.strip() or not frame.strip().isdigit():
+            raise ValueError(f"{LABELS['control_images']}: expected one FRAME:FILE per line (e.g. 0:first.png), "
+                             f"got {line.strip()!r}")
+        frames[frame.strip()] = path.strip()
+    return frames
 
 
 def _seed(text) -> int | None:
@@ -112,6 +126,10 @@ class Studio:
             if value and value != NONE:
                 scale = _number(form.get(f"{key}_scale"), LABELS[f"{key}_scale"])
                 raw[f"{key}s"] = [[value, 1.0 if scale is None else scale]]
+        if form.get("sparsectrl") and form["sparsectrl"] != NONE:
+            raw["sparsectrl"] = form["sparsectrl"]
+        if (form.get("control_images") or "").strip():
+            raw["control_images"] = _key_frames(form["control_images"])
         return parse_job(raw, "form", self.models_dir or Path.cwd(), name, name_id=False)
 
     def new_name(self) -> str:
@@ -126,8 +144,9 @@ class Studio:
 
         form keys: prompt, negative_prompt, sampler, steps, guidance_scale, seed (text), frames, height, width,
         context_frames, context_overlap, format (gif | mp4), base / dreambooth / motion_module / lora /
-        motion_lora (paths relative to the models folder, or the EMBEDDED / NONE entries), lora_scale,
-        motion_lora_scale. progress(fraction, text) is called after every denoising step.
+        motion_lora / sparsectrl (paths relative to the models folder, or the EMBEDDED / NONE entries), lora_scale,
+        motion_lora_scale, control_images (SparseCtrl key frames: one FRAME:FILE per line).
+        progress(fraction, text) is called after every denoising step.
         Raises ValueError / CheckpointError (or the library's error) with the message to show.
         """
         name = self.new_name()

@@ -14,9 +14,9 @@ from ..presets import load_presets
 from .models import EMBEDDED, NONE, ModelChoices, preset_form
 from .studio import Studio, samplers
 
-FORM = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lora", "motion_lora_scale", "prompt",
-        "negative_prompt", "sampler", "steps", "guidance_scale", "seed", "frames", "height", "width",
-        "context_frames", "context_overlap", "format")
+FORM = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lora", "motion_lora_scale",
+        "sparsectrl", "control_images", "prompt", "negative_prompt", "sampler", "steps", "guidance_scale", "seed",
+        "frames", "height", "width", "context_frames", "context_overlap", "format")
 # Number fields send 0 when emptied, so the fields where blank means "the model's default" are text boxes;
 # studio.py turns their text into numbers as typed (no rounding).
 BLANK = "blank: the model's default"
@@ -47,6 +47,11 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                     f["motion_lora"] = gr.Dropdown([NONE, *choices.motion_lora], value=NONE, label="MotionLoRA",
                                                    allow_custom_value=True)
                     f["motion_lora_scale"] = gr.Number(1.0, label="MotionLoRA scale", step=0.05)
+                with gr.Row(visible=studio.models_dir is not None):  # v3 SparseCtrl (its presets fill both)
+                    f["sparsectrl"] = gr.Dropdown([NONE, *choices.sparsectrl], value=NONE, label="SparseCtrl",
+                                                  allow_custom_value=True)
+                    f["control_images"] = gr.Textbox(label="Key frames", lines=2, placeholder="0:first.png",
+                                                     info="SparseCtrl: one FRAME:FILE per line (models folder)")
                 f["prompt"] = gr.Textbox(label="Prompt", lines=2, placeholder="a red circle moving up")
                 f["negative_prompt"] = gr.Textbox(label="Negative prompt")
                 names = samplers()
@@ -63,7 +68,8 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
                 with gr.Row():
                     f["context_frames"] = gr.Textbox(label="Context frames", placeholder="off",
                                                      info="sliding windows; blank: off")
-                    f["context_overlap"] = gr.Number(4, label="Context overlap")
+                    f["context_overlap"] = gr.Textbox(label="Context overlap", placeholder="auto",
+                                                      info="blank: 4, at most half the window")
                     f["format"] = gr.Radio(["gif", "mp4"], value="gif", label="Format")
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
@@ -100,7 +106,8 @@ def build(studio: Studio, choices: ModelChoices) -> gr.Blocks:
 
 
 PRESET_KEYS = ("base", "dreambooth", "motion_module", "lora", "lora_scale", "motion_lora", "motion_lora_scale",
-               "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "frames", "height", "width", "sampler")
+               "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "frames", "height", "width", "sampler",
+               "sparsectrl", "control_images")
 
 
 def launch(studio: Studio, choices: ModelChoices, host: str = "127.0.0.1", port: int = 7860,
