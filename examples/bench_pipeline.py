@@ -34,6 +34,7 @@ Writes benchmarks/results/bench_pipeline-<device>-<size>[-<label>].json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -300,6 +301,19 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _collect() -> None:
+    """Free garbage and hand freed heap pages back to the OS (glibc), so a later RSS rise is new memory.
+
+    Without the trim a long-lived process (--in-process, a test run) reuses pages it already holds and a
+    pipeline's growth over the baseline can read as zero or less.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS stays the cruder measure
+        pass
+
+
 class Memory:
     """Memory of one pipeline in this process, over the bytes in use before it was loaded (the baseline).
 
@@ -314,7 +328,7 @@ class Memory:
         self.proc = not self.cuda and _proc_status("VmRSS") is not None and _reset_peak_rss()
         self.method = ("cuda max_memory_allocated" if self.cuda else
                        "VmHWM (peak RSS, reset after loading)" if self.proc else "ru_maxrss (process-wide peak)")
-        gc.collect()
+        _collect()
         self.base = self._now()
 
     def _now(self) -> int:
@@ -327,7 +341,7 @@ class Memory:
 
     def loaded(self) -> None:
         """Call once the pipeline is loaded: records its resident bytes and starts the peak."""
-        gc.collect()
+        _collect()
         self.after_load = self._now() - self.base
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
