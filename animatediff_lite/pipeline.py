@@ -6,6 +6,7 @@ formula, same scheduler arithmetic), so given the same weights and noise the vid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -35,7 +36,6 @@ from .video_input import (
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
@@ -95,7 +95,6 @@ class Pipeline:
         self.compile_mode: str | None = None  # set by compile()
         self.controlnets: list[ControlUnit] = []  # load_pipeline(controlnets=...); see control.py
         self.sparsectrl: ControlUnit | None = None  # load_pipeline(sparsectrl=...)
-        self._backend_request = backend
         self.set_backend(backend)
 
     def set_backend(self, backend: str | Backend | None = None) -> Backend:
@@ -109,7 +108,7 @@ class Pipeline:
         """
         self._backend_request = backend
         self.backend = resolve_backend(backend, self.device)
-        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
+        for m in self._models():
             if isinstance(m, torch.nn.Module):
                 set_backend(m, self.backend, self.device)
         return self.backend
@@ -122,7 +121,7 @@ class Pipeline:
         before (a name, or None for the environment variable).
         """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
-        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
+        for m in self._models():
             m.to(self.device, self.dtype)
         request = backend if backend is not None else self._backend_request
         self.set_backend(request.name if isinstance(request, Backend) else request)
@@ -156,9 +155,9 @@ class Pipeline:
                     conv.to(memory_format=fmt)  # cuDNN follows the weight's layout, so activations become NHWC
         return self
 
-    def _control_models(self) -> list[torch.nn.Module]:
-        units = [*getattr(self, "controlnets", []), *([self.sparsectrl] if getattr(self, "sparsectrl", None) else [])]
-        return [u.model for u in units]
+    def _models(self) -> list[torch.nn.Module]:
+        units = [*self.controlnets, *([self.sparsectrl] if self.sparsectrl else [])]
+        return [self.text_encoder, self.vae, self.unet, *(u.model for u in units)]
 
     @property
     def max_frames(self) -> int | None:
@@ -357,11 +356,10 @@ class Pipeline:
     def _check_args(self, num_frames: int, height: int, width: int, steps: int, num_videos_per_prompt: int,
                     eta: float, context_frames: int | None, context_overlap: int, seed: int | None,
                     generator: torch.Generator | None) -> list[list[int]] | None:
+        step = math.lcm(8, self.latent_factor)  # the VAE's factor; 8 at least, as in SD1.5
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 8 or value % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
-            if value % self.latent_factor:
-                raise ValueError(f"{name} must be a multiple of {self.latent_factor} for this VAE, got {value}")
+            if not isinstance(value, int) or value < step or value % step:
+                raise ValueError(f"{name} must be a positive multiple of {step}, got {value!r}")
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
         num_steps_check(steps)
