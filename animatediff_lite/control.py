@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from .controlnet import ControlNet
 from .video_input import VideoInput, read_video
@@ -172,22 +171,14 @@ def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, contro
 
 def _read_image(image, name: str, height: int, width: int) -> torch.Tensor:
     """A PIL image, a (3, H, W) float tensor in [0, 1] or an image path -> float32 CPU (3, H, W) of the video's size."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{name}: cannot read {os.fspath(image)!r} as an image ({e})") from e
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"{name}: expected a (3, H, W) float tensor in [0, 1], got shape {tuple(image.shape)}")
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
         image = image[None]
     elif hasattr(image, "convert"):
         image = [image]
-    else:
-        raise ValueError(f"{name}: expected a PIL image, a (3, H, W) tensor in [0, 1] or an image path, "
-                         f"got {type(image).__name__}")
-    frame = read_video(image, name)[0]
+    elif not isinstance(image, (str, os.PathLike)):
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected a PIL image, a (3, H, W) tensor in [0, 1] or an image path, got {got}")
+    frame = read_video(image, name)[0]  # a path is read as a one-frame video (an animated file: its first frame)
     if tuple(frame.shape[-2:]) != (height, width):
         raise ValueError(f"{name}: the image is {frame.shape[-1]}x{frame.shape[-2]}, the video is {width}x{height}; "
                          "resize it to the video size")
