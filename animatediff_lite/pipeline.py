@@ -6,7 +6,6 @@ formula, same scheduler arithmetic), so given the same weights and noise the vid
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -356,10 +355,11 @@ class Pipeline:
     def _check_args(self, num_frames: int, height: int, width: int, steps: int, num_videos_per_prompt: int,
                     eta: float, context_frames: int | None, context_overlap: int, seed: int | None,
                     generator: torch.Generator | None) -> list[list[int]] | None:
-        step = math.lcm(8, self.latent_factor)  # the VAE's factor; 8 at least, as in SD1.5
         for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < step or value % step:
-                raise ValueError(f"{name} must be a positive multiple of {step}, got {value!r}")
+            if not isinstance(value, int) or value < 8 or value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
+            if value % self.latent_factor:
+                raise ValueError(f"{name} must be a multiple of {self.latent_factor} for this VAE, got {value}")
         if not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
         num_steps_check(steps)
