@@ -237,12 +237,10 @@ class MotionModule(nn.Module):
 def refresh_fused_projections(model: nn.Module) -> int:
     """Bring every temporal attention's fused q/k/v cache of ``model`` up to date (outside any compiled graph);
     returns how many there are."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TemporalAttention):
-            module.fused_projections()
-            count += 1
-    return count
+    attentions = [m for m in model.modules() if isinstance(m, TemporalAttention)]
+    for module in attentions:
+        module.fused_projections()
+    return len(attentions)
 
 
 def set_fused_projections(model: nn.Module, enabled: bool) -> None:

@@ -31,7 +31,11 @@ def check_prompt_map(value: Mapping, name: str, num_frames: int) -> list[tuple[i
         raise ValueError(f"{name}: the prompt map is empty; pass at least one {{frame: prompt}} entry")
     pairs: dict[int, str] = {}
     for key, text in value.items():
-        frame = _frame_index(key, name)
+        # ints, or strings of digits as TOML/JSON keys are (bool is an int subclass, not a frame index)
+        if not ((isinstance(key, int) and not isinstance(key, bool))
+                or (isinstance(key, str) and key.strip().lstrip("-").isdigit())):
+            raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
+        frame = int(key)
         if not 0 <= frame < num_frames:
             raise ValueError(f"{name}: frame {frame} is outside the video's frames 0..{num_frames - 1} "
                              f"(num_frames={num_frames})")
@@ -41,16 +45,6 @@ def check_prompt_map(value: Mapping, name: str, num_frames: int) -> list[tuple[i
             raise ValueError(f"{name}: frame {frame} is given twice")
         pairs[frame] = text
     return sorted(pairs.items())
-
-
-def _frame_index(key: object, name: str) -> int:
-    if isinstance(key, bool):
-        raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
-    if isinstance(key, int):
-        return key
-    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-        return int(key)
-    raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
 
 
 def interpolate_frames(frames: Sequence[int], embeds: torch.Tensor, num_frames: int) -> torch.Tensor:

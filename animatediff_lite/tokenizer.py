@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -47,16 +48,11 @@ def byte_alphabet() -> list[str]:
 
 def parse_merges(text: str, limit: int | None = None) -> list[tuple[str, str]]:
     """Merge rules ``"a b"`` per line -> [("a", "b"), ...]; the first line is a version header and skipped."""
-    lines = text.split("\n")[1:]
-    merges = []
-    for line in lines:
-        if limit is not None and len(merges) >= limit:
-            break
-        parts = line.split()
-        if len(parts) == 2:
-            merges.append((parts[0], parts[1]))
-        elif line.strip():
-            raise ValueError(f"merges: expected two symbols per line, got {line!r}")
+    lines = itertools.islice((line for line in text.split("\n")[1:] if line.strip()), limit)
+    merges = [tuple(line.split()) for line in lines]
+    bad = next((" ".join(m) for m in merges if len(m) != 2), None)
+    if bad is not None:
+        raise ValueError(f"merges: expected two symbols per line, got {bad!r}")
     return merges
 
 
