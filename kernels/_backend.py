@@ -196,10 +196,6 @@ def check_runnable(kernel: object, t: torch.Tensor) -> None:
                            "before animatediff_lite.kernels is imported")
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
