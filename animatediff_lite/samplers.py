@@ -71,7 +71,17 @@ def _predict_x0(kind: str, x: torch.Tensor, model_output: torch.Tensor, alpha: t
     return model_output  # "sample"
 
 
-class DDIMSampler:
+class _Sampler:
+    """What every sampler shares: a name, and latents fed to the UNet as they are (the Euler samplers scale)."""
+
+    name = ""
+
+    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The latents, unscaled."""
+        return x
+
+
+class DDIMSampler(_Sampler):
     """Today's DDIM (:class:`~animatediff_lite.scheduler.DDIM`) behind the sampler interface; eta > 0 adds noise."""
 
     name = "ddim"
@@ -82,10 +92,6 @@ class DDIMSampler:
     def schedule(self, num_steps: int) -> Schedule:
         """DDIM's timesteps, no sigmas, unit initial noise."""
         return Schedule(self.ddim.timesteps(num_steps), None, self.ddim.init_noise_sigma)
-
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """DDIM feeds the latents unscaled."""
-        return x
 
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
@@ -100,10 +106,9 @@ class DDIMSampler:
         return self.ddim.add_noise(x0, noise, t.long())
 
 
-class _SigmaSampler:
+class _SigmaSampler(_Sampler):
     """Shared table for the k-diffusion style samplers: sigma_t = sqrt((1 - a_t) / a_t)."""
 
-    name = ""
     prediction_types: tuple[str, ...] = ("epsilon", "v_prediction")
 
     def __init__(self, config: DDIMConfig) -> None:
@@ -227,10 +232,6 @@ class DPMSolverPP2M(_SigmaSampler):
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         return Schedule(torch.from_numpy(ts).to(torch.int64), sigmas, 1.0)
 
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """DPM-Solver feeds the latents unscaled."""
-        return x
-
     def missing_sigma(self, schedule: Schedule, t: float) -> torch.Tensor:
         """As diffusers' DPMSolverMultistepScheduler.index_for_timestep: t not in the schedule falls back to the
         last step's sigma (so FreeInit's t = 999 under "leading" spacing re-noises only slightly, as diffusers)."""
@@ -288,7 +289,7 @@ def sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-class LCM:
+class LCM(_Sampler):
     """Latent consistency sampling (Luo et al. 2023), diffusers' LCMScheduler: predict x0, re-noise to the next t.
 
     original_inference_steps: the length of the distillation schedule the timesteps are taken from.
@@ -314,10 +315,6 @@ class LCM:
         origin = (np.arange(1, original + 1) * k - 1)[::-1].copy()
         idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
         return Schedule(torch.from_numpy(origin[idx]).to(torch.int64), None, 1.0)
-
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """LCM feeds the latents unscaled."""
-        return x
 
     def add_noise(self, schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x0) at training timestep t (diffusers' LCMScheduler.add_noise)."""
