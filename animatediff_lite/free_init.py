@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .scheduler import seeded_noise
+
 METHODS = ("butterworth", "gaussian", "ideal", "box")
 
 
@@ -93,10 +95,9 @@ class FreeInit:
         b, _, f, h, w = latents.shape
         t_last = scheduler.config.num_train_timesteps - 1
         z_t = scheduler.add_noise(latents, initial_noise, torch.full((b,), t_last, dtype=torch.long)).float()
-        device = generator.device if generator is not None else torch.device("cpu")
-        fresh = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+        fresh = seeded_noise(latents.shape, generator, latents.device, torch.float32)
         lpf = self.low_pass_filter(f, h, w).to(latents.device)
-        return frequency_mix(z_t, fresh.to(latents.device), lpf).to(latents.dtype)
+        return frequency_mix(z_t, fresh, lpf).to(latents.dtype)
 
 
 def frequency_mix(x: torch.Tensor, noise: torch.Tensor, lpf: torch.Tensor) -> torch.Tensor:

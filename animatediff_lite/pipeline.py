@@ -21,7 +21,7 @@ from .motion import refresh_fused_projections
 from .ops import set_backend
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .samplers import SamplerRun, make_sampler
-from .scheduler import DDIM, num_steps_check
+from .scheduler import DDIM, num_steps_check, seeded_noise
 from .video_input import (
     VideoInput,
     check_strength,
@@ -320,18 +320,14 @@ class Pipeline:
 
     def _initial_latents(self, shape: tuple[int, ...], generator: torch.Generator | None,
                          latents: torch.Tensor | None) -> torch.Tensor:
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                f = self.latent_factor
-                raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/{f}, width/{f}), "
-                                 f"got {tuple(latents.shape)}")
-            x = latents.to(self.device, self.dtype)
-        else:
-            # Like diffusers' randn_tensor: a generator on another device than ours (normally the CPU) draws
-            # there, in the sampling dtype, and the noise then moves; without a generator, the CPU global RNG.
-            draw_on = generator.device if generator is not None else torch.device("cpu")
-            x = torch.randn(shape, generator=generator, device=draw_on, dtype=self.dtype).to(self.device)
-        return x * self.scheduler.init_noise_sigma
+        # Unit noise: the sampler run scales it by its initial sigma (SamplerRun.init).
+        if latents is None:  # drawn in the sampling dtype, as diffusers' prepare_latents
+            return seeded_noise(shape, generator, self.device, self.dtype)
+        if tuple(latents.shape) != shape:
+            f = self.latent_factor
+            raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/{f}, width/{f}), "
+                             f"got {tuple(latents.shape)}")
+        return latents.to(self.device, self.dtype)
 
     def _check_prompts(self, prompt: str | list[str],
                        negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:

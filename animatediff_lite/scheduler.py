@@ -71,6 +71,14 @@ def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: 
     return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(like.device)
 
 
+def seeded_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (the global CPU RNG without one), then moved to
+    ``device``, like diffusers' ``randn_tensor`` with a CPU generator: a CPU seed gives the same noise anywhere."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
 class DDIM:
     """DDIM (Song et al. 2020) over a fixed noise table.
 
@@ -173,4 +181,4 @@ def num_steps_check(steps: int) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
-__all__ = ["DDIM", "DDIMConfig", "alphas_cumprod", "draw_noise", "num_steps_check"]
+__all__ = ["DDIM", "DDIMConfig", "alphas_cumprod", "draw_noise", "num_steps_check", "seeded_noise"]
