@@ -173,14 +173,18 @@ class Euler(_SigmaSampler):
             return sample - sigma * model_output
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))  # v_prediction
 
-    def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
-        """x_{i+1} = x_i + (x_i - x0) / sigma_i * (sigma_{i+1} - sigma_i), computed in float32."""
+    def euler_to(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor,
+                 sigma_next: torch.Tensor) -> torch.Tensor:
+        """x + (x - x0) / sigma_i * (sigma_next - sigma_i), computed (and returned) in float32."""
         sample = x.to(torch.float32)
         sigma = schedule.sigmas[i]
         derivative = (sample - self.denoised(sigma, model_output, sample)) / sigma
-        prev = sample + derivative * (schedule.sigmas[i + 1] - sigma)
-        return prev.to(model_output.dtype), None
+        return sample + derivative * (sigma_next - sigma)
+
+    def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
+        """An Euler step from sigma_i to sigma_{i+1}."""
+        return self.euler_to(schedule, i, model_output, x, schedule.sigmas[i + 1]).to(model_output.dtype), None
 
 
 class EulerAncestral(Euler):
@@ -191,12 +195,10 @@ class EulerAncestral(Euler):
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
         """Deterministic part to sigma_down, plus sigma_up times noise drawn from ``generator``."""
-        sample = x.to(torch.float32)
         sigma_from, sigma_to = schedule.sigmas[i], schedule.sigmas[i + 1]
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        derivative = (sample - self.denoised(sigma_from, model_output, sample)) / sigma_from
-        prev = sample + derivative * (sigma_down - sigma_from)
+        prev = self.euler_to(schedule, i, model_output, x, sigma_down)
         prev = prev + draw_noise(model_output.shape, generator, model_output) * sigma_up
         return prev.to(model_output.dtype), None
 
