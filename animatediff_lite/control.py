@@ -107,9 +107,7 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
     if control_frames is None:
         raise ValueError(f"control_frames: the pipeline has {n} ControlNet(s) ({', '.join(u.source for u in units)}); "
                          "pass one condition video per ControlNet, e.g. control_frames=[frames]")
-    if isinstance(control_frames, torch.Tensor) or isinstance(control_frames, str):
-        control_frames = [control_frames]
-    frames_list = _as_list(list(control_frames), n, "control_frames")
+    frames_list = _as_list(control_frames, n, "control_frames")  # one video (tensor, path) stands for a list of one
     starts = [0.0 if s is None else s for s in _as_list(control_start, n, "control_start")]
     ends = [1.0 if e is None else e for e in _as_list(control_end, n, "control_end")]
     active = []
