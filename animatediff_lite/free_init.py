@@ -9,11 +9,11 @@ draw: float32 from the sampling generator after the previous round's draws), so 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .checks import finite_number
 from .scheduler import seeded_noise
 
 METHODS = ("butterworth", "gaussian", "ideal", "box")
@@ -44,8 +44,7 @@ class FreeInit:
             raise ValueError(f"FreeInit iterations must be an integer >= 1, got {self.iterations!r}")
         if self.method not in METHODS:
             raise ValueError(f"FreeInit method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.order, (int, float)) or not math.isfinite(self.order) or self.order <= 0:
-            raise ValueError(f"FreeInit order must be a finite number > 0, got {self.order!r}")
+        finite_number("FreeInit order", self.order, minimum=0, exclusive=True)
         for name in ("spatial_stop", "temporal_stop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
