@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import re
 import sys
 import xml.etree.ElementTree as ET
@@ -136,14 +135,9 @@ def thresholds_from_norm_results(results: Mapping, source: str) -> list[vt.Thres
         sizes = sorted(p for (s, p), v in times.items() if s == stats and {"triton", "torch"} <= v.keys())
         if not sizes:
             continue
-        threshold = math.inf
-        for p in reversed(sizes):
-            if times[(stats, p)]["triton"] < times[(stats, p)]["torch"]:
-                threshold = p
-            else:
-                break
-        # PyTorch won at the largest size: only sizes above every measured one may take the kernel.
-        value = sizes[-1] + 1 if threshold == math.inf else int(threshold)
+        won = {p for p in sizes if times[(stats, p)]["triton"] < times[(stats, p)]["torch"]}
+        # The smallest size from which the kernel won at every size; if PyTorch won at the largest, above them all.
+        value = next((p for p in sizes if all(q in won for q in sizes if q >= p)), sizes[-1] + 1)
         out.append(vt.Threshold("group_norm", variant, cap, dtype, value, source))
     return out
 
