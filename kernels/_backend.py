@@ -120,18 +120,17 @@ def resolve_backend(name: str | Backend | None = None, device: str | torch.devic
         if device.type != "cuda" and not interpreter_enabled():
             raise ValueError(f"backend='triton' on {device}: the kernels need a CUDA device (or TRITON_INTERPRET=1 "
                              "set before import, for tests); use backend='auto' or 'torch'")
-    if value != "auto":
+    if value != "auto" or device.type != "cuda":  # "auto" off CUDA: PyTorch everywhere
         return Backend(value, strict=strict and value == "triton", device=device)
-    if device.type != "cuda":
-        return Backend("auto", device=device)
     try:  # the installed triton's version, from its metadata (without importing it)
         triton = triton or importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return Backend("auto", device=device)
     capability = capability or torch.cuda.get_device_capability(device)
     table = vt.load_table() if table is None else table
-    enabled = frozenset((k, d) for k in vt.KERNELS for d in vt.verified_dtypes(table, k, capability, triton))
-    cap = vt.capability_str(capability)
+    cap, tri = vt.capability_str(capability), vt.major_minor(triton)
+    enabled = frozenset((v.kernel, d) for v in table.verified if (v.capability, v.triton) == (cap, tri)
+                        for d in v.dtypes)
     min_px = {(t.kernel, t.variant, t.dtype): t.min_pixels for t in table.thresholds if t.capability == cap}
     slower = frozenset((w.kernel, w.dtype, w.shape) for w in table.slower if w.capability == cap)
     return Backend("auto", device=device, enabled=enabled, min_pixels=min_px, slower=slower)

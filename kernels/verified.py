@@ -126,10 +126,3 @@ def load_table(path: str | os.PathLike = TABLE_PATH) -> Table:
     if not path.exists():
         return Table()
     return parse_table(path.read_text(), str(path))
-
-
-def verified_dtypes(table: Table, kernel: str, capability: tuple[int, int] | str, triton_version: str) -> frozenset:
-    """dtype names for which ``kernel`` is verified on this device capability and Triton major.minor."""
-    cap, tri = capability_str(capability), major_minor(triton_version)
-    return frozenset(d for v in table.verified if (v.kernel, v.capability, v.triton) == (kernel, cap, tri)
-                     for d in v.dtypes)
