@@ -174,18 +174,14 @@ def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: st
     if name == "auto":
         if reason is not None or not on_cuda or not tensors:
             return False
-        if resolved is None:
-            resolved = _auto_for(tensors[0].device)
-        elif resolved.device != tensors[0].device:
+        if resolved is not None and resolved.device != tensors[0].device:
             return False  # verified for another device
-        return resolved.allows(kernel, tensors[0].dtype, variant, pixels, shape)
+        return (resolved or _auto_for(tensors[0].device)).allows(kernel, tensors[0].dtype, variant, pixels, shape)
     if reason is None and not on_cuda and not interpreter_enabled():
         reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)"
-    if reason is None:
-        return True
-    if strict:
+    if reason is not None and strict:
         raise RuntimeError(f"backend='triton' requested but the kernel cannot run: {reason}")
-    return False
+    return reason is None
 
 
 def check_runnable(kernel: object, t: torch.Tensor) -> None:
