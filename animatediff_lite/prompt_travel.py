@@ -57,8 +57,7 @@ def interpolate_frames(frames: Sequence[int], embeds: torch.Tensor, num_frames: 
     out = embeds.new_empty((num_frames, *embeds.shape[1:]))
     out[: frames[0] + 1] = embeds[0]
     out[frames[-1]:] = embeds[-1]
-    for j in range(len(frames) - 1):
-        k0, k1 = frames[j], frames[j + 1]
+    for j, (k0, k1) in enumerate(zip(frames[:-1], frames[1:], strict=True)):  # neighbouring keys
         for f in range(k0, k1 + 1):
             a = (f - k0) / (k1 - k0)
             out[f] = (1 - a) * embeds[j] + a * embeds[j + 1]

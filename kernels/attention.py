@@ -156,8 +156,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     total = B * H * m_blocks
     meta = dict(HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=block_m, CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else None)
-    fixed = interp or block_n is not None
-    if fixed:
+    if interp or block_n is not None:  # a fixed tiling
         block_n = block_n or 16
         meta.update(BLOCK_N=block_n, EVEN_N=Lk % block_n == 0, num_warps=num_warps or 4,
                     num_stages=num_stages or 2)
