@@ -253,15 +253,12 @@ class DPMSolverPP2M(_SigmaSampler):
         sample = x.to(torch.float32)
         alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
         h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
-        first_order = state is None or i == len(schedule) - 1  # the last step ends at sigma 0: first order
-        if first_order:
-            prev = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-        else:
+        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0  # first order
+        if state is not None and i < len(schedule) - 1:  # second order but on the first and last step (to sigma 0)
             alpha_s1, sigma_s1 = _alpha_sigma(sigmas[i - 1])
             r0 = (_lambda(alpha_s0, sigma_s0) - _lambda(alpha_s1, sigma_s1)) / h
             d1 = (1.0 / r0) * (x0 - state)
-            prev = ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-                    - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            prev = prev - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
         return prev.to(model_output.dtype), x0
 
 
