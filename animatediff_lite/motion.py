@@ -95,9 +95,7 @@ class TemporalAttention(nn.Module):
         if not self.fuse:
             return None, None
         if torch.compiler.is_compiling():
-            if self.qkv_weight is not None:
-                return self.qkv_weight, self.pe_qkv
-            return self._fuse()
+            return (self.qkv_weight, self.pe_qkv) if self.qkv_weight is not None else self._fuse()
         key = self._projection_key()
         if key != self._fused_key:
             self.qkv_weight, self.pe_qkv = self._fuse()

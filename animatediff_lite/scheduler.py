@@ -40,12 +40,10 @@ class DDIMConfig:
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", SPACINGS),
+                              ("prediction_type", PREDICTION_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         for name in ("beta_start", "beta_end", "clip_sample_range"):
