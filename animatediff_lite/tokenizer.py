@@ -41,9 +41,7 @@ def byte_alphabet() -> list[str]:
     ``chr(256 + n)`` in byte order and follow.
     """
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    kept_set = set(kept)
-    others = [b for b in range(256) if b not in kept_set]
-    return [chr(b) for b in kept] + [chr(256 + n) for n in range(len(others))]
+    return [chr(b) for b in kept] + [chr(256 + n) for n in range(256 - len(kept))]
 
 
 def parse_merges(text: str, limit: int | None = None) -> list[tuple[str, str]]:
