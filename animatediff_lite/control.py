@@ -49,10 +49,6 @@ class Control:
     def __init__(self, active: list[_Active]) -> None:
         self.active = active
 
-    def extend(self, other: Control | None) -> Control:
-        """This and ``other``'s ControlNets in one sum (ControlNets first, then SparseCtrl)."""
-        return self if other is None else Control(self.active + other.active)
-
     def residuals(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, step: int, num_steps: int,
                   frames: slice | None = None) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
         """Summed (down residuals, mid residual) for model input x (B, C, f, h, w) at step ``step`` of
@@ -90,8 +86,8 @@ def _as_list(value, n: int, name: str) -> list:
 def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[VideoInput] | None,
                     control_start: float | Sequence[float] | None, control_end: float | Sequence[float] | None,
                     num_frames: int, height: int, width: int, device: torch.device,
-                    dtype: torch.dtype) -> Control | None:
-    """Check and embed the condition frames of every ControlNet; None when the pipeline has none.
+                    dtype: torch.dtype) -> list[_Active]:
+    """Check and embed the condition frames of every ControlNet; [] when the pipeline has none.
 
     control_frames: one entry per ControlNet, each a (F, 3, H, W) float tensor in [0, 1], a list of PIL images
     or a video path, with exactly ``num_frames`` frames of ``height`` x ``width`` (no resizing: condition images
@@ -102,7 +98,7 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         if control_frames is not None or control_start is not None or control_end is not None:
             raise ValueError("control_frames/control_start/control_end given but the pipeline has no ControlNet; "
                              "load one with load_pipeline(..., controlnets=[(file, scale)])")
-        return Control([])
+        return []
     n = len(units)
     if control_frames is None:
         raise ValueError(f"control_frames: the pipeline has {n} ControlNet(s) ({', '.join(u.source for u in units)}); "
@@ -126,11 +122,11 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         w = model.controlnet_cond_embedding.conv_in.weight
         embedded = model.controlnet_cond_embedding(video.to(w.device, w.dtype))
         active.append(_Active(unit, float(start), float(end), embedded.to(device, dtype)))
-    return Control(active)
+    return active
 
 
 def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, control_scale: float | None, vae,
-                   num_frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Control:
+                   num_frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> list[_Active]:
     """Check and embed SparseCtrl key frames: ``control_images`` maps a frame index to a PIL image, a (3, H, W)
     tensor in [0, 1] or an image path, each ``height`` x ``width``; ``control_scale`` (default 1.0) multiplies the
     residuals. RGB key frames go through ``vae`` (posterior mean, scaled latents: no noise is drawn, so a seed
@@ -139,7 +135,7 @@ def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, contro
         if control_images is not None or control_scale is not None:
             raise ValueError("control_images/control_scale given but the pipeline has no SparseCtrl; load one with "
                              "load_pipeline(..., sparsectrl='v3_sd15_sparsectrl_rgb.ckpt')")
-        return Control([])
+        return []
     model = unit.model
     if not isinstance(control_images, dict) or not control_images:
         raise ValueError(f"control_images: the pipeline has SparseCtrl ({unit.source}); pass a dict of at least one "
@@ -164,7 +160,7 @@ def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, contro
     cond[frames] = keys.to(w.device, w.dtype)
     mask[frames] = 1
     embedded = model.embed_condition(cond, mask).to(device, dtype)
-    return Control([_Active(ControlUnit(model, float(scale), unit.source), 0.0, 1.0, embedded, zero_input=True)])
+    return [_Active(ControlUnit(model, float(scale), unit.source), 0.0, 1.0, embedded, zero_input=True)]
 
 
 def _read_image(image, name: str, height: int, width: int) -> torch.Tensor:
@@ -187,8 +183,9 @@ def control_for_call(pipe, control_frames, control_start, control_end, control_i
                      num_frames: int, height: int, width: int) -> Control | None:
     """The ControlNets and SparseCtrl of ``pipe`` prepared for one generation (see :func:`prepare_control` and
     :func:`prepare_sparse`), or None when neither is loaded nor asked for."""
-    control = prepare_control(pipe.controlnets, control_frames, control_start, control_end, num_frames, height,
-                              width, pipe.device, pipe.dtype)
-    control = control.extend(prepare_sparse(pipe.sparsectrl, control_images, control_scale, pipe.vae, num_frames,
-                                            height, width, pipe.device, pipe.dtype))
-    return control if control.active else None
+    # ControlNets first, then SparseCtrl, in one sum
+    active = prepare_control(pipe.controlnets, control_frames, control_start, control_end, num_frames, height,
+                             width, pipe.device, pipe.dtype)
+    active += prepare_sparse(pipe.sparsectrl, control_images, control_scale, pipe.vae, num_frames, height, width,
+                             pipe.device, pipe.dtype)
+    return Control(active) if active else None
