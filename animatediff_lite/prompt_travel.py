@@ -90,8 +90,7 @@ def travel_embeddings(encode: Encode, prompt: str | PromptMap, negative_prompt: 
     if isinstance(prompt, (list, tuple)):
         raise ValueError("prompt: prompt travel takes one prompt map per call, not a list; "
                          "pass {frame: text} or call once per map")
-    cond = frame_embeddings(encode, prompt, num_frames, "prompt")
-    parts = [cond]
+    parts = [frame_embeddings(encode, prompt, num_frames, "prompt")]
     if guided:
         negative = "" if negative_prompt is None else negative_prompt
         if isinstance(negative, (list, tuple)):
