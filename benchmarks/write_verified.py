@@ -106,11 +106,10 @@ def entries_from_junit(junit_xml: str | Iterable[str], capability: tuple[int, in
                          + "; ".join(bad[:10]))
     rows = []
     for kernel, selectors in KERNEL_TESTS.items():
-        mine = [(name, outcome) for stem, name, outcome in cases
-                if any(stem == s and re.fullmatch(pat, name.split("[")[0]) for s, pat in selectors)]
         # At least one gpu-marked test of the kernel must have run (not skipped): without CUDA the same files run
         # under the CPU interpreter, which proves nothing about the GPU compile.
-        if any(name.startswith("test_gpu") and outcome == "passed" for name, outcome in mine):
+        if any(name.startswith("test_gpu") and outcome == "passed" for stem, name, outcome in cases
+               if any(stem == s and re.fullmatch(pat, name.split("[")[0]) for s, pat in selectors)):
             rows.append(vt.Verified(kernel, vt.capability_str(capability), vt.major_minor(triton_version),
                                     tuple(dtypes), date, source))
     return rows
