@@ -171,7 +171,7 @@ class TemporalTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, config)])
+        self.transformer_blocks = nn.Sequential(TemporalTransformerBlock(channels, config))  # key "...blocks.0"
         self.proj_out = nn.Linear(channels, channels)
         self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
@@ -184,8 +184,7 @@ class TemporalTransformer(nn.Module):
         # (B*F, C, H, W) -> (B*H*W, F, C): one sequence of frames per pixel.
         h = h.reshape(b, frames, c, hgt * wid).permute(0, 3, 1, 2).reshape(b * hgt * wid, frames, c)
         h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h)
+        h = self.transformer_blocks(h)
         h = self.proj_out(h)
         h = h.reshape(b, hgt * wid, frames, c).permute(0, 2, 3, 1).reshape(bf, c, hgt, wid)
         return h + x
