@@ -356,11 +356,10 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
             if value % self.latent_factor:
                 raise ValueError(f"{name} must be a multiple of {self.latent_factor} for this VAE, got {value}")
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        for name, value in (("num_frames", num_frames), ("num_videos_per_prompt", num_videos_per_prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         num_steps_check(steps)
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
         finite_number("eta", eta, minimum=0)
         if seed is not None and generator is not None:
             raise ValueError("seed and generator: pass one of them, not both")
