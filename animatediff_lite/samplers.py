@@ -254,7 +254,8 @@ class DPMSolverPP2M(_SigmaSampler):
         alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
         h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
         prev = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0  # first order
-        if state is not None and i < len(schedule) - 1:  # second order but on the first and last step (to sigma 0)
+        # second order except on the first step (no previous x0) and the last one (it ends at sigma 0)
+        if state is not None and i < len(schedule) - 1:
             alpha_s1, sigma_s1 = _alpha_sigma(sigmas[i - 1])
             r0 = (_lambda(alpha_s0, sigma_s0) - _lambda(alpha_s1, sigma_s1)) / h
             d1 = (1.0 / r0) * (x0 - state)
