@@ -29,8 +29,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

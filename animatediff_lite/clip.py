@@ -99,12 +99,10 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.Sequential(*[EncoderLayer(cfg) for _ in range(cfg.num_layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return self.layers(x)
 
 
 class TextEncoder(nn.Module):

@@ -136,11 +136,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a config dataclass from a dict, ignoring unknown keys and restoring tuples."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in names:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items() if key in names}
     if cls is ModelConfig:
         parts = {"clip": CLIPConfig, "vae": VAEConfig, "unet": UNetConfig, "motion": MotionConfig}
         for key, part_cls in parts.items():

@@ -19,10 +19,9 @@ def context_windows(num_frames: int, context_frames: int, overlap: int) -> list[
     ``context_frames - overlap`` frames, and the last one ends at the last frame.
     Example: (10, 4, 1) -> [0..3], [3..6], [6..9].
     """
-    if not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
-    if not isinstance(context_frames, int) or context_frames < 1:
-        raise ValueError(f"context_frames must be an integer >= 1, got {context_frames!r}")
+    for name, value in (("num_frames", num_frames), ("context_frames", context_frames)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not isinstance(overlap, int) or not 0 <= overlap < context_frames:
         raise ValueError(f"context_overlap (overlap) must be an integer in [0, context_frames={context_frames}), "
                          f"got {overlap!r}")

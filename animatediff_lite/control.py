@@ -20,7 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from .controlnet import ControlNet
 from .video_input import VideoInput, read_video
@@ -49,10 +48,6 @@ class Control:
 
     def __init__(self, active: list[_Active]) -> None:
         self.active = active
-
-    def extend(self, other: Control | None) -> Control:
-        """This and ``other``'s ControlNets in one sum (ControlNets first, then SparseCtrl)."""
-        return self if other is None else Control(self.active + other.active)
 
     def residuals(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, step: int, num_steps: int,
                   frames: slice | None = None) -> tuple[list[torch.Tensor] | None, torch.Tensor | None]:
@@ -91,8 +86,8 @@ def _as_list(value, n: int, name: str) -> list:
 def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[VideoInput] | None,
                     control_start: float | Sequence[float] | None, control_end: float | Sequence[float] | None,
                     num_frames: int, height: int, width: int, device: torch.device,
-                    dtype: torch.dtype) -> Control | None:
-    """Check and embed the condition frames of every ControlNet; None when the pipeline has none.
+                    dtype: torch.dtype) -> list[_Active]:
+    """Check and embed the condition frames of every ControlNet; [] when the pipeline has none.
 
     control_frames: one entry per ControlNet, each a (F, 3, H, W) float tensor in [0, 1], a list of PIL images
     or a video path, with exactly ``num_frames`` frames of ``height`` x ``width`` (no resizing: condition images
@@ -103,14 +98,12 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         if control_frames is not None or control_start is not None or control_end is not None:
             raise ValueError("control_frames/control_start/control_end given but the pipeline has no ControlNet; "
                              "load one with load_pipeline(..., controlnets=[(file, scale)])")
-        return Control([])
+        return []
     n = len(units)
     if control_frames is None:
         raise ValueError(f"control_frames: the pipeline has {n} ControlNet(s) ({', '.join(u.source for u in units)}); "
                          "pass one condition video per ControlNet, e.g. control_frames=[frames]")
-    if isinstance(control_frames, torch.Tensor) or isinstance(control_frames, str):
-        control_frames = [control_frames]
-    frames_list = _as_list(list(control_frames), n, "control_frames")
+    frames_list = _as_list(control_frames, n, "control_frames")  # one video (tensor, path) stands for a list of one
     starts = [0.0 if s is None else s for s in _as_list(control_start, n, "control_start")]
     ends = [1.0 if e is None else e for e in _as_list(control_end, n, "control_end")]
     active = []
@@ -129,11 +122,11 @@ def prepare_control(units: Sequence[ControlUnit], control_frames: Sequence[Video
         w = model.controlnet_cond_embedding.conv_in.weight
         embedded = model.controlnet_cond_embedding(video.to(w.device, w.dtype))
         active.append(_Active(unit, float(start), float(end), embedded.to(device, dtype)))
-    return Control(active)
+    return active
 
 
 def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, control_scale: float | None, vae,
-                   num_frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> Control:
+                   num_frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> list[_Active]:
     """Check and embed SparseCtrl key frames: ``control_images`` maps a frame index to a PIL image, a (3, H, W)
     tensor in [0, 1] or an image path, each ``height`` x ``width``; ``control_scale`` (default 1.0) multiplies the
     residuals. RGB key frames go through ``vae`` (posterior mean, scaled latents: no noise is drawn, so a seed
@@ -142,7 +135,7 @@ def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, contro
         if control_images is not None or control_scale is not None:
             raise ValueError("control_images/control_scale given but the pipeline has no SparseCtrl; load one with "
                              "load_pipeline(..., sparsectrl='v3_sd15_sparsectrl_rgb.ckpt')")
-        return Control([])
+        return []
     model = unit.model
     if not isinstance(control_images, dict) or not control_images:
         raise ValueError(f"control_images: the pipeline has SparseCtrl ({unit.source}); pass a dict of at least one "
@@ -167,27 +160,19 @@ def prepare_sparse(unit: ControlUnit | None, control_images: dict | None, contro
     cond[frames] = keys.to(w.device, w.dtype)
     mask[frames] = 1
     embedded = model.embed_condition(cond, mask).to(device, dtype)
-    return Control([_Active(ControlUnit(model, float(scale), unit.source), 0.0, 1.0, embedded, zero_input=True)])
+    return [_Active(ControlUnit(model, float(scale), unit.source), 0.0, 1.0, embedded, zero_input=True)]
 
 
 def _read_image(image, name: str, height: int, width: int) -> torch.Tensor:
     """A PIL image, a (3, H, W) float tensor in [0, 1] or an image path -> float32 CPU (3, H, W) of the video's size."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{name}: cannot read {os.fspath(image)!r} as an image ({e})") from e
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3:
-            raise ValueError(f"{name}: expected a (3, H, W) float tensor in [0, 1], got shape {tuple(image.shape)}")
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
         image = image[None]
     elif hasattr(image, "convert"):
         image = [image]
-    else:
-        raise ValueError(f"{name}: expected a PIL image, a (3, H, W) tensor in [0, 1] or an image path, "
-                         f"got {type(image).__name__}")
-    frame = read_video(image, name)[0]
+    elif not isinstance(image, (str, os.PathLike)):
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{name}: expected a PIL image, a (3, H, W) tensor in [0, 1] or an image path, got {got}")
+    frame = read_video(image, name)[0]  # a path is read as a one-frame video (an animated file: its first frame)
     if tuple(frame.shape[-2:]) != (height, width):
         raise ValueError(f"{name}: the image is {frame.shape[-1]}x{frame.shape[-2]}, the video is {width}x{height}; "
                          "resize it to the video size")
@@ -198,8 +183,9 @@ def control_for_call(pipe, control_frames, control_start, control_end, control_i
                      num_frames: int, height: int, width: int) -> Control | None:
     """The ControlNets and SparseCtrl of ``pipe`` prepared for one generation (see :func:`prepare_control` and
     :func:`prepare_sparse`), or None when neither is loaded nor asked for."""
-    control = prepare_control(pipe.controlnets, control_frames, control_start, control_end, num_frames, height,
-                              width, pipe.device, pipe.dtype)
-    control = control.extend(prepare_sparse(pipe.sparsectrl, control_images, control_scale, pipe.vae, num_frames,
-                                            height, width, pipe.device, pipe.dtype))
-    return control if control.active else None
+    # ControlNets first, then SparseCtrl, in one sum
+    active = prepare_control(pipe.controlnets, control_frames, control_start, control_end, num_frames, height,
+                             width, pipe.device, pipe.dtype)
+    active += prepare_sparse(pipe.sparsectrl, control_images, control_scale, pipe.vae, num_frames, height, width,
+                             pipe.device, pipe.dtype)
+    return Control(active) if active else None

@@ -9,10 +9,12 @@ draw: float32 from the sampling generator after the previous round's draws), so 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from .checks import finite_number
+from .scheduler import seeded_noise
 
 METHODS = ("butterworth", "gaussian", "ideal", "box")
 
@@ -42,8 +44,7 @@ class FreeInit:
             raise ValueError(f"FreeInit iterations must be an integer >= 1, got {self.iterations!r}")
         if self.method not in METHODS:
             raise ValueError(f"FreeInit method must be one of {METHODS}, got {self.method!r}")
-        if not isinstance(self.order, (int, float)) or not math.isfinite(self.order) or self.order <= 0:
-            raise ValueError(f"FreeInit order must be a finite number > 0, got {self.order!r}")
+        finite_number("FreeInit order", self.order, minimum=0, exclusive=True)
         for name in ("spatial_stop", "temporal_stop"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 <= value <= 1:
@@ -93,10 +94,9 @@ class FreeInit:
         b, _, f, h, w = latents.shape
         t_last = scheduler.config.num_train_timesteps - 1
         z_t = scheduler.add_noise(latents, initial_noise, torch.full((b,), t_last, dtype=torch.long)).float()
-        device = generator.device if generator is not None else torch.device("cpu")
-        fresh = torch.randn(latents.shape, generator=generator, device=device, dtype=torch.float32)
+        fresh = seeded_noise(latents.shape, generator, latents.device, torch.float32)
         lpf = self.low_pass_filter(f, h, w).to(latents.device)
-        return frequency_mix(z_t, fresh.to(latents.device), lpf).to(latents.dtype)
+        return frequency_mix(z_t, fresh, lpf).to(latents.dtype)
 
 
 def frequency_mix(x: torch.Tensor, noise: torch.Tensor, lpf: torch.Tensor) -> torch.Tensor:

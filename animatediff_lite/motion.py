@@ -95,9 +95,7 @@ class TemporalAttention(nn.Module):
         if not self.fuse:
             return None, None
         if torch.compiler.is_compiling():
-            if self.qkv_weight is not None:
-                return self.qkv_weight, self.pe_qkv
-            return self._fuse()
+            return (self.qkv_weight, self.pe_qkv) if self.qkv_weight is not None else self._fuse()
         key = self._projection_key()
         if key != self._fused_key:
             self.qkv_weight, self.pe_qkv = self._fuse()
@@ -173,7 +171,7 @@ class TemporalTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels)
-        self.transformer_blocks = nn.ModuleList([TemporalTransformerBlock(channels, config)])
+        self.transformer_blocks = nn.Sequential(TemporalTransformerBlock(channels, config))  # key "...blocks.0"
         self.proj_out = nn.Linear(channels, channels)
         self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
@@ -186,8 +184,7 @@ class TemporalTransformer(nn.Module):
         # (B*F, C, H, W) -> (B*H*W, F, C): one sequence of frames per pixel.
         h = h.reshape(b, frames, c, hgt * wid).permute(0, 3, 1, 2).reshape(b * hgt * wid, frames, c)
         h = self.proj_in(h)
-        for block in self.transformer_blocks:
-            h = block(h)
+        h = self.transformer_blocks(h)
         h = self.proj_out(h)
         h = h.reshape(b, hgt * wid, frames, c).permute(0, 2, 3, 1).reshape(bf, c, hgt, wid)
         return h + x
@@ -237,12 +234,10 @@ class MotionModule(nn.Module):
 def refresh_fused_projections(model: nn.Module) -> int:
     """Bring every temporal attention's fused q/k/v cache of ``model`` up to date (outside any compiled graph);
     returns how many there are."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, TemporalAttention):
-            module.fused_projections()
-            count += 1
-    return count
+    attentions = [m for m in model.modules() if isinstance(m, TemporalAttention)]
+    for module in attentions:
+        module.fused_projections()
+    return len(attentions)
 
 
 def set_fused_projections(model: nn.Module, enabled: bool) -> None:

@@ -49,9 +49,8 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     """
     if frames is not None and (frames < 1 or x.shape[0] % frames):
         raise ValueError(f"frames={frames} must be >= 1 and divide the batch {x.shape[0]}")
-    why_not = None
-    if x.dim() < 2 or x.shape[1] % num_groups:
-        why_not = f"x {tuple(x.shape)} is not (N, C, ...) with C divisible by num_groups={num_groups}"
+    why_not = (f"x {tuple(x.shape)} is not (N, C, ...) with C divisible by num_groups={num_groups}"
+               if x.dim() < 2 or x.shape[1] % num_groups else None)
     params = [t for t in (weight, bias) if t is not None]
     pixels = x[0, 0].numel() if x.dim() > 2 and x.shape[0] and x.shape[1] else 1
     variant = "joint" if frames is not None and frames > 1 else "per_frame"

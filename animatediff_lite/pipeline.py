@@ -21,7 +21,7 @@ from .motion import refresh_fused_projections
 from .ops import set_backend
 from .prompt_travel import PromptMap, is_prompt_map, travel_embeddings, window_embeddings
 from .samplers import SamplerRun, make_sampler
-from .scheduler import DDIM, num_steps_check
+from .scheduler import DDIM, num_steps_check, seeded_noise
 from .video_input import (
     VideoInput,
     check_strength,
@@ -35,7 +35,6 @@ from .video_input import (
 
 # fp16 kernels on the CPU are partial and slow (GroupNorm/conv fall back or fail); bf16 is well supported.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-GPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 StepCallback = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
@@ -95,7 +94,6 @@ class Pipeline:
         self.compile_mode: str | None = None  # set by compile()
         self.controlnets: list[ControlUnit] = []  # load_pipeline(controlnets=...); see control.py
         self.sparsectrl: ControlUnit | None = None  # load_pipeline(sparsectrl=...)
-        self._backend_request = backend
         self.set_backend(backend)
 
     def set_backend(self, backend: str | Backend | None = None) -> Backend:
@@ -109,7 +107,7 @@ class Pipeline:
         """
         self._backend_request = backend
         self.backend = resolve_backend(backend, self.device)
-        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
+        for m in self._models():
             if isinstance(m, torch.nn.Module):
                 set_backend(m, self.backend, self.device)
         return self.backend
@@ -122,7 +120,7 @@ class Pipeline:
         before (a name, or None for the environment variable).
         """
         self.device, self.dtype = check_device_dtype(device or self.device, dtype or self.dtype)
-        for m in (self.text_encoder, self.vae, self.unet, *self._control_models()):
+        for m in self._models():
             m.to(self.device, self.dtype)
         request = backend if backend is not None else self._backend_request
         self.set_backend(request.name if isinstance(request, Backend) else request)
@@ -156,9 +154,9 @@ class Pipeline:
                     conv.to(memory_format=fmt)  # cuDNN follows the weight's layout, so activations become NHWC
         return self
 
-    def _control_models(self) -> list[torch.nn.Module]:
-        units = [*getattr(self, "controlnets", []), *([self.sparsectrl] if getattr(self, "sparsectrl", None) else [])]
-        return [u.model for u in units]
+    def _models(self) -> list[torch.nn.Module]:
+        units = [*self.controlnets, *([self.sparsectrl] if self.sparsectrl else [])]
+        return [self.text_encoder, self.vae, self.unet, *(u.model for u in units)]
 
     @property
     def max_frames(self) -> int | None:
@@ -322,18 +320,14 @@ class Pipeline:
 
     def _initial_latents(self, shape: tuple[int, ...], generator: torch.Generator | None,
                          latents: torch.Tensor | None) -> torch.Tensor:
-        if latents is not None:
-            if tuple(latents.shape) != shape:
-                f = self.latent_factor
-                raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/{f}, width/{f}), "
-                                 f"got {tuple(latents.shape)}")
-            x = latents.to(self.device, self.dtype)
-        else:
-            # Like diffusers' randn_tensor: a generator on another device than ours (normally the CPU) draws
-            # there, in the sampling dtype, and the noise then moves; without a generator, the CPU global RNG.
-            draw_on = generator.device if generator is not None else torch.device("cpu")
-            x = torch.randn(shape, generator=generator, device=draw_on, dtype=self.dtype).to(self.device)
-        return x * self.scheduler.init_noise_sigma
+        # Unit noise: the sampler run scales it by its initial sigma (SamplerRun.init).
+        if latents is None:  # drawn in the sampling dtype, as diffusers' prepare_latents
+            return seeded_noise(shape, generator, self.device, self.dtype)
+        if tuple(latents.shape) != shape:
+            f = self.latent_factor
+            raise ValueError(f"latents must have shape {shape} (batch, channels, frames, height/{f}, width/{f}), "
+                             f"got {tuple(latents.shape)}")
+        return latents.to(self.device, self.dtype)
 
     def _check_prompts(self, prompt: str | list[str],
                        negative_prompt: str | list[str] | None) -> tuple[list[str], list[str]]:
@@ -362,11 +356,10 @@ class Pipeline:
                 raise ValueError(f"{name} must be a positive multiple of 8, got {value!r}")
             if value % self.latent_factor:
                 raise ValueError(f"{name} must be a multiple of {self.latent_factor} for this VAE, got {value}")
-        if not isinstance(num_frames, int) or num_frames < 1:
-            raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+        for name, value in (("num_frames", num_frames), ("num_videos_per_prompt", num_videos_per_prompt)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         num_steps_check(steps)
-        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be an integer >= 1, got {num_videos_per_prompt!r}")
         finite_number("eta", eta, minimum=0)
         if seed is not None and generator is not None:
             raise ValueError("seed and generator: pass one of them, not both")

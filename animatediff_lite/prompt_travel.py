@@ -31,7 +31,11 @@ def check_prompt_map(value: Mapping, name: str, num_frames: int) -> list[tuple[i
         raise ValueError(f"{name}: the prompt map is empty; pass at least one {{frame: prompt}} entry")
     pairs: dict[int, str] = {}
     for key, text in value.items():
-        frame = _frame_index(key, name)
+        # ints, or strings of digits as TOML/JSON keys are (bool is an int subclass, not a frame index)
+        if not ((isinstance(key, int) and not isinstance(key, bool))
+                or (isinstance(key, str) and key.strip().lstrip("-").isdigit())):
+            raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
+        frame = int(key)
         if not 0 <= frame < num_frames:
             raise ValueError(f"{name}: frame {frame} is outside the video's frames 0..{num_frames - 1} "
                              f"(num_frames={num_frames})")
@@ -41,16 +45,6 @@ def check_prompt_map(value: Mapping, name: str, num_frames: int) -> list[tuple[i
             raise ValueError(f"{name}: frame {frame} is given twice")
         pairs[frame] = text
     return sorted(pairs.items())
-
-
-def _frame_index(key: object, name: str) -> int:
-    if isinstance(key, bool):
-        raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
-    if isinstance(key, int):
-        return key
-    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-        return int(key)
-    raise ValueError(f"{name}: prompt map keys must be frame indices (int), got {key!r}")
 
 
 def interpolate_frames(frames: Sequence[int], embeds: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -63,8 +57,7 @@ def interpolate_frames(frames: Sequence[int], embeds: torch.Tensor, num_frames: 
     out = embeds.new_empty((num_frames, *embeds.shape[1:]))
     out[: frames[0] + 1] = embeds[0]
     out[frames[-1]:] = embeds[-1]
-    for j in range(len(frames) - 1):
-        k0, k1 = frames[j], frames[j + 1]
+    for j, (k0, k1) in enumerate(zip(frames[:-1], frames[1:], strict=True)):  # neighbouring keys
         for f in range(k0, k1 + 1):
             a = (f - k0) / (k1 - k0)
             out[f] = (1 - a) * embeds[j] + a * embeds[j + 1]
@@ -97,8 +90,7 @@ def travel_embeddings(encode: Encode, prompt: str | PromptMap, negative_prompt: 
     if isinstance(prompt, (list, tuple)):
         raise ValueError("prompt: prompt travel takes one prompt map per call, not a list; "
                          "pass {frame: text} or call once per map")
-    cond = frame_embeddings(encode, prompt, num_frames, "prompt")
-    parts = [cond]
+    parts = [frame_embeddings(encode, prompt, num_frames, "prompt")]
     if guided:
         negative = "" if negative_prompt is None else negative_prompt
         if isinstance(negative, (list, tuple)):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .checks import SAMPLERS, sampler_name
-from .scheduler import DDIM, DDIMConfig, alphas_cumprod, num_steps_check
+from .scheduler import DDIM, DDIMConfig, alphas_cumprod, draw_noise, num_steps_check
 
 
 @dataclass(frozen=True)
@@ -55,35 +55,43 @@ class Schedule:
         return int(self.timesteps.shape[0])
 
 
-def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Standard normal noise shaped ``shape`` on like's device, drawn as diffusers' ``randn_tensor`` does."""
-    dtype = dtype or like.dtype
-    draw_on = generator.device if generator is not None and generator.device.type != like.device.type else like.device
-    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(like.device)
-
-
 def _check_prediction(config: DDIMConfig, name: str, supported: tuple[str, ...]) -> None:
     if config.prediction_type not in supported:
         raise ValueError(f"sampler={name!r} supports prediction_type {supported}, "
                          f"got {config.prediction_type!r} (use sampler='ddim')")
 
 
-class DDIMSampler:
+def _predict_x0(kind: str, x: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor,
+                sigma: torch.Tensor) -> torch.Tensor:
+    """The clean sample from a model output of prediction type ``kind`` at x = alpha x0 + sigma noise."""
+    if kind == "epsilon":
+        return (x - sigma * model_output) / alpha
+    if kind == "v_prediction":
+        return alpha * x - sigma * model_output
+    return model_output  # "sample"
+
+
+class _Sampler:
+    """What every sampler shares: a name, and latents fed to the UNet as they are (the Euler samplers scale)."""
+
+    name = ""
+
+    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
+        """The latents, unscaled."""
+        return x
+
+
+class DDIMSampler(_Sampler):
     """Today's DDIM (:class:`~animatediff_lite.scheduler.DDIM`) behind the sampler interface; eta > 0 adds noise."""
 
     name = "ddim"
 
     def __init__(self, ddim: DDIM, eta: float = 0.0) -> None:
-        self.ddim, self.eta = ddim, eta
+        self.ddim, self.eta, self.config = ddim, eta, ddim.config
 
     def schedule(self, num_steps: int) -> Schedule:
         """DDIM's timesteps, no sigmas, unit initial noise."""
         return Schedule(self.ddim.timesteps(num_steps), None, self.ddim.init_noise_sigma)
-
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """DDIM feeds the latents unscaled."""
-        return x
 
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
@@ -98,16 +106,9 @@ class DDIMSampler:
         return self.ddim.add_noise(x0, noise, t.long())
 
 
-def _vp_add_noise(alphas: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    a = alphas.to(x0.device, x0.dtype)[t.long().to(x0.device)].flatten()
-    a = a.reshape(a.shape[0], *([1] * (x0.dim() - 1)))
-    return a**0.5 * x0 + (1 - a) ** 0.5 * noise
-
-
-class _SigmaSampler:
+class _SigmaSampler(_Sampler):
     """Shared table for the k-diffusion style samplers: sigma_t = sqrt((1 - a_t) / a_t)."""
 
-    name = ""
     prediction_types: tuple[str, ...] = ("epsilon", "v_prediction")
 
     def __init__(self, config: DDIMConfig) -> None:
@@ -118,17 +119,25 @@ class _SigmaSampler:
 
     def noise_sigma(self, schedule: Schedule, t: float) -> torch.Tensor:
         """The sigma diffusers' add_noise uses for timestep t: the schedule's sigma at t's position (the second
-        position if t repeats); t not in the schedule: the training sigma at t (diffusers' Euler schedulers
-        raise IndexError there, e.g. FreeInit's t = 999 under "leading" spacing)."""
+        position if t repeats); t not in the schedule: :meth:`missing_sigma`."""
         where = (schedule.timesteps == t).nonzero().flatten()
         if len(where):
             return schedule.sigmas[int(where[1 if len(where) > 1 else 0])]
+        return self.missing_sigma(schedule, t)
+
+    def missing_sigma(self, schedule: Schedule, t: float) -> torch.Tensor:
+        """The training sigma at t (diffusers' Euler schedulers raise IndexError there, e.g. FreeInit's t = 999
+        under "leading" spacing)."""
         return torch.tensor(float(self.train_sigmas[int(round(float(t)))]))
+
+    def _sigmas(self, schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        # noise_sigma per sample of t (B,), shaped (B, 1, 1, ...) in like's device and dtype
+        sigma = torch.stack([self.noise_sigma(schedule, float(v)) for v in t.flatten()]).to(like.device, like.dtype)
+        return sigma.reshape(sigma.shape[0], *([1] * (like.dim() - 1)))
 
     def add_noise(self, schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 + sigma noise with sigma looked up per sample as diffusers' Euler schedulers do."""
-        sigma = torch.stack([self.noise_sigma(schedule, float(v)) for v in t.flatten()]).to(x0.device, x0.dtype)
-        return x0 + noise * sigma.reshape(sigma.shape[0], *([1] * (x0.dim() - 1)))
+        return x0 + noise * self._sigmas(schedule, t, x0)
 
 
 class Euler(_SigmaSampler):
@@ -164,14 +173,18 @@ class Euler(_SigmaSampler):
             return sample - sigma * model_output
         return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))  # v_prediction
 
-    def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
-        """x_{i+1} = x_i + (x_i - x0) / sigma_i * (sigma_{i+1} - sigma_i), computed in float32."""
+    def euler_to(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor,
+                 sigma_next: torch.Tensor) -> torch.Tensor:
+        """x + (x - x0) / sigma_i * (sigma_next - sigma_i), computed (and returned) in float32."""
         sample = x.to(torch.float32)
         sigma = schedule.sigmas[i]
         derivative = (sample - self.denoised(sigma, model_output, sample)) / sigma
-        prev = sample + derivative * (schedule.sigmas[i + 1] - sigma)
-        return prev.to(model_output.dtype), None
+        return sample + derivative * (sigma_next - sigma)
+
+    def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
+        """An Euler step from sigma_i to sigma_{i+1}."""
+        return self.euler_to(schedule, i, model_output, x, schedule.sigmas[i + 1]).to(model_output.dtype), None
 
 
 class EulerAncestral(Euler):
@@ -182,12 +195,10 @@ class EulerAncestral(Euler):
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
         """Deterministic part to sigma_down, plus sigma_up times noise drawn from ``generator``."""
-        sample = x.to(torch.float32)
         sigma_from, sigma_to = schedule.sigmas[i], schedule.sigmas[i + 1]
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-        derivative = (sample - self.denoised(sigma_from, model_output, sample)) / sigma_from
-        prev = sample + derivative * (sigma_down - sigma_from)
+        prev = self.euler_to(schedule, i, model_output, x, sigma_down)
         prev = prev + draw_noise(model_output.shape, generator, model_output) * sigma_up
         return prev.to(model_output.dtype), None
 
@@ -223,22 +234,14 @@ class DPMSolverPP2M(_SigmaSampler):
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         return Schedule(torch.from_numpy(ts).to(torch.int64), sigmas, 1.0)
 
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """DPM-Solver feeds the latents unscaled."""
-        return x
-
-    def noise_sigma(self, schedule: Schedule, t: float) -> torch.Tensor:
+    def missing_sigma(self, schedule: Schedule, t: float) -> torch.Tensor:
         """As diffusers' DPMSolverMultistepScheduler.index_for_timestep: t not in the schedule falls back to the
         last step's sigma (so FreeInit's t = 999 under "leading" spacing re-noises only slightly, as diffusers)."""
-        where = (schedule.timesteps == t).nonzero().flatten()
-        if not len(where):
-            return schedule.sigmas[len(schedule) - 1]
-        return schedule.sigmas[int(where[1 if len(where) > 1 else 0])]
+        return schedule.sigmas[len(schedule) - 1]
 
     def add_noise(self, schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """alpha_t x0 + sigma_t noise (variance preserving), sigma looked up as diffusers does."""
-        sigma = torch.stack([self.noise_sigma(schedule, float(v)) for v in t.flatten()]).to(x0.device, x0.dtype)
-        alpha, sigma_t = _alpha_sigma(sigma.reshape(sigma.shape[0], *([1] * (x0.dim() - 1))))
+        alpha, sigma_t = _alpha_sigma(self._sigmas(schedule, t, x0))
         return alpha * x0 + sigma_t * noise
 
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
@@ -246,25 +249,17 @@ class DPMSolverPP2M(_SigmaSampler):
         """One multistep update; state is the previous step's data prediction (None before the first step)."""
         sigmas = schedule.sigmas
         alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = (x - sigma_s0 * model_output) / alpha_s0
-        elif kind == "v_prediction":
-            x0 = alpha_s0 * x - sigma_s0 * model_output
-        else:  # "sample"
-            x0 = model_output
+        x0 = _predict_x0(self.config.prediction_type, x, model_output, alpha_s0, sigma_s0)
         sample = x.to(torch.float32)
         alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
         h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
-        first_order = state is None or i == len(schedule) - 1  # the last step ends at sigma 0: first order
-        if first_order:
-            prev = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-        else:
+        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0  # first order
+        # second order except on the first step (no previous x0) and the last one (it ends at sigma 0)
+        if state is not None and i < len(schedule) - 1:
             alpha_s1, sigma_s1 = _alpha_sigma(sigmas[i - 1])
             r0 = (_lambda(alpha_s0, sigma_s0) - _lambda(alpha_s1, sigma_s1)) / h
             d1 = (1.0 / r0) * (x0 - state)
-            prev = ((sigma_t / sigma_s0) * sample - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-                    - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            prev = prev - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1
         return prev.to(model_output.dtype), x0
 
 
@@ -294,7 +289,7 @@ def sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
 
 
-class LCM:
+class LCM(_Sampler):
     """Latent consistency sampling (Luo et al. 2023), diffusers' LCMScheduler: predict x0, re-noise to the next t.
 
     original_inference_steps: the length of the distillation schedule the timesteps are taken from.
@@ -308,8 +303,7 @@ class LCM:
         self.config = config
         self.original_inference_steps = original_inference_steps
         self.timestep_scaling = timestep_scaling
-        self.alphas_cumprod = alphas_cumprod(config)
-        self.final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self.alphas_cumprod[0]
+        self.ddim = DDIM(config)  # the same noise table, alpha-bar before step 0 and add_noise as DDIM's
 
     def schedule(self, num_steps: int) -> Schedule:
         """num_steps timesteps picked evenly (by index) from the distillation schedule k-1, 2k-1, ..., T-1."""
@@ -322,13 +316,9 @@ class LCM:
         idx = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
         return Schedule(torch.from_numpy(origin[idx]).to(torch.int64), None, 1.0)
 
-    def scale_input(self, schedule: Schedule, i: int, x: torch.Tensor) -> torch.Tensor:
-        """LCM feeds the latents unscaled."""
-        return x
-
     def add_noise(self, schedule: Schedule, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """q(x_t | x0) at training timestep t (diffusers' LCMScheduler.add_noise)."""
-        return _vp_add_noise(self.alphas_cumprod, x0, noise, t)
+        return self.ddim.add_noise(x0, noise, t.long())
 
     def step(self, schedule: Schedule, i: int, model_output: torch.Tensor, x: torch.Tensor, state: Any,
              generator: torch.Generator | None) -> tuple[torch.Tensor, Any]:
@@ -336,18 +326,11 @@ class LCM:
         t = schedule.timesteps[i]
         last = i == len(schedule) - 1
         t_next = t if last else schedule.timesteps[i + 1]
-        a_t = self.alphas_cumprod[t]
-        a_next = self.alphas_cumprod[t_next] if t_next >= 0 else self.final_alpha_cumprod
+        a_t, a_next = self.ddim.alphas_cumprod[t], self.ddim.alpha_bar(t_next)
         scaled = t * self.timestep_scaling
         c_skip = self.sigma_data**2 / (scaled**2 + self.sigma_data**2)
         c_out = scaled / (scaled**2 + self.sigma_data**2) ** 0.5
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            x0 = (x - (1 - a_t).sqrt() * model_output) / a_t.sqrt()
-        elif kind == "v_prediction":
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * model_output
-        else:  # "sample"
-            x0 = model_output
+        x0 = _predict_x0(self.config.prediction_type, x, model_output, a_t.sqrt(), (1 - a_t).sqrt())
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         denoised = c_out * x0 + c_skip * x
@@ -368,16 +351,11 @@ def make_sampler(name: str, ddim: DDIM | None = None, eta: float = 0.0):
     if eta > 0 and name != "ddim":
         raise ValueError(f"eta={eta} applies to sampler='ddim' only (got sampler={name!r}); leave eta at 0")
     ddim = ddim or DDIM()
-    config = ddim.config
     if name == "ddim":
         return DDIMSampler(ddim, eta)
-    if name == "euler":
-        return Euler(config)
-    if name == "euler_a":
-        return EulerAncestral(config)
-    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return DPMSolverPP2M(config, karras=name == "dpmpp_2m_karras")
-    return LCM(config)
+    if name.startswith("dpmpp_2m"):
+        return DPMSolverPP2M(ddim.config, karras=name == "dpmpp_2m_karras")
+    return {"euler": Euler, "euler_a": EulerAncestral, "lcm": LCM}[name](ddim.config)
 
 
 class SamplerRun:
@@ -407,7 +385,7 @@ class SamplerRun:
     @property
     def config(self):
         """The noise table's :class:`~animatediff_lite.scheduler.DDIMConfig`."""
-        return self.sampler.ddim.config if isinstance(self.sampler, DDIMSampler) else self.sampler.config
+        return self.sampler.config
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x0 (B, ...) diffused to timesteps t (B,) as this sampler's diffusers scheduler does after

@@ -40,12 +40,10 @@ class DDIMConfig:
     prediction_type: str = "epsilon"  # "epsilon", "v_prediction" or "sample"
 
     def __post_init__(self) -> None:
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
-        if self.timestep_spacing not in SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {SPACINGS}, got {self.timestep_spacing!r}")
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+        for name, allowed in (("beta_schedule", BETA_SCHEDULES), ("timestep_spacing", SPACINGS),
+                              ("prediction_type", PREDICTION_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         for name in ("beta_start", "beta_end", "clip_sample_range"):
@@ -60,6 +58,23 @@ def alphas_cumprod(config: DDIMConfig) -> torch.Tensor:
     else:  # "scaled_linear": linear in sqrt(beta)
         betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float32) ** 2
     return torch.cumprod(1.0 - betas, dim=0)
+
+
+def draw_noise(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise shaped ``shape`` on like's device, drawn as diffusers' ``randn_tensor`` does: on the
+    generator's device when it differs in type from like's (a CPU generator draws on the CPU), then moved."""
+    dtype = dtype or like.dtype
+    draw_on = generator.device if generator is not None and generator.device.type != like.device.type else like.device
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(like.device)
+
+
+def seeded_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise drawn on the generator's device (the global CPU RNG without one), then moved to
+    ``device``, like diffusers' ``randn_tensor`` with a CPU generator: a CPU seed gives the same noise anywhere."""
+    draw_on = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
 
 
 class DDIM:
@@ -98,7 +113,8 @@ class DDIM:
         """The timestep that follows ``t`` in a ``num_steps`` schedule (negative after the last one)."""
         return int(t) - self.config.num_train_timesteps // num_steps
 
-    def _alpha_bar(self, t: int) -> torch.Tensor:
+    def alpha_bar(self, t: int | torch.Tensor) -> torch.Tensor:
+        """Alpha-bar at timestep t, or "before" the first training step for t < 0."""
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
     def step(self, eps: torch.Tensor, t: int, x: torch.Tensor, t_prev: int, eta: float = 0.0,
@@ -111,8 +127,8 @@ class DDIM:
         noise moves to x's device, as diffusers does). Returns x at ``t_prev``, same shape and dtype.
         """
         t, t_prev = int(t), int(t_prev)
-        a_t = self._alpha_bar(t)  # float32 0-d
-        a_prev = self._alpha_bar(t_prev)
+        a_t = self.alpha_bar(t)  # float32 0-d
+        a_prev = self.alpha_bar(t_prev)
         b_t = 1 - a_t
         kind = self.config.prediction_type
         if kind == "epsilon":
@@ -132,11 +148,7 @@ class DDIM:
         std = eta * variance**0.5
         x_prev = (a_prev**0.5).item() * x0 + ((1 - a_prev - std**2) ** 0.5).item() * eps_hat
         if eta > 0:
-            if generator is None or generator.device.type == x.device.type:
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            else:
-                noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-            x_prev = x_prev + std.item() * noise
+            x_prev = x_prev + std.item() * draw_noise(x.shape, generator, x)
         return x_prev
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -167,4 +179,4 @@ def num_steps_check(steps: int) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
-__all__ = ["DDIM", "DDIMConfig", "alphas_cumprod", "num_steps_check"]
+__all__ = ["DDIM", "DDIMConfig", "alphas_cumprod", "draw_noise", "num_steps_check", "seeded_noise"]

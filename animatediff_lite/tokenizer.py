@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import itertools
 import json
 import os
 from collections.abc import Sequence
@@ -40,23 +41,16 @@ def byte_alphabet() -> list[str]:
     ``chr(256 + n)`` in byte order and follow.
     """
     kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    kept_set = set(kept)
-    others = [b for b in range(256) if b not in kept_set]
-    return [chr(b) for b in kept] + [chr(256 + n) for n in range(len(others))]
+    return [chr(b) for b in kept] + [chr(256 + n) for n in range(256 - len(kept))]
 
 
 def parse_merges(text: str, limit: int | None = None) -> list[tuple[str, str]]:
     """Merge rules ``"a b"`` per line -> [("a", "b"), ...]; the first line is a version header and skipped."""
-    lines = text.split("\n")[1:]
-    merges = []
-    for line in lines:
-        if limit is not None and len(merges) >= limit:
-            break
-        parts = line.split()
-        if len(parts) == 2:
-            merges.append((parts[0], parts[1]))
-        elif line.strip():
-            raise ValueError(f"merges: expected two symbols per line, got {line!r}")
+    lines = itertools.islice((line for line in text.split("\n")[1:] if line.strip()), limit)
+    merges = [tuple(line.split()) for line in lines]
+    bad = next((" ".join(m) for m in merges if len(m) != 2), None)
+    if bad is not None:
+        raise ValueError(f"merges: expected two symbols per line, got {bad!r}")
     return merges
 
 

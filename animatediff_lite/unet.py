@@ -81,23 +81,18 @@ class UNet3D(nn.Module):
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepMLP(ch[0], config.time_embed_dim)
 
-        self.down_blocks = nn.ModuleList()
-        out_c = ch[0]
-        for i in range(levels):
-            in_c, out_c = out_c, ch[i]
-            self.down_blocks.append(DownBlock(in_c, out_c, config, config.down_cross_attention[i], motion,
-                                              add_downsample=i < levels - 1))
+        # level i maps the previous level's width to its own
+        self.down_blocks = nn.ModuleList([
+            DownBlock(ch[max(i - 1, 0)], ch[i], config, config.down_cross_attention[i], motion,
+                      add_downsample=i < levels - 1) for i in range(levels)])
 
         self.mid_block = MidBlock(ch[-1], config, motion)
 
-        self.up_blocks = nn.ModuleList()
         rev, rev_attn = ch[::-1], config.down_cross_attention[::-1]
-        out_c = rev[0]
-        for i in range(levels):
-            prev_c, out_c = out_c, rev[i]
-            in_c = rev[min(i + 1, levels - 1)]
-            self.up_blocks.append(UpBlock(in_c, out_c, prev_c, config, rev_attn[i], motion,
-                                          add_upsample=i < levels - 1))
+        # up level i (deepest first): UpBlock(width of its last skip, its own width, width of the level below)
+        self.up_blocks = nn.ModuleList([
+            UpBlock(rev[min(i + 1, levels - 1)], rev[i], rev[max(i - 1, 0)], config, rev_attn[i], motion,
+                    add_upsample=i < levels - 1) for i in range(levels)])
 
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)

@@ -165,17 +165,30 @@ def _motion_list(channels: int, count: int, motion: MotionConfig | None) -> nn.M
     return None if motion is None else nn.ModuleList([MotionModule(channels, motion) for _ in range(count)])
 
 
+def _resnet(in_channels: int, out_channels: int, config: UNetConfig, motion: MotionConfig | None) -> ResnetBlock:
+    joint = motion is not None and motion.joint_groupnorm  # AnimateDiff v1
+    return ResnetBlock(in_channels, out_channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps,
+                       joint)
+
+
+def _attend(block: nn.Module, j: int, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+    """Layer j's spatial transformer and motion module of ``block`` after its resnet, where the block has them."""
+    if block.attentions is not None:
+        x = block.attentions[j](x, context)
+    if block.motion_modules is not None:
+        x = block.motion_modules[j](x, frames)
+    return x
+
+
 class DownBlock(nn.Module):
     """``layers_per_block`` x (resnet [-> spatial transformer] [-> motion module]) [-> downsample]."""
 
     def __init__(self, in_channels: int, out_channels: int, config: UNetConfig, cross_attention: bool,
                  motion: MotionConfig | None, add_downsample: bool) -> None:
         super().__init__()
-        joint = motion is not None and motion.joint_groupnorm
         n = config.layers_per_block
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if j == 0 else out_channels, out_channels, config.time_embed_dim,
-                         config.norm_num_groups, config.norm_eps, joint) for j in range(n)])
+            [_resnet(in_channels if j == 0 else out_channels, out_channels, config, motion) for j in range(n)])
         self.attentions = (nn.ModuleList([SpatialTransformer(out_channels, config) for _ in range(n)])
                            if cross_attention else None)
         self.motion_modules = _motion_list(out_channels, n, motion)
@@ -186,11 +199,7 @@ class DownBlock(nn.Module):
         """-> (output, skip tensors for the up path, one per layer plus one after the downsampler)."""
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb, frames)
-            if self.attentions is not None:
-                x = self.attentions[j](x, context)
-            if self.motion_modules is not None:
-                x = self.motion_modules[j](x, frames)
+            x = _attend(self, j, resnet(x, temb, frames), context, frames)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -203,18 +212,12 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, config: UNetConfig, motion: MotionConfig | None) -> None:
         super().__init__()
-        joint = motion is not None and motion.joint_groupnorm
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(channels, channels, config.time_embed_dim, config.norm_num_groups, config.norm_eps, joint)
-             for _ in range(2)])
+        self.resnets = nn.ModuleList([_resnet(channels, channels, config, motion) for _ in range(2)])
         self.attentions = nn.ModuleList([SpatialTransformer(channels, config)])
         self.motion_modules = _motion_list(channels, 1, motion if motion is not None and motion.mid_block else None)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
-        x = self.resnets[0](x, temb, frames)
-        x = self.attentions[0](x, context)
-        if self.motion_modules is not None:
-            x = self.motion_modules[0](x, frames)
+        x = _attend(self, 0, self.resnets[0](x, temb, frames), context, frames)
         return self.resnets[1](x, temb, frames)
 
 
@@ -224,14 +227,12 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, prev_channels: int, config: UNetConfig,
                  cross_attention: bool, motion: MotionConfig | None, add_upsample: bool) -> None:
         super().__init__()
-        joint = motion is not None and motion.joint_groupnorm
         n = config.layers_per_block + 1
         resnets = []
         for j in range(n):
             skip = in_channels if j == n - 1 else out_channels
             resnet_in = prev_channels if j == 0 else out_channels
-            resnets.append(ResnetBlock(resnet_in + skip, out_channels, config.time_embed_dim,
-                                       config.norm_num_groups, config.norm_eps, joint))
+            resnets.append(_resnet(resnet_in + skip, out_channels, config, motion))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = (nn.ModuleList([SpatialTransformer(out_channels, config) for _ in range(n)])
                            if cross_attention else None)
@@ -242,11 +243,7 @@ class UpBlock(nn.Module):
                 frames: int, up_size: tuple[int, int] | None) -> torch.Tensor:
         """skips: this block's skip tensors, consumed last first; up_size: (H, W) after upsampling."""
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb, frames)
-            if self.attentions is not None:
-                x = self.attentions[j](x, context)
-            if self.motion_modules is not None:
-                x = self.motion_modules[j](x, frames)
+            x = _attend(self, j, resnet(torch.cat([x, skips[-1 - j]], dim=1), temb, frames), context, frames)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, up_size)
         return x

@@ -106,30 +106,31 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+# One level of the encoder / decoder: resnets, then the resampler of every level but the last. Sequentials
+# (of one resampler, or empty) keep diffusers' keys: ``resnets.{j}.*``, ``downsamplers.0.conv``.
+def _resnets(in_channels: int, out_channels: int, layers: int, groups: int) -> nn.Sequential:
+    return nn.Sequential(*[ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups)
+                           for i in range(layers)])
+
+
 class EncoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+        self.resnets = _resnets(in_channels, out_channels, layers, groups)
+        self.downsamplers = nn.Sequential(*([Downsample(out_channels)] if downsample else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.downsamplers[0](x) if self.downsamplers is not None else x
+        return self.downsamplers(self.resnets(x))
 
 
 class DecoderBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)])
-        self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
+        self.resnets = _resnets(in_channels, out_channels, layers, groups)
+        self.upsamplers = nn.Sequential(*([Upsample(out_channels)] if upsample else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return self.upsamplers[0](x) if self.upsamplers is not None else x
+        return self.upsamplers(self.resnets(x))
 
 
 class Encoder(nn.Module):
@@ -139,7 +140,7 @@ class Encoder(nn.Module):
         super().__init__()
         ch, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = nn.ModuleList([
+        self.down_blocks = nn.Sequential(*[
             EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, downsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], g)
@@ -148,10 +149,7 @@ class Encoder(nn.Module):
         self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+        x = self.mid_block(self.down_blocks(self.conv_in(x)))
         return self.conv_out(_norm_act(self.conv_norm_out, x, backend=self.kernel_backend))
 
 
@@ -163,7 +161,7 @@ class Decoder(nn.Module):
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
         self.mid_block = MidBlock(ch[0], g)
-        self.up_blocks = nn.ModuleList([
+        self.up_blocks = nn.Sequential(*[
             DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, upsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.conv_norm_out = _norm(ch[-1], g)
@@ -171,9 +169,7 @@ class Decoder(nn.Module):
         self.kernel_backend = None  # set once per pipeline (ops.set_backend)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
+        x = self.up_blocks(self.mid_block(self.conv_in(z)))
         return self.conv_out(_norm_act(self.conv_norm_out, x, backend=self.kernel_backend))
 
 

@@ -116,12 +116,17 @@ def _write_pillow(frames: np.ndarray, tmp: str, fps: float, fmt: str) -> None:
                    **extra)
 
 
-def _write_mp4(frames: np.ndarray, tmp: str, fps: float) -> None:
+def _imageio_ffmpeg(action: str):
     try:
-        import imageio_ffmpeg
+        import imageio_ffmpeg  # optional: the [video] extra
     except ImportError as e:
-        raise ValueError("writing .mp4 needs imageio-ffmpeg: pip install 'animatediff-lite[video]' "
-                         "(or save as .gif)") from e
+        raise ValueError(f"{action} .mp4 needs imageio-ffmpeg: pip install 'animatediff-lite[video]' "
+                         "(or use .gif)") from e
+    return imageio_ffmpeg
+
+
+def _write_mp4(frames: np.ndarray, tmp: str, fps: float) -> None:
+    imageio_ffmpeg = _imageio_ffmpeg("writing")
     # yuv420p needs even sizes: pad odd ones with one row/column of black (the grid's padding colour).
     h, w = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
@@ -155,11 +160,7 @@ def load_video_frames(path: str | os.PathLike) -> torch.Tensor:
 
 
 def _read_mp4(path: Path) -> list[np.ndarray]:
-    try:
-        import imageio_ffmpeg
-    except ImportError as e:
-        raise ValueError("reading .mp4 needs imageio-ffmpeg: pip install 'animatediff-lite[video]'") from e
-    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    reader = _imageio_ffmpeg("reading").read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     w, h = meta["size"]
     return [np.frombuffer(buf, np.uint8).reshape(h, w, 3) for buf in reader]

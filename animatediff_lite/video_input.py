@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .scheduler import seeded_noise
 from .video import load_video_frames
 
 VideoInput = torch.Tensor | Sequence[Image.Image] | str | os.PathLike
@@ -100,7 +101,6 @@ def encode_video(vae, frames: torch.Tensor, batch: int, generator: torch.Generat
     RNG without one) in the sampling dtype, then moved; the encoder runs ``chunk_size`` frames at a time.
     """
     pixels = (frames * 2 - 1).to(device, dtype)  # [0, 1] -> [-1, 1]
-    draw_on = generator.device if generator is not None else torch.device("cpu")
     videos = []
     for _ in range(batch):
         parts = []
@@ -108,7 +108,7 @@ def encode_video(vae, frames: torch.Tensor, batch: int, generator: torch.Generat
             end = min(g + NOISE_GROUP, pixels.shape[0])
             moments = [vae.encode_frames(pixels[s:min(s + chunk_size, end)]) for s in range(g, end, chunk_size)]
             mean, logvar = torch.cat([m for m, _ in moments]), torch.cat([lv for _, lv in moments])
-            noise = torch.randn(mean.shape, generator=generator, device=draw_on, dtype=mean.dtype).to(device)
+            noise = seeded_noise(mean.shape, generator, device, mean.dtype)
             parts.append(mean + torch.exp(0.5 * logvar) * noise)
         videos.append(torch.cat(parts))  # (F, C, h, w)
     z = torch.stack(videos).to(dtype) * vae.config.scaling_factor  # (B, F, C, h, w)
@@ -122,9 +122,7 @@ def noised_latents(scheduler, latents: torch.Tensor, t: int | float, generator: 
     :class:`~animatediff_lite.samplers.SamplerRun` (each sampler noises as its diffusers scheduler does,
     e.g. ``x0 + sigma * noise`` for the Euler samplers)."""
     b, c, f, h, w = latents.shape
-    draw_on = generator.device if generator is not None else torch.device("cpu")
-    noise = torch.randn((b, f, c, h, w), generator=generator, device=draw_on, dtype=latents.dtype)
-    noise = noise.to(latents.device).transpose(1, 2)
+    noise = seeded_noise((b, f, c, h, w), generator, latents.device, latents.dtype).transpose(1, 2)
     return scheduler.add_noise(latents, noise, torch.full((b,), t))  # t int64, or float32 (Euler)
 
 

@@ -35,26 +35,13 @@ from . import verified as vt
 
 ENV_VAR = "ANIMATEDIFF_LITE_BACKEND"
 BACKENDS = ("auto", "triton", "torch")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The dtypes the kernels take, with their names in the verified table.
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 # Looked up once at import (cheap: no import of triton); a module constant keeps torch.compile from tracing
 # through a cached function on every call.
 _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
-
-
-def triton_available() -> bool:
-    """True when the triton package can be imported (checked once, without importing it)."""
-    return _TRITON_AVAILABLE
-
-
-def triton_version() -> str | None:
-    """The installed triton's version string (from its metadata, without importing it), None without triton."""
-    try:
-        return importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def interpreter_enabled() -> bool:
@@ -101,14 +88,14 @@ class Backend:
         return pixels is None or pixels >= self.min_pixels.get((kernel, variant, name), 0)
 
 
-TORCH = Backend("torch")
+def _requested(name: str | None) -> tuple[str, bool]:
+    """A backend name, or None for the environment variable -> (lower-cased name, asked for by name).
 
-
-def check_name(name: str, source: str = "backend") -> str:
-    """Lower-cased backend name; ValueError naming ``source`` for an unknown one."""
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name.lower()
+    ValueError naming the argument or the variable for an unknown name."""
+    source, value = ("backend", name) if name is not None else (ENV_VAR, os.environ.get(ENV_VAR) or "auto")
+    if not isinstance(value, str) or value.lower() not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {value!r}")
+    return value.lower(), name is not None
 
 
 def resolve_backend(name: str | Backend | None = None, device: str | torch.device = "cpu",
@@ -123,28 +110,27 @@ def resolve_backend(name: str | Backend | None = None, device: str | torch.devic
     """
     if isinstance(name, Backend):
         return name
-    strict = name is not None
-    value = check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR) if name is None else check_name(name)
+    value, strict = _requested(name)
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and capability is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     if value == "triton" and strict:  # asked for by name: say now, not at the first op, if it cannot run
-        if not triton_available():
+        if not _TRITON_AVAILABLE:
             raise ValueError("backend='triton': triton is not installed (pip install triton, or backend='auto')")
         if device.type != "cuda" and not interpreter_enabled():
             raise ValueError(f"backend='triton' on {device}: the kernels need a CUDA device (or TRITON_INTERPRET=1 "
                              "set before import, for tests); use backend='auto' or 'torch'")
-    if value != "auto":
+    if value != "auto" or device.type != "cuda":  # "auto" off CUDA: PyTorch everywhere
         return Backend(value, strict=strict and value == "triton", device=device)
-    if device.type != "cuda":
-        return Backend("auto", device=device)
-    triton = triton or triton_version()
-    if triton is None:
+    try:  # the installed triton's version, from its metadata (without importing it)
+        triton = triton or importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         return Backend("auto", device=device)
     capability = capability or torch.cuda.get_device_capability(device)
     table = vt.load_table() if table is None else table
-    enabled = frozenset((k, d) for k in vt.KERNELS for d in vt.verified_dtypes(table, k, capability, triton))
-    cap = vt.capability_str(capability)
+    cap, tri = vt.capability_str(capability), vt.major_minor(triton)
+    enabled = frozenset((v.kernel, d) for v in table.verified if (v.capability, v.triton) == (cap, tri)
+                        for d in v.dtypes)
     min_px = {(t.kernel, t.variant, t.dtype): t.min_pixels for t in table.thresholds if t.capability == cap}
     slower = frozenset((w.kernel, w.dtype, w.shape) for w in table.slower if w.capability == cap)
     return Backend("auto", device=device, enabled=enabled, min_pixels=min_px, slower=slower)
@@ -171,15 +157,13 @@ def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: st
     if isinstance(backend, Backend):
         name, strict, resolved = backend.name, backend.strict, backend
     else:
-        strict = backend is not None
-        name = check_name(backend) if strict else check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
-        resolved = None
+        (name, strict), resolved = _requested(backend), None
     if name == "torch":
         return False
     reason = why_not
-    if reason is None and not triton_available():
+    if reason is None and not _TRITON_AVAILABLE:
         reason = "triton is not installed"
-    if reason is None and not all(t.dtype in KERNEL_DTYPES for t in tensors):
+    if reason is None and not all(t.dtype in DTYPE_NAMES for t in tensors):
         reason = f"dtypes {[t.dtype for t in tensors]} (kernels take float16/bfloat16/float32)"
     if reason is None and len({t.device for t in tensors}) > 1:
         reason = "tensors on different devices"
@@ -190,18 +174,14 @@ def use_triton(backend: str | Backend | None, *tensors: torch.Tensor, kernel: st
     if name == "auto":
         if reason is not None or not on_cuda or not tensors:
             return False
-        if resolved is None:
-            resolved = _auto_for(tensors[0].device)
-        elif resolved.device != tensors[0].device:
+        if resolved is not None and resolved.device != tensors[0].device:
             return False  # verified for another device
-        return resolved.allows(kernel, tensors[0].dtype, variant, pixels, shape)
+        return (resolved or _auto_for(tensors[0].device)).allows(kernel, tensors[0].dtype, variant, pixels, shape)
     if reason is None and not on_cuda and not interpreter_enabled():
         reason = "CPU tensors need TRITON_INTERPRET=1 (set before importing the kernels)"
-    if reason is None:
-        return True
-    if strict:
+    if reason is not None and strict:
         raise RuntimeError(f"backend='triton' requested but the kernel cannot run: {reason}")
-    return False
+    return reason is None
 
 
 def check_runnable(kernel: object, t: torch.Tensor) -> None:
@@ -209,10 +189,6 @@ def check_runnable(kernel: object, t: torch.Tensor) -> None:
     if not t.is_cuda and not is_interpreted(kernel):
         raise RuntimeError("Triton kernel got CPU tensors but was compiled for the GPU: set TRITON_INTERPRET=1 "
                            "before animatediff_lite.kernels is imported")
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def next_pow2(n: int) -> int:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_runnable, is_interpreted, split_head_dim
+from ._backend import check_runnable, is_interpreted, split_head_dim
 from .reference import attention_reference  # noqa: F401  (the reference beside its kernel)
 
 GRID_LIMIT = 2**31 - 1  # CUDA grid axis 0; the launcher chunks beyond it
@@ -152,12 +152,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     interp = is_interpreted(_attn_fwd_kernel)
     if block_m is None:
         block_m = 16 if interp else (128 if Lq >= 128 else 64)
-    m_blocks = cdiv(Lq, block_m)
+    m_blocks = triton.cdiv(Lq, block_m)
     total = B * H * m_blocks
     meta = dict(HEAD_DIM=D, D0=d0, D1=d1, BLOCK_M=block_m, CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else None)
-    fixed = interp or block_n is not None
-    if fixed:
+    if interp or block_n is not None:  # a fixed tiling
         block_n = block_n or 16
         meta.update(BLOCK_N=block_n, EVEN_N=Lk % block_n == 0, num_warps=num_warps or 4,
                     num_stages=num_stages or 2)

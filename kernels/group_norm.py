@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_runnable, is_interpreted, next_pow2
+from ._backend import check_runnable, is_interpreted, next_pow2
 from .reference import group_norm_reference  # noqa: F401  (the reference beside its kernel)
 
 
@@ -111,7 +111,7 @@ def group_norm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | Non
     warps = num_warps or (4 if block <= 1024 else 8)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _gn_stats_kernel[(n * num_groups,)](x, mean, m2, group_numel, BLOCK=stats_block, num_warps=8)
-        _gn_apply_kernel[(n * num_groups, cdiv(group_numel, block))](
+        _gn_apply_kernel[(n * num_groups, triton.cdiv(group_numel, block))](
             x, y, weight if weight is not None else x, bias if bias is not None else x, mean, m2,
             num_groups, cpg, hw, group_numel, eps, FRAMES=frames, FRAMES_P2=next_pow2(frames), BLOCK=block,
             HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, num_warps=warps)

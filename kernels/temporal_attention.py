@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import cdiv, check_runnable, next_pow2, split_head_dim
+from ._backend import check_runnable, next_pow2, split_head_dim
 from .reference import temporal_attention_core_reference  # noqa: F401  (the reference beside its kernel)
 
 GRID_LIMIT = 2**31 - 1
@@ -124,7 +124,7 @@ def temporal_attention_core(qkv: torch.Tensor, pe_qkv: torch.Tensor | None, head
         raise ValueError(f"block_r={block_r} with head dim {d}: tiles of more than 32 rows are only right for "
                          "head dims of one power-of-two tile (16/32/64/...); use block_r <= 32")
     seqs = block_r // f
-    total = cdiv(n * heads, seqs)
+    total = triton.cdiv(n * heads, seqs)
     pe = pe_qkv.float().contiguous() if pe_qkv is not None else qkv  # dummy pointer when HAS_PE is False
     warps = num_warps or (4 if block_r <= 64 else 8)
     meta = dict(FRAMES=f, HEAD_DIM=d, D0=d0, D1=d1, BLOCK_R=block_r, HAS_PE=pe_qkv is not None,

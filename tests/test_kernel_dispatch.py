@@ -3,6 +3,7 @@ pipeline. Devices, capabilities and Triton versions are faked: no GPU is needed 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,10 @@ from animatediff_lite.kernels import verified as vt
 
 ROOT = Path(__file__).resolve().parents[1]
 NORM_H200 = ROOT / "benchmarks/results/norm-fp16-nvidia-h200.json"
+# The table's writer is a script (benchmarks/write_verified.py); its functions are tested here as a module.
+_spec = importlib.util.spec_from_file_location("write_verified", ROOT / "benchmarks/write_verified.py")
+wv = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wv)
 
 
 @dataclass
@@ -54,7 +59,7 @@ def test_committed_table_parses_and_claims_nothing_unproven() -> None:
 def test_committed_thresholds_are_those_of_the_committed_h200_results() -> None:
     """The [[threshold]] rows are exactly what the writer derives from benchmarks/results/norm-fp16-nvidia-h200.json:
     per-frame GroupNorm needs >= 32x32 (1.07x there; 0.43x at 16x16), joint >= 16x16 (1.3x; 0.84x at 8x8)."""
-    derived = vt.thresholds_from_norm_results(json.loads(NORM_H200.read_text()),
+    derived = wv.thresholds_from_norm_results(json.loads(NORM_H200.read_text()),
                                               "benchmarks/results/norm-fp16-nvidia-h200.json")
     assert {(t.variant, t.min_pixels) for t in derived} == {("per_frame", 32 * 32), ("joint", 16 * 16)}
     assert set(vt.load_table().thresholds) == set(derived)
@@ -63,7 +68,7 @@ def test_committed_thresholds_are_those_of_the_committed_h200_results() -> None:
 def test_render_parse_round_trip_and_atomic_write(tmp_path) -> None:
     table = _table(thresholds=[vt.Threshold("group_norm", "per_frame", "9.0", "float16", 1024, "x.json")])
     path = tmp_path / "verified.toml"
-    vt.write_table(table, path, header="from a test")
+    wv.write_table(table, path, header="from a test")
     got = vt.load_table(path)
     assert (set(got.verified), set(got.thresholds)) == (set(table.verified), set(table.thresholds))
     assert [p.name for p in tmp_path.iterdir()] == ["verified.toml"]  # no temporary file left behind
@@ -104,7 +109,7 @@ GREEN = [("test_kernel_norm", "test_group_norm_matches_reference[x]", "passed"),
 
 
 def test_writer_takes_kernels_whose_gpu_tests_passed_in_a_green_run() -> None:
-    rows = vt.entries_from_junit(_junit(GREEN), (9, 0), "3.6.0", "2026-11-30", "gpu.xml")
+    rows = wv.entries_from_junit(_junit(GREEN), (9, 0), "3.6.0", "2026-11-30", "gpu.xml")
     assert {r.kernel for r in rows} == {"group_norm", "geglu"}  # attention's GPU test was skipped: not verified
     assert all((r.capability, r.triton) == ("9.0", "3.6") for r in rows)
 
@@ -113,19 +118,19 @@ def test_writer_takes_kernels_whose_gpu_tests_passed_in_a_green_run() -> None:
 def test_writer_refuses_a_run_that_is_not_green(outcome) -> None:
     cases = GREEN + [("test_kernel_temporal", "test_gpu_sd15_levels[c]", outcome)]
     with pytest.raises(ValueError, match="not a green run.*test_gpu_sd15_levels"):
-        vt.entries_from_junit(_junit(cases), (9, 0), "3.6.0", "d", "gpu.xml")
+        wv.entries_from_junit(_junit(cases), (9, 0), "3.6.0", "d", "gpu.xml")
     with pytest.raises(ValueError, match="no test cases"):
-        vt.entries_from_junit(_junit([]), (9, 0), "3.6.0", "d", "gpu.xml")
+        wv.entries_from_junit(_junit([]), (9, 0), "3.6.0", "d", "gpu.xml")
     with pytest.raises(ValueError, match="not junit XML"):  # a step killed by its time limit leaves a partial file
-        vt.entries_from_junit(_junit(GREEN)[:-40], (9, 0), "3.6.0", "d", "gpu.xml")
+        wv.entries_from_junit(_junit(GREEN)[:-40], (9, 0), "3.6.0", "d", "gpu.xml")
 
 
 def test_writer_reads_several_junit_files_and_all_must_be_green() -> None:
     kernels, gpu = _junit(GREEN[:3]), _junit([("test_vae", "test_cuda_half", "failed")])
-    assert {r.kernel for r in vt.entries_from_junit([kernels], (9, 0), "3.6", "d", "k.xml")} == {"group_norm",
+    assert {r.kernel for r in wv.entries_from_junit([kernels], (9, 0), "3.6", "d", "k.xml")} == {"group_norm",
                                                                                                 "geglu"}
     with pytest.raises(ValueError, match="test_vae::test_cuda_half failed"):
-        vt.entries_from_junit([kernels, gpu], (9, 0), "3.6", "d", "k.xml + g.xml")
+        wv.entries_from_junit([kernels, gpu], (9, 0), "3.6", "d", "k.xml + g.xml")
 
 
 def test_write_verified_script_merges_rows_and_refuses_red_runs(tmp_path) -> None:
@@ -133,7 +138,7 @@ def test_write_verified_script_merges_rows_and_refuses_red_runs(tmp_path) -> Non
     import sys
 
     table = tmp_path / "verified.toml"
-    vt.write_table(_table(kernels=("attention",), cap="8.0"), table)
+    wv.write_table(_table(kernels=("attention",), cap="8.0"), table)
     xml = tmp_path / "gpu.xml"
     xml.write_text(_junit(GREEN))
     attention = tmp_path / "attention-fp16-x.json"
@@ -307,7 +312,7 @@ def _attention_results() -> dict:
 
 
 def test_shapes_where_pytorch_wins_are_derived_and_take_pytorch() -> None:
-    slower = vt.slower_from_attention_results(_attention_results(), "attention.json")
+    slower = wv.slower_from_attention_results(_attention_results(), "attention.json")
     assert sorted(w.shape for w in slower) == ["4096x77x40", "64x77x160"]  # lost to flash; failed where math ran
     temporal = {"benchmark": "temporal-bf16", "capability": [9, 0], "results": [
         {"part": "block", "F": 16, "C": 320, "variant": "fused block (triton)", "ms": 2.0},
@@ -315,7 +320,7 @@ def test_shapes_where_pytorch_wins_are_derived_and_take_pytorch() -> None:
         {"part": "block", "F": 16, "C": 1280, "variant": "fused block (triton)", "ms": 2.0},
         {"part": "block", "F": 16, "C": 1280, "variant": "torch block", "ms": 1.0},
         {"part": "core", "F": 16, "C": 1280, "variant": "triton core", "ms": 9.0}]}
-    t_slower = vt.slower_from_temporal_results(temporal, "temporal.json")
+    t_slower = wv.slower_from_temporal_results(temporal, "temporal.json")
     assert [(w.kernel, w.dtype, w.shape) for w in t_slower] == [("temporal_attention", "bfloat16", "16x1280")]
     table = vt.Table(_table(kernels=("attention", "temporal_attention"), dtypes=("float16", "bfloat16")).verified,
                      (), tuple(slower + t_slower))
@@ -326,7 +331,7 @@ def test_shapes_where_pytorch_wins_are_derived_and_take_pytorch() -> None:
     assert not kb.use_triton(auto, FakeTensor(torch.bfloat16), kernel="temporal_attention", shape="16x1280")
     assert kb.use_triton(auto, FakeTensor(), kernel="temporal_attention", shape="16x1280")  # fp16 not measured slower
     path = vt.TABLE_PATH.with_name("unused")
-    assert vt.parse_table(vt.render_table(table), str(path)).slower == tuple(sorted(
+    assert vt.parse_table(wv.render_table(table), str(path)).slower == tuple(sorted(
         table.slower, key=lambda w: (w.kernel, w.capability, w.dtype, w.shape)))
 
 
