@@ -163,26 +163,40 @@ def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     values); pass a diffusers config.json for other models.
     """
     ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in state)  # model.diffusion_model.* or bare
+    body = _strip_ldm(state)[0]
+    conv_in, conv_out = ("input_blocks.0.0.weight", "out.2.weight") if ldm else ("conv_in.weight", "conv_out.weight")
     try:
-        sizes = _ldm_sizes(_strip_ldm(state)[0]) if ldm else _diffusers_sizes(state)
+        sizes = block_sizes(body)
+        in_out = dict(in_channels=body[conv_in].shape[1], out_channels=body[conv_out].shape[0])
     except (KeyError, ValueError, IndexError) as e:
         kind = "an LDM UNet" if ldm else "a diffusers-layout UNet"
         raise ValueError(f"tensors do not look like {kind} ({type(e).__name__}: {e})") from e
-    return UNetConfig(**sizes, attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS)
+    return UNetConfig(**sizes, **in_out, attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS)
 
 
-def _diffusers_sizes(state: Mapping[str, torch.Tensor]) -> dict:
-    keys = [k for k in state if MOTION_TAG not in k]
-    levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
-    return dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
-                                         for i in range(levels)),
-                down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys)
-                                           for i in range(levels)),
-                layers_per_block=1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets.")),
-                **_shared_sizes(state, "conv_in.weight", "conv_out.weight", "mid_block.attentions.0."))
+def block_sizes(state: Mapping[str, torch.Tensor]) -> dict:
+    """The :class:`UNetConfig` fields of the down and mid blocks, from bare UNet (or ControlNet) tensors in LDM
+    (``input_blocks.*``) or diffusers names: widths, layers per level, the levels with spatial transformers and
+    the transformers' depth, text width and projection kind. KeyError/ValueError/IndexError when they do not fit.
+    """
+    if any(k.startswith("input_blocks.") for k in state):
+        sizes, attn = ldm_levels(state), "middle_block.1."
+    else:
+        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
+        sizes = dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                              for i in range(levels)),
+                     down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state)
+                                                for i in range(levels)),
+                     layers_per_block=1 + max(int(k.split(".")[3]) for k in state
+                                              if k.startswith("down_blocks.0.resnets.")))
+        attn = "mid_block.attentions.0."
+    depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
+    return dict(sizes, cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+                transformer_layers_per_block=depth, use_linear_projection=state[attn + "proj_in.weight"].ndim == 2)
 
 
-def _ldm_sizes(ldm: Mapping[str, torch.Tensor]) -> dict:
+def ldm_levels(ldm: Mapping[str, torch.Tensor]) -> dict:
+    """``block_out_channels``, ``down_cross_attention`` and ``layers_per_block`` of bare LDM ``input_blocks.*``."""
     blocks = 1 + max(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks."))
     downs = sorted(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks.") and ".0.op.weight" in k)
     # Level i holds L resnets then a downsampler: the first downsampler sits at 1 + L.
@@ -193,16 +207,7 @@ def _ldm_sizes(ldm: Mapping[str, torch.Tensor]) -> dict:
     first = [1 + i * (layers + 1) for i in range(levels)]
     return dict(block_out_channels=tuple(ldm[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first),
                 down_cross_attention=tuple(f"input_blocks.{k}.1.proj_in.weight" in ldm for k in first),
-                layers_per_block=layers,
-                **_shared_sizes(ldm, "input_blocks.0.0.weight", "out.2.weight", "middle_block.1."))
-
-
-def _shared_sizes(state: Mapping[str, torch.Tensor], conv_in: str, conv_out: str, attn: str) -> dict:
-    """Channels in/out and the spatial transformer's sizes, read from the mid block's (``attn``) tensors."""
-    depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
-    return dict(in_channels=state[conv_in].shape[1], out_channels=state[conv_out].shape[0],
-                cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
-                transformer_layers_per_block=depth, use_linear_projection=state[attn + "proj_in.weight"].ndim == 2)
+                layers_per_block=layers)
 
 
 # ---------------------------------------------------------------------------------------------- LDM map
@@ -245,38 +250,38 @@ def _strip_ldm(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]
     return dict(state), []
 
 
-def _lookup(table: Mapping[str, tuple[str, bool]], key: str, max_parts: int) -> tuple[str, str, bool] | None:
-    """Split ``key`` into (block prefix, rest) using the longest prefix found in ``table``."""
-    parts = key.split(".")
-    for n in range(min(max_parts, len(parts) - 1), 0, -1):
-        hit = table.get(".".join(parts[:n]))
-        if hit is not None:
-            return hit[0], ".".join(parts[n:]), hit[1]
-    return None
-
-
-def _rename_inner(rest: str, is_resnet: bool, names: Mapping[str, str]) -> str | None:
-    if not is_resnet:
-        return rest
-    for src, dst in names.items():
-        if rest.startswith(src + "."):
-            return dst + rest[len(src):]
-    return None
-
-
-def _map_keys(state: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, bool]], max_parts: int,
-              names: Mapping[str, str], prefix: str = "") -> tuple[StateDict, list[str]]:
-    """(``state`` renamed block by block through ``table``, the keys that do not fit; motion keys never fit)."""
+def map_keys(state: Mapping[str, torch.Tensor], rows: list[tuple[str, str, bool]], to_ldm: bool,
+             prefix: str = "") -> tuple[StateDict, list[str]]:
+    """(``state`` renamed block by block through ``rows`` of :func:`ldm_block_table`, native -> LDM with
+    ``to_ldm`` else LDM -> native, each name behind ``prefix``; the keys that fit no row, motion keys always)."""
+    table = {(nat if to_ldm else ldm): (ldm if to_ldm else nat, res) for nat, ldm, res in rows}
+    names = RESNET_LDM if to_ldm else RESNET_NATIVE
+    depth = max(block.count(".") + 1 for block in table)
     out: StateDict = {}
     unmapped = []
     for key, value in state.items():
-        hit = _lookup(table, key, max_parts) if MOTION_TAG not in key else None
-        inner = _rename_inner(hit[1], hit[2], names) if hit else None
-        if inner is None:
+        name = None if MOTION_TAG in key else _rename(key, table, depth, names)
+        if name is None:
             unmapped.append(key)
         else:
-            out[f"{prefix}{hit[0]}.{inner}"] = value
+            out[prefix + name] = value
     return out, unmapped
+
+
+def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: Mapping[str, str]) -> str | None:
+    """``key`` with its longest block prefix in ``table`` renamed, and a resnet's inner layer by ``names``."""
+    parts = key.split(".")
+    for n in range(min(depth, len(parts) - 1), 0, -1):
+        block = table.get(".".join(parts[:n]))
+        if block is None:
+            continue
+        target, is_resnet = block
+        rest = ".".join(parts[n:])
+        if not is_resnet:
+            return f"{target}.{rest}"
+        inner = next((src for src in names if rest.startswith(src + ".")), None)
+        return None if inner is None else f"{target}.{names[inner]}{rest[len(inner):]}"
+    return None
 
 
 def _note_ignored(keys: list[str], source: str) -> None:
@@ -303,7 +308,7 @@ def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig | Non
     if cfg is None:
         with naming(source):
             cfg = unet_config_from_state(ldm)
-    out, unmapped = _map_keys(ldm, {ldm_p: (nat, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 4, RESNET_NATIVE)
+    out, unmapped = map_keys(ldm, ldm_block_table(cfg), to_ldm=False)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
                               f"(e.g. {', '.join(unmapped[:3])})")
@@ -316,8 +321,7 @@ def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> St
     Motion-module keys have no LDM place: pass only the spatial part (see :func:`split_motion`).
     Raises ValueError naming keys that do not fit ``cfg``.
     """
-    out, unmapped = _map_keys(native, {nat: (ldm_p, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 5, RESNET_LDM,
-                              LDM_PREFIX)
+    out, unmapped = map_keys(native, ldm_block_table(cfg), to_ldm=True, prefix=LDM_PREFIX)
     if unmapped:
         raise ValueError(f"{len(unmapped)} UNet keys have no LDM name (e.g. {', '.join(unmapped[:3])}); "
                          "motion-module keys must be split off first")
