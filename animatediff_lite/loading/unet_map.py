@@ -27,20 +27,16 @@ inner names (norm, proj_in, transformer_blocks.t.attn1/attn2/norm1-3/ff.net.0.pr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
-from ..config import MotionConfig, UNetConfig
+from ..config import UNetConfig
 from ..errors import CheckpointError
-from ..unet import UNet3D
 from .checkpoint import Checkpoint, naming, read_checkpoint
-from .io import StateDict, WeightsFile, load_strict, save_state_dict
+from .io import StateDict, WeightsFile, load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +79,8 @@ DEFAULT_GROUPS = 32
 
 # ----------------------------------------------------------------------------------------------- configs
 
-def _uniform(cfg: Mapping, name: str, default: object) -> object:
+def _uniform(name: str, value: object) -> object:
     """A config value that diffusers allows per level; UNet3D needs it equal on every level."""
-    value = cfg.get(name, default)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ValueError(f"unet config {name}={list(value)}: per-level values are not supported, "
@@ -115,26 +110,17 @@ def unet_config_from_diffusers(cfg: Mapping) -> UNetConfig:
         raise ValueError(f"unet config up_block_types {up_types} do not mirror down_block_types {down_types}")
     if cfg.get("mid_block_type", None) not in _MID_TYPES:
         raise ValueError(f"unet config mid_block_type={cfg['mid_block_type']!r} is not supported")
-    channels = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    d = UNetConfig(cross_attention_dim=1280)  # diffusers' defaults, for the fields a config.json leaves out
+    channels = tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels))
     if len(channels) != len(down):
         raise ValueError(f"unet config has {len(channels)} block_out_channels but {len(down)} down_block_types")
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)
-    heads = _uniform({"attention_head_dim": heads}, "attention_head_dim", DEFAULT_HEADS)
-    return UNetConfig(
-        in_channels=int(cfg.get("in_channels", 4)),
-        out_channels=int(cfg.get("out_channels", 4)),
-        block_out_channels=channels,
-        down_cross_attention=down,
-        layers_per_block=int(_uniform(cfg, "layers_per_block", 2)),
-        cross_attention_dim=int(_uniform(cfg, "cross_attention_dim", 1280)),
-        attention_head_dim=int(heads),
-        norm_num_groups=int(cfg.get("norm_num_groups", DEFAULT_GROUPS)),
-        norm_eps=float(cfg.get("norm_eps", 1e-5)),
-        transformer_layers_per_block=int(_uniform(cfg, "transformer_layers_per_block", 1)),
-        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-        freq_shift=int(cfg.get("freq_shift", 0)),
-    )
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)  # a diffusers quirk
+    same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups", "norm_eps",
+            "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
+    # Each value converted to the type of its default (int, float or bool).
+    return UNetConfig(block_out_channels=channels, down_cross_attention=down,
+                      attention_head_dim=int(_uniform("attention_head_dim", heads)),
+                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in same})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
@@ -370,43 +356,8 @@ def read_unet_source(source: str | os.PathLike | Checkpoint) -> tuple[StateDict,
     return spatial, cfg, where
 
 
-def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, config: UNetConfig | None = None):
-    """Build a UNet3D and load its spatial (SD) weights strictly from ``source``.
-
-    source: a diffusers folder (``unet/config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``), an
-    LDM single file (``model.diffusion_model.*``; VAE/CLIP/EMA keys ignored with a note) or a diffusers-layout
-    single file. ``config`` overrides the inferred UNetConfig (e.g. head count of non-SD1.5 models).
-    With ``motion`` given, the motion-module parameters stay on the meta device: fill them with
-    :func:`animatediff_lite.loading.motion_load.load_motion_module` before use.
-    Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
-    """
-    checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
-    spatial, cfg, where = read_unet_source(checkpoint)
-    with torch.device("meta"):
-        unet = UNet3D(config or cfg, motion)
-    load_spatial(unet, spatial, where, device, dtype, checkpoint.part("unet", "").file)
-    return unet.eval()
-
-
 def load_spatial(unet: torch.nn.Module, spatial: Mapping[str, torch.Tensor], where: str, device: torch.device | str,
                  dtype: torch.dtype, file: WeightsFile | None = None) -> None:
     """Fill the spatial (Stable Diffusion) layers of a UNet3D strictly; its motion modules are left as they are."""
     keys = [k for k in unet.state_dict() if MOTION_TAG not in k]
     load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys, device, dtype, file)
-
-
-def save_unet_diffusers(native: Mapping[str, torch.Tensor], cfg: UNetConfig, folder: str | os.PathLike) -> None:
-    """Write a diffusers ``unet/`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (atomic).
-
-    ``native``: spatial UNet tensors in native/diffusers names (motion keys are refused: they have no
-    place in a UNet2DConditionModel folder).
-    """
-    spatial, motion = split_motion(native)
-    if motion:
-        raise ValueError(f"{len(motion)} motion-module keys in a base UNet state; save them with "
-                         "motion_load.save_motion_module instead")
-    folder = Path(folder)
-    text = json.dumps(unet_config_to_diffusers(cfg), indent=2) + "\n"
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
-    save_state_dict(spatial, folder / "diffusion_pytorch_model.safetensors")
