@@ -28,7 +28,6 @@ from collections.abc import Mapping
 import torch
 
 from ..config import UNetConfig
-from ..control import ControlUnit
 from ..controlnet import ControlNet, ControlNetConfig
 from ..errors import CheckpointError
 from .checkpoint import Checkpoint, naming
@@ -176,12 +175,6 @@ def read_controlnets(specs, read) -> list[tuple[Checkpoint, float]]:
             raise ValueError(f"controlnets[{i}]: expected a (path, scale) pair, got {spec!r}")
         pairs.append((read(spec[0], WHAT), float(spec[1])))
     return pairs
-
-
-def controlnet_units(pairs: list[tuple[Checkpoint, float]], like: UNetConfig, device: str | torch.device,
-                     dtype: torch.dtype) -> list[ControlUnit]:
-    """Loaded :class:`~animatediff_lite.control.ControlUnit` s for the pipeline, in the given order."""
-    return [ControlUnit(controlnet_from_checkpoint(c, like, device, dtype), scale, c.where) for c, scale in pairs]
 
 
 def describe_controlnet(checkpoint: Checkpoint) -> dict:

@@ -123,12 +123,13 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
     return parse_motion_state(checkpoint.state, name, version, where, checkpoint.config or None, native_config)
 
 
-def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
+def split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
+    """(``state`` without position tables, the tables), original or diffusers names."""
     tables = {k: v for k, v in state.items() if k.endswith((ORIGINAL_PE, DIFFUSERS_PE))}
     return {k: v for k, v in state.items() if k not in tables}, tables
 
 
-def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
+def check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
     """Length of the stored PE tables after checking they hold the standard sinusoid."""
     if not tables:
         return None
@@ -236,8 +237,8 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
                               f"temporal_transformer.*; got e.g. {', '.join(list(state)[:3])})")
     if spatial:
         logger.info("%s: ignoring %d non-motion keys (a full UNet checkpoint?)", where, len(spatial))
-    weights, tables = _split_pe(motion)
-    stored = _check_pe(tables, where)
+    weights, tables = split_pe(motion)
+    stored = check_pe(tables, where)
     if any(".temporal_transformer." in k for k in weights):
         layout = "native" if native_config is not None else "original"
         native = weights
