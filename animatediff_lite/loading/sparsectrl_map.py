@@ -4,8 +4,9 @@ folders/files, to :class:`~animatediff_lite.sparsectrl.SparseControlNet`; conver
 Native keys are the original file's (a ``{"controlnet": state}`` pickle): diffusers names for the 2D layers
 (``conv_in``, ``controlnet_cond_embedding``, ``down_blocks``, ``mid_block``, ``controlnet_down_blocks``,
 ``controlnet_mid_block``) and original AnimateDiff names for the motion modules, whose ``pos_encoder.pe`` tables
-are checked (one length, the standard sinusoid, as a motion module's) and recomputed. diffusers' files rename only the motion modules
-(``motion_map``). RGB files have the one-conv condition embedding (``controlnet_cond_embedding.weight``).
+are checked (one length, the standard sinusoid, as a motion module's) and recomputed. diffusers' files rename
+only the motion modules (``motion_map``). RGB files have the one-conv condition embedding
+(``controlnet_cond_embedding.weight``).
 """
 
 from __future__ import annotations
