@@ -97,7 +97,7 @@ def test_sd15_unet_maps_completely_both_ways():
 
     ldm, dif = ldm_unet_shapes(SD15.unet), diffusers_unet_shapes(SD15_DIFFUSERS_CONFIG)
     ldm_state = meta_state(ldm)
-    native = unet_state_from_ldm(ldm_state)
+    native = unet_state_from_ldm(ldm_state, SD15.unet)
     assert shapes(native) == dif
     back = unet_state_to_ldm(native, SD15.unet)
     assert set(back) == set(ldm) and all(back[k] is ldm_state[k] for k in ldm)
@@ -130,7 +130,7 @@ def test_tiny_ldm_round_trip(name):
     state = tiny_diffusers_unet(cfg).state_dict()
     ldm = unet_state_to_ldm(state, cfg)
     assert shapes(ldm) == ldm_unet_shapes(cfg)  # the independent LDM generator agrees
-    native = unet_state_from_ldm(ldm)
+    native = unet_state_from_ldm(ldm, unet_config_from_state(ldm))  # the inferred config maps it
     assert set(native) == set(state) and all(torch.equal(native[k], state[k]) for k in state)
     theirs = convert_ldm_unet_checkpoint(ldm, unet_config_to_diffusers(cfg))
     assert set(theirs) == set(state) and all(torch.equal(theirs[k], state[k]) for k in state)

@@ -281,19 +281,15 @@ def _note_ignored(keys: list[str], source: str) -> None:
         logger.info("%s: ignoring %d non-UNet keys under %s", source, len(keys) - len(ema), sorted(parts))
 
 
-def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig | None = None,
-                        source: str = "<memory>") -> StateDict:
-    """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys.
+def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, source: str = "<memory>") -> StateDict:
+    """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys, for a UNet of config
+    ``cfg`` (see :func:`unet_config_from_state`).
 
     Keys outside ``model.diffusion_model.`` (VAE, text encoder, ``model_ema.*``) are ignored with a log
     note. A UNet key that the table does not cover raises CheckpointError naming ``source``.
-    ``cfg`` defaults to :func:`unet_config_from_state`.
     """
     ldm, ignored = _strip_ldm(state)
     _note_ignored(ignored, source)
-    if cfg is None:
-        with naming(source):
-            cfg = unet_config_from_state(ldm)
     out, unmapped = map_keys(ldm, ldm_block_table(cfg), to_ldm=False)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
