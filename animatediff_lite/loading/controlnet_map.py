@@ -115,15 +115,6 @@ def controlnet_state_from_ldm(state: Mapping[str, torch.Tensor], like: UNetConfi
     return out
 
 
-def controlnet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: ControlNetConfig) -> StateDict:
-    """Native ControlNet tensors -> the bare original layout (the inverse of :func:`controlnet_state_from_ldm`)."""
-    hint_blocks = 2 * (len(cfg.embedding_channels) - 1)  # two convs per width step
-    out, unmapped = map_keys(native, controlnet_block_table(cfg.unet, hint_blocks), to_ldm=True)
-    if unmapped:
-        raise ValueError(f"{unmapped[0]}: no original ControlNet name")
-    return out
-
-
 def check_base(mine: UNetConfig, like: UNetConfig, where: str, what: str) -> None:
     """CheckpointError naming the file when a control model was made for another base than ``like``."""
     if (mine.block_out_channels, mine.cross_attention_dim) != (like.block_out_channels, like.cross_attention_dim):

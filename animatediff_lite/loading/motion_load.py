@@ -322,11 +322,6 @@ def _built_motion(unet: torch.nn.Module) -> MotionConfig:
     return unet.motion
 
 
-def motion_state_from_unet(unet: torch.nn.Module) -> StateDict:
-    """The native motion-module state of a UNet3D (for saving a trained module)."""
-    return split_motion(unet.state_dict())[1]
-
-
 # ----------------------------------------------------------------------------------------------- export
 
 def motion_state_to_original(native: StateDict, with_pe: bool = True, max_len: int = 32) -> StateDict:
