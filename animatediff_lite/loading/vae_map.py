@@ -87,14 +87,14 @@ def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[:2]) if w.ndim > 2 and all(s == 1 for s in w.shape[2:]) else w
 
 
-def _split_vae(state: Mapping[str, torch.Tensor]) -> tuple[str, StateDict] | None:
-    """The VAE tensors of a file with their prefix removed, and that prefix; None if there are none."""
+def _split_vae(state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """The VAE tensors of a file with their prefix removed; None if there are none."""
     for prefix in VAE_PREFIXES:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if prefix == "":
             sub = {k: v for k, v in sub.items() if not k.startswith(DROP_PREFIXES)}
         if any(_LDM_LAYOUT.match(k) or _DIFFUSERS_LAYOUT.match(k) for k in sub):
-            return prefix, sub
+            return sub
     return None
 
 
@@ -104,18 +104,10 @@ def vae_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     Accepts a whole SD single file (``first_stage_model.*``, or ``vae.*``) or a standalone VAE file
     (bare ``encoder.down.0.block.0...``); other parts of a single file are ignored.
     """
-    found = _split_vae(state)
-    if found is None or not any(_LDM_LAYOUT.match(k) for k in found[1]):
+    sub = _split_vae(state)
+    if sub is None or not any(_LDM_LAYOUT.match(k) for k in sub):
         return None
-    sub = found[1]
-    levels = _count(sub, r"^decoder\.up\.(\d+)\.") or _count(sub, r"^encoder\.down\.(\d+)\.")
-    table = {ldm: native for native, ldm in vae_block_table(levels).items()}
-    leaves = {ldm: native for native, ldm in RESNET_LEAVES.items()}
-    native = {}
-    for key, value in sub.items():
-        name = _rename(key, table, leaves)
-        native[name] = _conv_to_linear(value) if CONV_AS_LINEAR.search(name) else value
-    return native
+    return vae_state_to_native(state)
 
 
 def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_stage_model.") -> StateDict:
@@ -133,23 +125,21 @@ def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_st
 def vae_state_to_native(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """Native VAE tensors from any supported layout (LDM or diffusers, prefixed or bare); None if absent.
 
-    Old diffusers attention names (query/key/value/proj_attn) are renamed and their 1x1-conv shapes
-    squeezed.
+    Old diffusers attention names (query/key/value/proj_attn) are renamed; attention weights stored as 1x1
+    convolutions (LDM, old diffusers) are squeezed.
     """
-    native = vae_state_from_ldm(state)
-    if native is not None:
-        return native
-    found = _split_vae(state)
-    if found is None:
+    sub = _split_vae(state)
+    if sub is None:
         return None
-    out = {}
-    for key, value in found[1].items():
-        parts = key.split(".")
-        if len(parts) >= 5 and parts[-4:-2] == ["attentions", "0"] and parts[-2] in OLD_DIFFUSERS_ATTENTION:
-            key = ".".join(parts[:-2] + [OLD_DIFFUSERS_ATTENTION[parts[-2]], parts[-1]])
-            value = _conv_to_linear(value)
-        out[key] = value
-    return out
+    if any(_LDM_LAYOUT.match(k) for k in sub):
+        levels = _count(sub, r"^decoder\.up\.(\d+)\.") or _count(sub, r"^encoder\.down\.(\d+)\.")
+        table = {ldm: native for native, ldm in vae_block_table(levels).items()}
+        leaves = {ldm: native for native, ldm in RESNET_LEAVES.items()}
+    else:
+        table = {f"{side}.mid_block.attentions.0": f"{side}.mid_block.attentions.0" for side in ("encoder", "decoder")}
+        leaves = OLD_DIFFUSERS_ATTENTION
+    native = {_rename(key, table, leaves): value for key, value in sub.items()}
+    return {k: _conv_to_linear(v) if CONV_AS_LINEAR.search(k) else v for k, v in native.items()}
 
 
 def vae_config_from_diffusers(cfg: Mapping) -> VAEConfig:
