@@ -329,26 +329,20 @@ def read_unet_source(source: str | os.PathLike | Checkpoint) -> tuple[StateDict,
     what = "a Stable Diffusion UNet (LDM single file or diffusers layout)"
     part = read_checkpoint(source, what).part("unet", what)
     where = part.where
+    cfg = None  # from config.json when there is one, else from the tensors
     if part.config:
         with naming(part.path / "config.json"):
             cfg = unet_config_from_diffusers(part.config)
         part.require_weights("diffusers UNet weights")
-        state = part.state
-    elif part.layout == "ldm_single_file":
-        with naming(where):
-            cfg = unet_config_from_state(part.state)
-        return unet_state_from_ldm(part.state, cfg, where), cfg, where
-    elif part.layout in ("diffusers_unet", "native", "diffusers_motion_unet"):
-        state, cfg = part.state, None
-    else:
+    elif part.layout not in ("ldm_single_file", "diffusers_unet", "native", "diffusers_motion_unet"):
         raise CheckpointError(f"{where}: {part.looks}, not a base UNet (expected Stable "
                               "Diffusion weights: LDM model.diffusion_model.* or diffusers UNet keys)")
+    with naming(where):
+        cfg = cfg or unet_config_from_state(part.state)
+    state = unet_state_from_ldm(part.state, cfg, where) if part.layout == "ldm_single_file" else part.state
     spatial, motion = split_motion(state)
     if motion:
         logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", where, len(motion))
-    if cfg is None:
-        with naming(where):
-            cfg = unet_config_from_state(spatial)
     return spatial, cfg, where
 
 
