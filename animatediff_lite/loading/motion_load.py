@@ -46,7 +46,7 @@ DIFFUSERS_PE = "pos_embed.pe"
 BASE_PARTS = ("diffusers_folder", "ldm_single_file", "diffusers_unet", "diffusers_vae", "clip_text_encoder")
 PE_VERSION = {24: "v1", 32: "v3"}  # stored PE length -> generation, for files without a mid-block module
 DEFAULT_VERSION = "v3"
-_PROJ_IN = re.compile(r"^(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.motion_modules\.(\d+)\."
+_PROJ_IN = re.compile(r"^(?P<side>down_blocks|up_blocks|mid_block)(?:\.(?P<level>\d+))?\.motion_modules\.\d+\."
                       r"temporal_transformer\.proj_in\.weight$")
 
 
@@ -153,12 +153,11 @@ def check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
 
 def _structure(native: StateDict, where: str) -> tuple[tuple[int, ...], bool]:
     """(channels per down level, has mid module), checking that up levels mirror down levels."""
-    found: dict[str, dict[int, set[int]]] = {"down": {}, "up": {}, "mid": {}}  # side -> level -> widths
+    found: dict[str, dict[int, set[int]]] = {"down_blocks": {}, "up_blocks": {}, "mid_block": {}}  # level -> widths
     for key, value in native.items():
         if m := _PROJ_IN.match(key):
-            side, level = ("down", m[2]) if m[2] is not None else ("up", m[3]) if m[3] is not None else ("mid", 0)
-            found[side].setdefault(int(level), set()).add(value.shape[0])
-    down, up, mid = found["down"], found["up"], found["mid"].get(0, set())
+            found[m["side"]].setdefault(int(m["level"] or 0), set()).add(value.shape[0])
+    down, up, mid = found["down_blocks"], found["up_blocks"], found["mid_block"].get(0, set())
     if not down:
         raise CheckpointError(f"{where}: no down-block motion modules found "
                               "(expected down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight)")
