@@ -89,8 +89,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
         return _finish(load_default_pipeline(device, dtype, base_ckpt), backend, compile)
     if base_ckpt.layout not in BASE_LAYOUTS:
-        raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be "
-                              f"{BASE_WHAT}")
+        raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be {BASE_WHAT}")
 
     unet = _load_video_unet(base_ckpt, motion, motion_module_version, device, dtype)
     text_encoder = load_text_encoder(base_ckpt, device, dtype)
