@@ -149,3 +149,19 @@ def test_info_describes_every_kind(files, capsys, name, layout):
 def test_info_on_a_text_file_is_one_line(files, capsys):
     err = _cli_error(capsys, ["info", str(files["notes"])])
     assert err.count("\n") == 1 and "notes.txt: looks like a text file" in err
+
+
+def test_bad_metadata_json_names_the_file(files, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    native, _ = read_motion_module(files["native_motion"])
+    save_file(native, tmp_path / "mm.safetensors", metadata={"format": "animatediff-lite/motion-module"})
+    with pytest.raises(CheckpointError, match=r"mm\.safetensors: native motion-module metadata without a valid "
+                                              r"motion_config \("):
+        read_motion_module(tmp_path / "mm.safetensors")
+    with safe_open(default_weights_path(), "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(default_weights_path()), tmp_path / "dm.safetensors", metadata={**metadata, "sample": "{"})
+    with pytest.raises(CheckpointError, match=r"dm\.safetensors: the 'sample' metadata is not JSON \("):
+        describe(tmp_path / "dm.safetensors")

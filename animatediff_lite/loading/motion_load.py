@@ -33,7 +33,7 @@ from ..config import MOTION_VERSIONS, MotionConfig, to_dict
 from ..errors import CheckpointError
 from ..motion import sinusoidal_table
 from .animatelcm import animatelcm_pe_len
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
 from .io import StateDict, WeightsFile, load_strict, save_state_dict
 from .motion_map import motion_state_from_diffusers
@@ -108,18 +108,13 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
                               "(expected an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
                               "animatediff-lite motion module)")
     path = checkpoint.path
-    if path.is_dir():
-        name = path.name
-    elif path.stem.startswith("diffusion_pytorch_model"):
+    name = path.name if path.is_dir() else path.stem
+    if name.startswith("diffusion_pytorch_model"):
         name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
-    else:
-        name = path.stem
     native_config = None
     if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
-        try:
-            native_config = json.loads(checkpoint.metadata["motion_config"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{where}: native motion-module metadata without a valid motion_config ({e})") from e
+        with naming(where, "native motion-module metadata without a valid motion_config"):
+            native_config = json.loads(checkpoint.metadata.get("motion_config", ""))
     return parse_motion_state(checkpoint.state, name, version, where, checkpoint.config or None, native_config)
 
 

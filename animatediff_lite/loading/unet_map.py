@@ -271,8 +271,6 @@ def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: 
 
 
 def _note_ignored(keys: list[str], source: str) -> None:
-    if not keys:
-        return
     ema = [k for k in keys if k.startswith("model_ema.")]
     parts = {k.split(".")[0] for k in keys if not k.startswith("model_ema.")}
     if ema:
