@@ -23,7 +23,7 @@ from ..config import MotionConfig, UNetConfig
 from ..controlnet import ControlNetConfig
 from ..errors import CheckpointError
 from ..sparsectrl import SparseControlNet
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, naming
 from .controlnet_map import CONTROLNET_LAYOUTS, check_base, controlnet_config_from_state
 from .io import SAFETENSORS_SUFFIXES, StateDict, load_strict, save_state_dict
 from .motion_load import check_pe, split_pe
@@ -53,10 +53,8 @@ def sparsectrl_parts(checkpoint: Checkpoint,
     cfg = checkpoint.config if checkpoint.layout == "diffusers_sparsectrl" else {}
     if not cfg.get("concat_conditioning_mask", True):
         raise CheckpointError(f"{where}: concat_conditioning_mask=False is not supported (SparseCtrl's mask channel)")
-    try:
+    with naming(where, f"expected {WHAT}"):
         base = controlnet_config_from_state(native, like)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: {e}; expected {WHAT}") from e
     if cfg:  # heads / groups are stated in a diffusers config; the tensors cannot show them
         heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", like.attention_head_dim)
         unet = dataclasses.replace(base.unet, attention_head_dim=_first(heads),
