@@ -48,9 +48,8 @@ def controlnet_config_from_diffusers(cfg: Mapping) -> ControlNetConfig:
     if cfg.get("global_pool_conditions", False):
         raise ValueError("global_pool_conditions=True (shuffle ControlNets) is not supported")
     body = {k: v for k, v in cfg.items() if k not in ("up_block_types", "out_channels")}
-    body["up_block_types"] = [t.replace("Down", "Up") for t in cfg.get("down_block_types", ())][::-1] or None
-    if body["up_block_types"] is None:
-        del body["up_block_types"]
+    if cfg.get("down_block_types"):  # no up blocks in a ControlNet: mirrored ones make it a valid UNet config
+        body["up_block_types"] = [t.replace("Down", "Up") for t in cfg["down_block_types"]][::-1]
     unet = unet_config_from_diffusers(body)
     return ControlNetConfig(unet=unet, conditioning_channels=int(cfg.get("conditioning_channels", 3)),
                             embedding_channels=tuple(int(c) for c in cfg.get(
