@@ -61,6 +61,32 @@ def test_a_text_file_as_base_says_it_is_text(files, capsys):
     assert "notes.txt: looks like a text file" in err
 
 
+def _media(root: Path) -> dict[str, Path]:
+    """Images saved by PIL and the container headers of an MP4 and a WebM file: what a user may pass by mistake."""
+    from PIL import Image
+
+    paths = {kind: root / f"cond.{kind}" for kind in ("gif", "png", "jpg", "mp4", "webm")}
+    for kind in ("gif", "png", "jpg"):
+        Image.new("RGB", (8, 8), (200, 30, 30)).save(paths[kind])
+    paths["mp4"].write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(64))  # an ISO BMFF box: size, "ftyp", brand
+    paths["webm"].write_bytes(b"\x1a\x45\xdf\xa3" + bytes(64))  # the EBML header id
+    return paths
+
+
+@pytest.mark.parametrize("kind,looks", [("gif", "a GIF image"), ("png", "a PNG image"), ("jpg", "a JPEG image"),
+                                        ("mp4", "an MP4/MOV video"), ("webm", "a WebM/MKV video")])
+def test_an_image_or_video_as_weights_says_what_it_is(files, capsys, tmp_path, kind, looks):
+    path = _media(tmp_path)[kind]
+    expected = rf"cond\.{kind}: looks like {looks}, not a readable weights file; expected an SD1\.5 ControlNet"
+    with pytest.raises(CheckpointError, match=expected) as e:
+        load_pipeline(files["ldm_fp32"], controlnets=[(path, 1.0)])
+    assert "torch.load" not in str(e.value)  # torch's parse error of an image is noise
+    err = _cli_error(capsys, ["generate", "x", "--controlnet", str(path), "--control-video", str(path)])
+    assert err.count("\n") == 1 and f"cond.{kind}: looks like {looks}, not a readable weights file" in err
+    with pytest.raises(CheckpointError, match=rf"cond\.{kind}: looks like {looks}.*expected a Stable Diffusion"):
+        load_pipeline(path)
+
+
 def test_a_text_file_as_motion_module_is_named_not_the_base(files, capsys):
     default = default_weights_path()
     with pytest.raises(CheckpointError, match=r"notes\.txt: looks like a text file.*expected a motion module") as e:
@@ -123,3 +149,19 @@ def test_info_describes_every_kind(files, capsys, name, layout):
 def test_info_on_a_text_file_is_one_line(files, capsys):
     err = _cli_error(capsys, ["info", str(files["notes"])])
     assert err.count("\n") == 1 and "notes.txt: looks like a text file" in err
+
+
+def test_bad_metadata_json_names_the_file(files, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    native, _ = read_motion_module(files["native_motion"])
+    save_file(native, tmp_path / "mm.safetensors", metadata={"format": "animatediff-lite/motion-module"})
+    with pytest.raises(CheckpointError, match=r"mm\.safetensors: native motion-module metadata without a valid "
+                                              r"motion_config \("):
+        read_motion_module(tmp_path / "mm.safetensors")
+    with safe_open(default_weights_path(), "pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(default_weights_path()), tmp_path / "dm.safetensors", metadata={**metadata, "sample": "{"})
+    with pytest.raises(CheckpointError, match=r"dm\.safetensors: the 'sample' metadata is not JSON \("):
+        describe(tmp_path / "dm.safetensors")

@@ -14,9 +14,10 @@ from PIL import Image
 
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.checkpoint import read_checkpoint
-from animatediff_lite.loading.controlnet_map import controlnet_config_from_diffusers, controlnet_state_to_ldm
+from animatediff_lite.loading.controlnet_map import controlnet_block_table, controlnet_config_from_diffusers
 from animatediff_lite.loading.io import save_state_dict
 from animatediff_lite.loading.pipeline_load import load_pipeline
+from animatediff_lite.loading.unet_map import map_keys
 
 diffusers = pytest.importorskip("diffusers")
 from tests import test_pipeline as tp  # noqa: E402 (needs diffusers)
@@ -25,6 +26,14 @@ from tests.test_pipeline import FRAMES, H, W, _check, _randomize  # noqa: E402
 models = tp.models
 PROMPT = "a corgi running on the beach"
 STEPS = 3
+
+
+def controlnet_state_to_ldm(native, cfg):
+    """Native ControlNet tensors -> the bare original layout (how the tests write original control_*.pth files)."""
+    hint_blocks = 2 * (len(cfg.embedding_channels) - 1)  # two convs per width step
+    out, unmapped = map_keys(native, controlnet_block_table(cfg.unet, hint_blocks), to_ldm=True)
+    assert not unmapped, unmapped
+    return out
 
 
 def _controlnet(seed: int):

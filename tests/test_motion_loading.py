@@ -15,7 +15,6 @@ from animatediff_lite.config import SD15, TINY, MotionConfig
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.motion_load import (
     load_motion_module,
-    motion_state_from_unet,
     motion_state_to_original,
     parse_motion_state,
     read_motion_module,
@@ -24,6 +23,7 @@ from animatediff_lite.loading.motion_load import (
     version_from_name,
 )
 from animatediff_lite.loading.motion_map import motion_state_to_diffusers
+from animatediff_lite.loading.unet_map import split_motion
 from animatediff_lite.unet import UNet3D
 from tests.keylists import MOTION_FILES, PE_LEN, count, ldm_unet_shapes, meta_state, original_motion_shapes
 
@@ -111,7 +111,7 @@ def test_round_trip_through_unet(tmp_path, version, with_pe):
         unet = UNet3D(TINY.unet, info.motion_config(GROUPS))
     got = load_motion_module(unet, path, version=version)
     assert got == info and unet.max_frames == PE_LEN[version]
-    exported = motion_state_to_original(motion_state_from_unet(unet), with_pe=with_pe, max_len=PE_LEN[version])
+    exported = motion_state_to_original(split_motion(unet.state_dict())[1], with_pe=with_pe, max_len=PE_LEN[version])
     assert_same(exported, original)
     motion_params = [p for n, p in unet.named_parameters() if ".motion_modules." in n]
     assert motion_params and not any(p.is_meta for p in motion_params)
@@ -128,7 +128,7 @@ def test_fp16_file_keeps_dtype_and_loads_into_fp32_unet(tmp_path):
     with torch.device("meta"):
         unet = UNet3D(TINY.unet, info.motion_config(GROUPS))
     load_motion_module(unet, path, dtype=torch.float32)
-    state = motion_state_from_unet(unet)
+    state = split_motion(unet.state_dict())[1]
     assert all(v.dtype == torch.float32 for v in state.values())
     assert all(torch.equal(state[k], native[k].float()) for k in native)
     pe = unet.down_blocks[0].motion_modules[0].temporal_transformer.transformer_blocks[0].attention_blocks[0]
@@ -236,7 +236,7 @@ def test_diffusers_adapter(tmp_path, mid, max_len, folder, expected, as_file):
     with torch.device("meta"):
         unet = UNet3D(TINY.unet, info.motion_config(GROUPS))
     load_motion_module(unet, source)
-    assert_same(motion_state_from_unet(unet), native)
+    assert_same(split_motion(unet.state_dict())[1], native)
 
 
 # ------------------------------------------------------------------------------------------------ bad files

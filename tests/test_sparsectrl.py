@@ -159,7 +159,7 @@ def test_full_size_keys_on_meta_match_diffusers(rgb: bool) -> None:
     SparseControlNetModel keys and shapes (RGB: 4 latent channels + mask; scribble: 3 image channels + mask)."""
     from animatediff_lite.config import SD15, MotionConfig
     from animatediff_lite.controlnet import ControlNetConfig
-    from animatediff_lite.loading.sparsectrl_map import sparsectrl_to_diffusers
+    from animatediff_lite.loading.motion_map import motion_state_to_diffusers
     from animatediff_lite.sparsectrl import SparseControlNet
 
     with torch.device("meta"):
@@ -167,7 +167,7 @@ def test_full_size_keys_on_meta_match_diffusers(rgb: bool) -> None:
                                                  use_simplified_condition_embedding=rgb).state_dict()
         motion = MotionConfig(version="v3", mid_block=False, num_attention_blocks=1)
         ours = SparseControlNet(ControlNetConfig(SD15.unet, 4 if rgb else 3), motion, simplified=rgb).state_dict()
-    renamed = sparsectrl_to_diffusers(ours, 32)
+    renamed = motion_state_to_diffusers(ours, 32)
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert "down_blocks.3.motion_modules.1.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q.weight" \
         in ours and ("controlnet_cond_embedding.weight" in ours) == rgb

@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 
 from animatediff_lite.config import SD15, TINY, MotionConfig, UNetConfig
 from animatediff_lite.errors import CheckpointError
+from animatediff_lite.loading.checkpoint import read_checkpoint
 from animatediff_lite.loading.motion_load import load_motion_module
 from animatediff_lite.loading.unet_map import (
-    load_unet,
+    load_spatial,
+    read_unet_source,
     split_motion,
     unet_config_from_diffusers,
     unet_config_from_state,
@@ -31,6 +33,17 @@ from tests.keylists import (
     meta_state,
     original_motion_shapes,
 )
+
+
+def load_unet(source, motion: MotionConfig | None = None) -> UNet3D:
+    """A UNet3D with its spatial weights loaded strictly from ``source`` (motion modules left on the meta device)."""
+    checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
+    spatial, cfg, where = read_unet_source(checkpoint)
+    with torch.device("meta"):
+        unet = UNet3D(cfg, motion)
+    load_spatial(unet, spatial, where, "cpu", torch.float32, checkpoint.part("unet", "").file)
+    return unet.eval()
+
 
 # Tiny configs that exercise every branch of the block table: attention on some levels only, a level
 # without attention first, three levels, two layers per level, transformer depth 2, linear projections.
@@ -84,7 +97,7 @@ def test_sd15_unet_maps_completely_both_ways():
 
     ldm, dif = ldm_unet_shapes(SD15.unet), diffusers_unet_shapes(SD15_DIFFUSERS_CONFIG)
     ldm_state = meta_state(ldm)
-    native = unet_state_from_ldm(ldm_state)
+    native = unet_state_from_ldm(ldm_state, SD15.unet)
     assert shapes(native) == dif
     back = unet_state_to_ldm(native, SD15.unet)
     assert set(back) == set(ldm) and all(back[k] is ldm_state[k] for k in ldm)
@@ -117,7 +130,7 @@ def test_tiny_ldm_round_trip(name):
     state = tiny_diffusers_unet(cfg).state_dict()
     ldm = unet_state_to_ldm(state, cfg)
     assert shapes(ldm) == ldm_unet_shapes(cfg)  # the independent LDM generator agrees
-    native = unet_state_from_ldm(ldm)
+    native = unet_state_from_ldm(ldm, unet_config_from_state(ldm))  # the inferred config maps it
     assert set(native) == set(state) and all(torch.equal(native[k], state[k]) for k in state)
     theirs = convert_ldm_unet_checkpoint(ldm, unet_config_to_diffusers(cfg))
     assert set(theirs) == set(state) and all(torch.equal(theirs[k], state[k]) for k in state)

@@ -127,7 +127,7 @@ def naming(where: str | os.PathLike, what: str = "") -> Iterator[None]:
 
 def _from_file(given: Path, weights: Path, config: dict, what: str) -> Checkpoint:
     wf = read_file(weights, what)
-    layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config), weights)
+    layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config))
     return Checkpoint(given, layout, reason, wf.state, wf.metadata, config, weights=weights, file=wf)
 
 

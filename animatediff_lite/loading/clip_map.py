@@ -18,6 +18,7 @@ dropped: positions are always 0..L-1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,17 +40,9 @@ TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 # The CLIP convention (OpenAI and OpenCLIP text towers): 64 channels per attention head.
 HEAD_DIM = 64
 
-# transformers config.json field -> CLIPConfig field, with transformers' CLIPTextConfig default for absent fields.
-TRANSFORMERS_FIELDS: dict[str, tuple[str, object]] = {
-    "vocab_size": ("vocab_size", 49408),
-    "hidden_size": ("hidden_size", 512),
-    "intermediate_size": ("intermediate_size", 2048),
-    "num_hidden_layers": ("num_layers", 12),
-    "num_attention_heads": ("num_heads", 8),
-    "max_position_embeddings": ("max_position_embeddings", 77),
-    "layer_norm_eps": ("layer_norm_eps", 1e-5),
-    "hidden_act": ("hidden_act", "quick_gelu"),
-}
+# transformers' CLIPTextConfig defaults, for the fields a config.json leaves out, and its names that differ from ours.
+TRANSFORMERS_DEFAULTS = CLIPConfig(hidden_size=512, intermediate_size=2048, num_heads=8)
+TRANSFORMERS_NAMES: dict[str, str] = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads"}
 WHAT = "a CLIP text encoder"
 
 
@@ -57,7 +50,8 @@ def clip_config_from_transformers(cfg: Mapping) -> CLIPConfig:
     """CLIPConfig from a transformers ``text_encoder/config.json`` dict (a full CLIP config's ``text_config`` too)."""
     if isinstance(cfg.get("text_config"), Mapping):
         cfg = cfg["text_config"]
-    return CLIPConfig(**{ours: cfg.get(theirs, default) for theirs, (ours, default) in TRANSFORMERS_FIELDS.items()})
+    return CLIPConfig(**{f.name: cfg.get(TRANSFORMERS_NAMES.get(f.name, f.name), getattr(TRANSFORMERS_DEFAULTS, f.name))
+                         for f in dataclasses.fields(CLIPConfig)})
 
 
 def clip_config_from_state(state: Mapping[str, torch.Tensor], hidden_act: str = "quick_gelu") -> CLIPConfig:
@@ -137,10 +131,9 @@ def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torc
         part.require_weights(WHAT)
         state = clip_state_from_diffusers(part.state)
     else:
-        state = clip_state_from_ldm(part.state) if part.layout == "ldm_single_file" else None
-        if state is None and TOKEN_EMBEDDING in clip_state_from_diffusers(part.state):
-            state = clip_state_from_diffusers(part.state)  # a bare text_encoder/model.safetensors
-        if state is None:
+        ldm = part.layout == "ldm_single_file"  # else a bare text_encoder/model.safetensors
+        state = (clip_state_from_ldm(part.state) if ldm else clip_state_from_diffusers(part.state)) or {}
+        if TOKEN_EMBEDDING not in state:
             raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
                                   f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
         if config is None:

@@ -88,7 +88,8 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
             state[f"{prefix}.{key}"] = value.detach().to(dtype)
     metadata = {"format": FORMAT, "config": json.dumps(to_dict(config)),
                 "sample": json.dumps(dict(sample or DEFAULT_SAMPLE)), **dict(extra or {})}
-    changed = _changed_fields(scheduler or DDIMConfig(), DDIMConfig())
+    default = to_dict(DDIMConfig())
+    changed = {k: v for k, v in to_dict(scheduler or DDIMConfig()).items() if v != default[k]}
     if changed:
         metadata["scheduler"] = json.dumps(changed)
     save_state_dict(state, path, metadata)
@@ -134,11 +135,6 @@ def scheduler_config(metadata: Mapping[str, str] | None = None) -> DDIMConfig:
         raise CheckpointError(f"the 'scheduler' metadata must be a JSON object with keys among {sorted(known)}, "
                               f"got {metadata['scheduler']!r}")
     return DDIMConfig(**fields)
-
-
-def _changed_fields(config, default) -> dict:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-            if getattr(config, f.name) != getattr(default, f.name)}
 
 
 def load_default_parts(path: str | os.PathLike | Checkpoint | None = None, device: str | torch.device = "cpu",

@@ -10,8 +10,7 @@ import json
 import os
 from collections import Counter
 
-from ..errors import CheckpointError
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .controlnet_map import CONTROLNET_LAYOUTS, describe_controlnet
 from .default_model import read_default_model
 from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
@@ -51,10 +50,8 @@ def describe(path: str | os.PathLike) -> dict:
         info.update(generation=config.motion.version if config.motion else None,
                     unet_channels=list(config.unet.block_out_channels), text_width=config.clip.hidden_size,
                     vae_channels=list(config.vae.block_out_channels))
-        try:
+        with naming(checkpoint.where, "the 'sample' metadata is not JSON"):
             info["sample_defaults"] = json.loads(metadata.get("sample", "{}"))
-        except ValueError as e:
-            raise CheckpointError(f"{checkpoint.where}: the 'sample' metadata is not JSON ({e})") from e
     info.update(_counts(files))
     return info
 

@@ -52,19 +52,17 @@ CONFIG_CLASSES: dict[str, str] = {
 
 
 def decide_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None,
-                  class_name: str | None = None, path: str | os.PathLike = "<memory>") -> tuple[str, str]:
+                  class_name: str | None = None) -> tuple[str, str]:
     """(layout, reason) of a state dict: a key of :data:`LAYOUTS` and a sentence saying why.
 
     metadata: the safetensors header metadata (this library's formats are recognised by it); class_name:
     the ``_class_name`` of a config.json beside the weights. Keys of no known layout give ``"unknown"`` (each
-    loader then says what it expected); no keys at all raise CheckpointError naming ``path``.
+    loader then says what it expected). The reader never passes an empty state (it refuses files without tensors).
     """
     keys = list(keys)
     fmt = (metadata or {}).get("format")
     if fmt == DEFAULT_MODEL_FORMAT:
         return "default_model", f"the metadata format is {fmt!r}"
-    if not keys:
-        raise CheckpointError(f"{path}: contains no tensors; expected model weights")
     has = lambda part: any(part in k for k in keys)  # noqa: E731
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya_lora", f"keys start with {'/'.join(KOHYA_PREFIXES[:2])}"

@@ -37,6 +37,19 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+# A file that is not a checkpoint, by its first bytes: (offset, bytes, what it is, whether torch's load error is
+# worth quoting: for its own formats yes, for text, images and videos it is noise).
+FILE_MAGIC: tuple[tuple[int, bytes, str, bool], ...] = (
+    (0, b"PK\x03\x04", "a zip archive (torch's checkpoint format)", True),
+    (0, b"\x80", "a Python pickle", True),
+    (0, b"GIF8", "a GIF image", False),
+    (0, b"\x89PNG", "a PNG image", False),
+    (0, b"\xff\xd8\xff", "a JPEG image", False),
+    (4, b"ftyp", "an MP4/MOV video", False),
+    (0, b"\x1a\x45\xdf\xa3", "a WebM/MKV video", False),
+    (0, b"{", "JSON text", False),
+    (0, b"[", "JSON text", False),
+)
 _MADV_DONTNEED = 4  # Linux; pages of a private file mapping that were not written are dropped, re-read on access
 
 
@@ -174,27 +187,25 @@ def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "it holds Python objects other than tensors, refused for safety (weights_only load)"
-        looks = _looks(head)
-        detail = "" if "text" in looks else f" (torch.load: {msg})"  # torch's parse error says nothing about text
-        raise CheckpointError(f"{path}: {looks}, not a readable weights file{detail}; expected {what}") from e
+        looks, quote = _looks(head)
+        detail = f" (torch.load: {msg})" if quote else ""
+        raise CheckpointError(f"{path}: looks like {looks}, not a readable weights file{detail}; "
+                              f"expected {what}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a dict of tensors ({what})")
     return WeightsFile(path, dict(obj))
 
 
-def _looks(head: bytes) -> str:
-    """What the first bytes of a file that is not a checkpoint look like, for error messages."""
-    if head[:4] == b"PK\x03\x04":
-        return "looks like a zip archive (torch's checkpoint format)"
-    if head[:1] == b"\x80":
-        return "looks like a Python pickle"
-    if head[:1] in (b"{", b"["):
-        return "looks like JSON text"
+def _looks(head: bytes) -> tuple[str, bool]:
+    """(what a file that torch cannot load looks like by its first bytes, whether torch's error may say why)."""
+    for offset, magic, what, quote in FILE_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
+            return what, quote
     try:
         head.decode("utf-8")
-        return "looks like a text file"
     except UnicodeDecodeError:
-        return "looks like binary data of an unknown format"
+        return "binary data of an unknown format", True
+    return "a text file", False
 
 
 def unwrap_state_dict(obj: Mapping, path: str | os.PathLike = "<memory>", what: str = "weights") -> StateDict:

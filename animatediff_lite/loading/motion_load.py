@@ -33,7 +33,7 @@ from ..config import MOTION_VERSIONS, MotionConfig, to_dict
 from ..errors import CheckpointError
 from ..motion import sinusoidal_table
 from .animatelcm import animatelcm_pe_len
-from .checkpoint import Checkpoint, read_checkpoint
+from .checkpoint import Checkpoint, naming, read_checkpoint
 from .detect import MOTION_LAYOUTS, NATIVE_MOTION_FORMAT
 from .io import StateDict, WeightsFile, load_strict, save_state_dict
 from .motion_map import motion_state_from_diffusers
@@ -46,7 +46,7 @@ DIFFUSERS_PE = "pos_embed.pe"
 BASE_PARTS = ("diffusers_folder", "ldm_single_file", "diffusers_unet", "diffusers_vae", "clip_text_encoder")
 PE_VERSION = {24: "v1", 32: "v3"}  # stored PE length -> generation, for files without a mid-block module
 DEFAULT_VERSION = "v3"
-_PROJ_IN = re.compile(r"^(down_blocks\.(\d+)|up_blocks\.(\d+)|mid_block)\.motion_modules\.(\d+)\."
+_PROJ_IN = re.compile(r"^(?P<side>down_blocks|up_blocks|mid_block)(?:\.(?P<level>\d+))?\.motion_modules\.\d+\."
                       r"temporal_transformer\.proj_in\.weight$")
 
 
@@ -108,27 +108,23 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
                               "(expected an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
                               "animatediff-lite motion module)")
     path = checkpoint.path
-    if path.is_dir():
-        name = path.name
-    elif path.stem.startswith("diffusion_pytorch_model"):
+    name = path.name if path.is_dir() else path.stem
+    if name.startswith("diffusion_pytorch_model"):
         name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
-    else:
-        name = path.stem
     native_config = None
     if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
-        try:
-            native_config = json.loads(checkpoint.metadata["motion_config"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{where}: native motion-module metadata without a valid motion_config ({e})") from e
+        with naming(where, "native motion-module metadata without a valid motion_config"):
+            native_config = json.loads(checkpoint.metadata.get("motion_config", ""))
     return parse_motion_state(checkpoint.state, name, version, where, checkpoint.config or None, native_config)
 
 
-def _split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
+def split_pe(state: StateDict) -> tuple[StateDict, dict[str, torch.Tensor]]:
+    """(``state`` without position tables, the tables), original or diffusers names."""
     tables = {k: v for k, v in state.items() if k.endswith((ORIGINAL_PE, DIFFUSERS_PE))}
     return {k: v for k, v in state.items() if k not in tables}, tables
 
 
-def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
+def check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
     """Length of the stored PE tables after checking they hold the standard sinusoid."""
     if not tables:
         return None
@@ -152,12 +148,11 @@ def _check_pe(tables: dict[str, torch.Tensor], where: str) -> int | None:
 
 def _structure(native: StateDict, where: str) -> tuple[tuple[int, ...], bool]:
     """(channels per down level, has mid module), checking that up levels mirror down levels."""
-    found: dict[str, dict[int, set[int]]] = {"down": {}, "up": {}, "mid": {}}  # side -> level -> widths
+    found: dict[str, dict[int, set[int]]] = {"down_blocks": {}, "up_blocks": {}, "mid_block": {}}  # level -> widths
     for key, value in native.items():
         if m := _PROJ_IN.match(key):
-            side, level = ("down", m[2]) if m[2] is not None else ("up", m[3]) if m[3] is not None else ("mid", 0)
-            found[side].setdefault(int(level), set()).add(value.shape[0])
-    down, up, mid = found["down"], found["up"], found["mid"].get(0, set())
+            found[m["side"]].setdefault(int(m["level"] or 0), set()).add(value.shape[0])
+    down, up, mid = found["down_blocks"], found["up_blocks"], found["mid_block"].get(0, set())
     if not down:
         raise CheckpointError(f"{where}: no down-block motion modules found "
                               "(expected down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight)")
@@ -236,8 +231,8 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
                               f"temporal_transformer.*; got e.g. {', '.join(list(state)[:3])})")
     if spatial:
         logger.info("%s: ignoring %d non-motion keys (a full UNet checkpoint?)", where, len(spatial))
-    weights, tables = _split_pe(motion)
-    stored = _check_pe(tables, where)
+    weights, tables = split_pe(motion)
+    stored = check_pe(tables, where)
     if any(".temporal_transformer." in k for k in weights):
         layout = "native" if native_config is not None else "original"
         native = weights
@@ -319,11 +314,6 @@ def _built_motion(unet: torch.nn.Module) -> MotionConfig:
         raise ValueError("unet was built without motion modules (motion=None); build it with "
                          "MotionConfig.for_version(...) to load a motion module")
     return unet.motion
-
-
-def motion_state_from_unet(unet: torch.nn.Module) -> StateDict:
-    """The native motion-module state of a UNet3D (for saving a trained module)."""
-    return split_motion(unet.state_dict())[1]
 
 
 # ----------------------------------------------------------------------------------------------- export

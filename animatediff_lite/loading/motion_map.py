@@ -21,52 +21,42 @@ import torch
 
 from ..motion import sinusoidal_table
 
-# (diffusers suffix, native suffix) after "motion_modules.{j}."; "{k}" is the transformer block index.
-MOTION_SUFFIXES: tuple[tuple[str, str], ...] = (
-    ("norm.", "temporal_transformer.norm."),
-    ("proj_in.", "temporal_transformer.proj_in."),
-    ("proj_out.", "temporal_transformer.proj_out."),
-    ("transformer_blocks.{k}.attn1.", "temporal_transformer.transformer_blocks.{k}.attention_blocks.0."),
-    ("transformer_blocks.{k}.attn2.", "temporal_transformer.transformer_blocks.{k}.attention_blocks.1."),
-    ("transformer_blocks.{k}.norm1.", "temporal_transformer.transformer_blocks.{k}.norms.0."),
-    ("transformer_blocks.{k}.norm2.", "temporal_transformer.transformer_blocks.{k}.norms.1."),
-    ("transformer_blocks.{k}.norm3.", "temporal_transformer.transformer_blocks.{k}.ff_norm."),
-    ("transformer_blocks.{k}.ff.", "temporal_transformer.transformer_blocks.{k}.ff."),
-)
-
-# Position tables: diffusers has one per block, the original one per attention block (same values).
-DIFFUSERS_PE = "transformer_blocks.{k}.pos_embed.pe"
-NATIVE_PE = "temporal_transformer.transformer_blocks.{k}.attention_blocks.{n}.pos_encoder.pe"
+# Inside a motion module (after "motion_modules.{j}."): native name parts -> diffusers', whole parts only. Native
+# names also start with NATIVE_TOP, which diffusers drops; diffusers' motion names start with DIFFUSERS_TOP.
+PART_NAMES: dict[str, str] = {"attention_blocks.0": "attn1", "attention_blocks.1": "attn2", "norms.0": "norm1",
+                              "norms.1": "norm2", "ff_norm": "norm3"}
+NATIVE_TOP = "temporal_transformer."
+DIFFUSERS_TOP = ("norm.", "proj_in.", "proj_out.", "transformer_blocks.")
 NUM_ATTENTION_BLOCKS = 2
 
 _MOTION_KEY = re.compile(r"^(.*?motion_modules\.\d+\.)(.*)$")
+# Position tables: diffusers has one per transformer block, the original one per attention block (same values).
+_DIFFUSERS_PE = re.compile(r"^transformer_blocks\.(\d+)\.pos_embed\.pe$")
+_BLOCK_NORM1 = re.compile(r"motion_modules\.\d+\.transformer_blocks\.\d+\.norm1\.weight$")  # diffusers names
+_NATIVE_PE = re.compile(r"^temporal_transformer\.transformer_blocks\.(\d+)\.attention_blocks\.(\d+)\.pos_encoder\.pe$")
 
 
-def _pattern(template: str, end: str = "") -> re.Pattern:
-    """A prefix pattern (``end="$"``: a whole-name pattern) for a template whose "{k}"/"{n}" are integers."""
-    escaped = re.escape(template).replace(r"\{k\}", r"(?P<k>\d+)").replace(r"\{n\}", r"(?P<n>\d+)")
-    return re.compile("^" + escaped + end)
-
-
-_FROM_DIFFUSERS = [(_pattern(d), n) for d, n in MOTION_SUFFIXES]
-_TO_DIFFUSERS = [(_pattern(n), d) for d, n in MOTION_SUFFIXES]
-_DIFFUSERS_PE = _pattern(DIFFUSERS_PE, "$")
-_NATIVE_PE = _pattern(NATIVE_PE, "$")
-
-
-def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
-    """One motion key through a suffix table; non-motion keys and unmatched suffixes are returned unchanged."""
-    m = _MOTION_KEY.match(key)
-    for pattern, target in table if m else ():
-        found = pattern.match(m.group(2))
-        if found:
-            return m.group(1) + target.format(**found.groupdict()) + m.group(2)[found.end():]
-    return key
+def _replace_parts(name: str, table: Mapping[str, str]) -> str:
+    """``name`` with each dotted part sequence found in ``table`` replaced (whole parts only)."""
+    name = f".{name}."
+    for old, new in table.items():
+        name = name.replace(f".{old}.", f".{new}.")
+    return name[1:-1]
 
 
 def motion_key_to_diffusers(key: str) -> str:
-    """One native motion key -> diffusers name (non-motion keys unchanged); PE keys are not handled here."""
-    return _rename(key, _TO_DIFFUSERS)
+    """One native motion key -> diffusers name (other keys unchanged); PE keys are not handled here."""
+    m = _MOTION_KEY.match(key)
+    if m is None or not m[2].startswith(NATIVE_TOP):
+        return key
+    return m[1] + _replace_parts(m[2][len(NATIVE_TOP):], PART_NAMES)
+
+
+def _key_from_diffusers(key: str) -> str:
+    m = _MOTION_KEY.match(key)
+    if m is None or not m[2].startswith(DIFFUSERS_TOP):
+        return key
+    return m[1] + NATIVE_TOP + _replace_parts(m[2], {theirs: ours for ours, theirs in PART_NAMES.items()})
 
 
 def motion_state_from_diffusers(state: Mapping[str, torch.Tensor],
@@ -79,13 +69,12 @@ def motion_state_from_diffusers(state: Mapping[str, torch.Tensor],
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         m = _MOTION_KEY.match(key)
-        pe = _DIFFUSERS_PE.match(m.group(2)) if m else None
-        if pe:
-            if keep_pe:
-                for n in range(NUM_ATTENTION_BLOCKS):
-                    out[m.group(1) + NATIVE_PE.format(k=pe["k"], n=n)] = value
-            continue
-        out[_rename(key, _FROM_DIFFUSERS)] = value
+        pe = _DIFFUSERS_PE.match(m[2]) if m else None
+        if pe is None:
+            out[_key_from_diffusers(key)] = value
+        elif keep_pe:
+            for n in range(NUM_ATTENTION_BLOCKS):
+                out[f"{m[1]}{NATIVE_TOP}transformer_blocks.{pe[1]}.attention_blocks.{n}.pos_encoder.pe"] = value
     return out
 
 
@@ -98,20 +87,15 @@ def motion_state_to_diffusers(native: Mapping[str, torch.Tensor],
     that length is generated for every transformer block (diffusers stores them as persistent buffers).
     """
     out: dict[str, torch.Tensor] = {}
-    blocks: dict[str, torch.Tensor] = {}  # "<prefix>transformer_blocks.k." -> a weight of that block
     for key, value in native.items():
         m = _MOTION_KEY.match(key)
-        pe = _NATIVE_PE.match(m.group(2)) if m else None
-        if pe:
-            if pe["n"] == "0":
-                out[m.group(1) + DIFFUSERS_PE.format(k=pe["k"])] = value
-            continue
-        new = _rename(key, _TO_DIFFUSERS)
-        out[new] = value
-        block = re.match(r"^(.*?motion_modules\.\d+\.transformer_blocks\.\d+\.)norm1\.weight$", new)
-        if block:
-            blocks[block.group(1)] = value
-    if max_seq_length is not None:
-        for prefix, weight in blocks.items():
-            out.setdefault(prefix + "pos_embed.pe", sinusoidal_table(max_seq_length, weight.shape[0]))
+        pe = _NATIVE_PE.match(m[2]) if m else None
+        if pe is None:
+            out[motion_key_to_diffusers(key)] = value
+        elif pe[2] == "0":
+            out[f"{m[1]}transformer_blocks.{pe[1]}.pos_embed.pe"] = value
+    if max_seq_length is not None:  # one table per transformer block, as wide as its norm1
+        for key in [k for k in out if _BLOCK_NORM1.search(k)]:
+            table = sinusoidal_table(max_seq_length, out[key].shape[0])
+            out.setdefault(key[: -len("norm1.weight")] + "pos_embed.pe", table)
     return out

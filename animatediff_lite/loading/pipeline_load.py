@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..control import ControlUnit
 from ..errors import CheckpointError
 from ..lora import apply_loras
 from ..pipeline import Pipeline, check_device_dtype
@@ -24,13 +25,13 @@ from ..threads import apply_threads
 from ..unet import UNet3D
 from .checkpoint import Checkpoint, read_checkpoint
 from .clip_map import clip_state_from_ldm, load_text_encoder, load_tokenizer
-from .controlnet_map import controlnet_units, read_controlnets
+from .controlnet_map import controlnet_from_checkpoint, read_controlnets
 from .default_model import load_default_pipeline
 from .detect import BASE_LAYOUTS
 from .io import load_strict
 from .motion_load import assign_motion_state, read_motion_module
 from .sparsectrl_map import WHAT as SPARSECTRL_WHAT
-from .sparsectrl_map import sparsectrl_unit
+from .sparsectrl_map import sparsectrl_from_checkpoint
 from .unet_map import load_spatial, read_unet_source, unet_state_from_ldm
 from .vae_map import load_vae, vae_state_from_ldm
 
@@ -88,8 +89,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
                              "weights; pass base= a diffusers Stable Diffusion folder or an SD1.5 single file")
         return _finish(load_default_pipeline(device, dtype, base_ckpt), backend, compile)
     if base_ckpt.layout not in BASE_LAYOUTS:
-        raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be "
-                              f"{BASE_WHAT}")
+        raise CheckpointError(f"{base_ckpt.where}: {base_ckpt.looks}; base must be {BASE_WHAT}")
 
     unet = _load_video_unet(base_ckpt, motion, motion_module_version, device, dtype)
     text_encoder = load_text_encoder(base_ckpt, device, dtype)
@@ -100,8 +100,11 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
     if lora_ckpts or motion_lora_ckpts:
         apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
-    pipe.controlnets = controlnet_units(control_ckpts, unet.config, device, dtype)
-    pipe.sparsectrl = sparsectrl_unit(sparse_ckpt, unet.config, device, dtype)
+    pipe.controlnets = [ControlUnit(controlnet_from_checkpoint(c, unet.config, device, dtype), scale, c.where)
+                        for c, scale in control_ckpts]
+    if sparse_ckpt is not None:  # its scale is set per call
+        model = sparsectrl_from_checkpoint(sparse_ckpt, unet.config, device, dtype)
+        pipe.sparsectrl = ControlUnit(model, 1.0, sparse_ckpt.where)
     return _finish(pipe, backend, compile)
 
 

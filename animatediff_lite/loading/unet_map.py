@@ -27,20 +27,16 @@ inner names (norm, proj_in, transformer_blocks.t.attn1/attn2/norm1-3/ff.net.0.pr
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_write
-from ..config import MotionConfig, UNetConfig
+from ..config import UNetConfig
 from ..errors import CheckpointError
-from ..unet import UNet3D
 from .checkpoint import Checkpoint, naming, read_checkpoint
-from .io import StateDict, WeightsFile, load_strict, save_state_dict
+from .io import StateDict, WeightsFile, load_strict
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +79,8 @@ DEFAULT_GROUPS = 32
 
 # ----------------------------------------------------------------------------------------------- configs
 
-def _uniform(cfg: Mapping, name: str, default: object) -> object:
+def _uniform(name: str, value: object) -> object:
     """A config value that diffusers allows per level; UNet3D needs it equal on every level."""
-    value = cfg.get(name, default)
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ValueError(f"unet config {name}={list(value)}: per-level values are not supported, "
@@ -115,26 +110,17 @@ def unet_config_from_diffusers(cfg: Mapping) -> UNetConfig:
         raise ValueError(f"unet config up_block_types {up_types} do not mirror down_block_types {down_types}")
     if cfg.get("mid_block_type", None) not in _MID_TYPES:
         raise ValueError(f"unet config mid_block_type={cfg['mid_block_type']!r} is not supported")
-    channels = tuple(int(c) for c in cfg.get("block_out_channels", (320, 640, 1280, 1280)))
+    d = UNetConfig(cross_attention_dim=1280)  # diffusers' defaults, for the fields a config.json leaves out
+    channels = tuple(int(c) for c in cfg.get("block_out_channels", d.block_out_channels))
     if len(channels) != len(down):
         raise ValueError(f"unet config has {len(channels)} block_out_channels but {len(down)} down_block_types")
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)
-    heads = _uniform({"attention_head_dim": heads}, "attention_head_dim", DEFAULT_HEADS)
-    return UNetConfig(
-        in_channels=int(cfg.get("in_channels", 4)),
-        out_channels=int(cfg.get("out_channels", 4)),
-        block_out_channels=channels,
-        down_cross_attention=down,
-        layers_per_block=int(_uniform(cfg, "layers_per_block", 2)),
-        cross_attention_dim=int(_uniform(cfg, "cross_attention_dim", 1280)),
-        attention_head_dim=int(heads),
-        norm_num_groups=int(cfg.get("norm_num_groups", DEFAULT_GROUPS)),
-        norm_eps=float(cfg.get("norm_eps", 1e-5)),
-        transformer_layers_per_block=int(_uniform(cfg, "transformer_layers_per_block", 1)),
-        use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-        flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)),
-        freq_shift=int(cfg.get("freq_shift", 0)),
-    )
+    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)  # a diffusers quirk
+    same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups", "norm_eps",
+            "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
+    # Each value converted to the type of its default (int, float or bool).
+    return UNetConfig(block_out_channels=channels, down_cross_attention=down,
+                      attention_head_dim=int(_uniform("attention_head_dim", heads)),
+                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in same})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
@@ -163,26 +149,40 @@ def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
     values); pass a diffusers config.json for other models.
     """
     ldm = any(k.startswith((LDM_PREFIX, "input_blocks.")) for k in state)  # model.diffusion_model.* or bare
+    body = _strip_ldm(state)[0]
+    conv_in, conv_out = ("input_blocks.0.0.weight", "out.2.weight") if ldm else ("conv_in.weight", "conv_out.weight")
     try:
-        sizes = _ldm_sizes(_strip_ldm(state)[0]) if ldm else _diffusers_sizes(state)
+        sizes = block_sizes(body)
+        in_out = dict(in_channels=body[conv_in].shape[1], out_channels=body[conv_out].shape[0])
     except (KeyError, ValueError, IndexError) as e:
         kind = "an LDM UNet" if ldm else "a diffusers-layout UNet"
         raise ValueError(f"tensors do not look like {kind} ({type(e).__name__}: {e})") from e
-    return UNetConfig(**sizes, attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS)
+    return UNetConfig(**sizes, **in_out, attention_head_dim=DEFAULT_HEADS, norm_num_groups=DEFAULT_GROUPS)
 
 
-def _diffusers_sizes(state: Mapping[str, torch.Tensor]) -> dict:
-    keys = [k for k in state if MOTION_TAG not in k]
-    levels = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("down_blocks."))
-    return dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
-                                         for i in range(levels)),
-                down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in keys)
-                                           for i in range(levels)),
-                layers_per_block=1 + max(int(k.split(".")[3]) for k in keys if k.startswith("down_blocks.0.resnets.")),
-                **_shared_sizes(state, "conv_in.weight", "conv_out.weight", "mid_block.attentions.0."))
+def block_sizes(state: Mapping[str, torch.Tensor]) -> dict:
+    """The :class:`UNetConfig` fields of the down and mid blocks, from bare UNet (or ControlNet) tensors in LDM
+    (``input_blocks.*``) or diffusers names: widths, layers per level, the levels with spatial transformers and
+    the transformers' depth, text width and projection kind. KeyError/ValueError/IndexError when they do not fit.
+    """
+    if any(k.startswith("input_blocks.") for k in state):
+        sizes, attn = ldm_levels(state), "middle_block.1."
+    else:
+        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
+        sizes = dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                              for i in range(levels)),
+                     down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state)
+                                                for i in range(levels)),
+                     layers_per_block=1 + max(int(k.split(".")[3]) for k in state
+                                              if k.startswith("down_blocks.0.resnets.")))
+        attn = "mid_block.attentions.0."
+    depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
+    return dict(sizes, cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+                transformer_layers_per_block=depth, use_linear_projection=state[attn + "proj_in.weight"].ndim == 2)
 
 
-def _ldm_sizes(ldm: Mapping[str, torch.Tensor]) -> dict:
+def ldm_levels(ldm: Mapping[str, torch.Tensor]) -> dict:
+    """``block_out_channels``, ``down_cross_attention`` and ``layers_per_block`` of bare LDM ``input_blocks.*``."""
     blocks = 1 + max(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks."))
     downs = sorted(int(k.split(".")[1]) for k in ldm if k.startswith("input_blocks.") and ".0.op.weight" in k)
     # Level i holds L resnets then a downsampler: the first downsampler sits at 1 + L.
@@ -193,16 +193,7 @@ def _ldm_sizes(ldm: Mapping[str, torch.Tensor]) -> dict:
     first = [1 + i * (layers + 1) for i in range(levels)]
     return dict(block_out_channels=tuple(ldm[f"input_blocks.{k}.0.out_layers.3.weight"].shape[0] for k in first),
                 down_cross_attention=tuple(f"input_blocks.{k}.1.proj_in.weight" in ldm for k in first),
-                layers_per_block=layers,
-                **_shared_sizes(ldm, "input_blocks.0.0.weight", "out.2.weight", "middle_block.1."))
-
-
-def _shared_sizes(state: Mapping[str, torch.Tensor], conv_in: str, conv_out: str, attn: str) -> dict:
-    """Channels in/out and the spatial transformer's sizes, read from the mid block's (``attn``) tensors."""
-    depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
-    return dict(in_channels=state[conv_in].shape[1], out_channels=state[conv_out].shape[0],
-                cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
-                transformer_layers_per_block=depth, use_linear_projection=state[attn + "proj_in.weight"].ndim == 2)
+                layers_per_block=layers)
 
 
 # ---------------------------------------------------------------------------------------------- LDM map
@@ -245,43 +236,41 @@ def _strip_ldm(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]
     return dict(state), []
 
 
-def _lookup(table: Mapping[str, tuple[str, bool]], key: str, max_parts: int) -> tuple[str, str, bool] | None:
-    """Split ``key`` into (block prefix, rest) using the longest prefix found in ``table``."""
-    parts = key.split(".")
-    for n in range(min(max_parts, len(parts) - 1), 0, -1):
-        hit = table.get(".".join(parts[:n]))
-        if hit is not None:
-            return hit[0], ".".join(parts[n:]), hit[1]
-    return None
-
-
-def _rename_inner(rest: str, is_resnet: bool, names: Mapping[str, str]) -> str | None:
-    if not is_resnet:
-        return rest
-    for src, dst in names.items():
-        if rest.startswith(src + "."):
-            return dst + rest[len(src):]
-    return None
-
-
-def _map_keys(state: Mapping[str, torch.Tensor], table: Mapping[str, tuple[str, bool]], max_parts: int,
-              names: Mapping[str, str], prefix: str = "") -> tuple[StateDict, list[str]]:
-    """(``state`` renamed block by block through ``table``, the keys that do not fit; motion keys never fit)."""
+def map_keys(state: Mapping[str, torch.Tensor], rows: list[tuple[str, str, bool]], to_ldm: bool,
+             prefix: str = "") -> tuple[StateDict, list[str]]:
+    """(``state`` renamed block by block through ``rows`` of :func:`ldm_block_table`, native -> LDM with
+    ``to_ldm`` else LDM -> native, each name behind ``prefix``; the keys that fit no row, motion keys always)."""
+    table = {(nat if to_ldm else ldm): (ldm if to_ldm else nat, res) for nat, ldm, res in rows}
+    names = RESNET_LDM if to_ldm else RESNET_NATIVE
+    depth = max(block.count(".") + 1 for block in table)
     out: StateDict = {}
     unmapped = []
     for key, value in state.items():
-        hit = _lookup(table, key, max_parts) if MOTION_TAG not in key else None
-        inner = _rename_inner(hit[1], hit[2], names) if hit else None
-        if inner is None:
+        name = None if MOTION_TAG in key else _rename(key, table, depth, names)
+        if name is None:
             unmapped.append(key)
         else:
-            out[f"{prefix}{hit[0]}.{inner}"] = value
+            out[prefix + name] = value
     return out, unmapped
 
 
+def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: Mapping[str, str]) -> str | None:
+    """``key`` with its longest block prefix in ``table`` renamed, and a resnet's inner layer by ``names``."""
+    parts = key.split(".")
+    for n in range(min(depth, len(parts) - 1), 0, -1):
+        block = table.get(".".join(parts[:n]))
+        if block is None:
+            continue
+        target, is_resnet = block
+        rest = ".".join(parts[n:])
+        if not is_resnet:
+            return f"{target}.{rest}"
+        inner = next((src for src in names if rest.startswith(src + ".")), None)
+        return None if inner is None else f"{target}.{names[inner]}{rest[len(inner):]}"
+    return None
+
+
 def _note_ignored(keys: list[str], source: str) -> None:
-    if not keys:
-        return
     ema = [k for k in keys if k.startswith("model_ema.")]
     parts = {k.split(".")[0] for k in keys if not k.startswith("model_ema.")}
     if ema:
@@ -290,20 +279,16 @@ def _note_ignored(keys: list[str], source: str) -> None:
         logger.info("%s: ignoring %d non-UNet keys under %s", source, len(keys) - len(ema), sorted(parts))
 
 
-def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig | None = None,
-                        source: str = "<memory>") -> StateDict:
-    """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys.
+def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, source: str = "<memory>") -> StateDict:
+    """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys, for a UNet of config
+    ``cfg`` (see :func:`unet_config_from_state`).
 
     Keys outside ``model.diffusion_model.`` (VAE, text encoder, ``model_ema.*``) are ignored with a log
     note. A UNet key that the table does not cover raises CheckpointError naming ``source``.
-    ``cfg`` defaults to :func:`unet_config_from_state`.
     """
     ldm, ignored = _strip_ldm(state)
     _note_ignored(ignored, source)
-    if cfg is None:
-        with naming(source):
-            cfg = unet_config_from_state(ldm)
-    out, unmapped = _map_keys(ldm, {ldm_p: (nat, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 4, RESNET_NATIVE)
+    out, unmapped = map_keys(ldm, ldm_block_table(cfg), to_ldm=False)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
                               f"(e.g. {', '.join(unmapped[:3])})")
@@ -316,8 +301,7 @@ def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> St
     Motion-module keys have no LDM place: pass only the spatial part (see :func:`split_motion`).
     Raises ValueError naming keys that do not fit ``cfg``.
     """
-    out, unmapped = _map_keys(native, {nat: (ldm_p, res) for nat, ldm_p, res in ldm_block_table(cfg)}, 5, RESNET_LDM,
-                              LDM_PREFIX)
+    out, unmapped = map_keys(native, ldm_block_table(cfg), to_ldm=True, prefix=LDM_PREFIX)
     if unmapped:
         raise ValueError(f"{len(unmapped)} UNet keys have no LDM name (e.g. {', '.join(unmapped[:3])}); "
                          "motion-module keys must be split off first")
@@ -343,46 +327,21 @@ def read_unet_source(source: str | os.PathLike | Checkpoint) -> tuple[StateDict,
     what = "a Stable Diffusion UNet (LDM single file or diffusers layout)"
     part = read_checkpoint(source, what).part("unet", what)
     where = part.where
+    cfg = None  # from config.json when there is one, else from the tensors
     if part.config:
         with naming(part.path / "config.json"):
             cfg = unet_config_from_diffusers(part.config)
         part.require_weights("diffusers UNet weights")
-        state = part.state
-    elif part.layout == "ldm_single_file":
-        with naming(where):
-            cfg = unet_config_from_state(part.state)
-        return unet_state_from_ldm(part.state, cfg, where), cfg, where
-    elif part.layout in ("diffusers_unet", "native", "diffusers_motion_unet"):
-        state, cfg = part.state, None
-    else:
+    elif part.layout not in ("ldm_single_file", "diffusers_unet", "native", "diffusers_motion_unet"):
         raise CheckpointError(f"{where}: {part.looks}, not a base UNet (expected Stable "
                               "Diffusion weights: LDM model.diffusion_model.* or diffusers UNet keys)")
+    with naming(where):
+        cfg = cfg or unet_config_from_state(part.state)
+    state = unet_state_from_ldm(part.state, cfg, where) if part.layout == "ldm_single_file" else part.state
     spatial, motion = split_motion(state)
     if motion:
         logger.info("%s: ignoring %d motion-module keys (load them with load_motion_module)", where, len(motion))
-    if cfg is None:
-        with naming(where):
-            cfg = unet_config_from_state(spatial)
     return spatial, cfg, where
-
-
-def load_unet(source: str | os.PathLike, motion: MotionConfig | None = None, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, config: UNetConfig | None = None):
-    """Build a UNet3D and load its spatial (SD) weights strictly from ``source``.
-
-    source: a diffusers folder (``unet/config.json`` + ``diffusion_pytorch_model.safetensors``/``.bin``), an
-    LDM single file (``model.diffusion_model.*``; VAE/CLIP/EMA keys ignored with a note) or a diffusers-layout
-    single file. ``config`` overrides the inferred UNetConfig (e.g. head count of non-SD1.5 models).
-    With ``motion`` given, the motion-module parameters stay on the meta device: fill them with
-    :func:`animatediff_lite.loading.motion_load.load_motion_module` before use.
-    Returns the UNet3D in eval mode, weights on ``device`` in ``dtype``.
-    """
-    checkpoint = read_checkpoint(source, "a Stable Diffusion UNet")
-    spatial, cfg, where = read_unet_source(checkpoint)
-    with torch.device("meta"):
-        unet = UNet3D(config or cfg, motion)
-    load_spatial(unet, spatial, where, device, dtype, checkpoint.part("unet", "").file)
-    return unet.eval()
 
 
 def load_spatial(unet: torch.nn.Module, spatial: Mapping[str, torch.Tensor], where: str, device: torch.device | str,
@@ -390,19 +349,3 @@ def load_spatial(unet: torch.nn.Module, spatial: Mapping[str, torch.Tensor], whe
     """Fill the spatial (Stable Diffusion) layers of a UNet3D strictly; its motion modules are left as they are."""
     keys = [k for k in unet.state_dict() if MOTION_TAG not in k]
     load_strict(unet, spatial, where, "the base UNet (spatial layers)", keys, device, dtype, file)
-
-
-def save_unet_diffusers(native: Mapping[str, torch.Tensor], cfg: UNetConfig, folder: str | os.PathLike) -> None:
-    """Write a diffusers ``unet/`` folder: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (atomic).
-
-    ``native``: spatial UNet tensors in native/diffusers names (motion keys are refused: they have no
-    place in a UNet2DConditionModel folder).
-    """
-    spatial, motion = split_motion(native)
-    if motion:
-        raise ValueError(f"{len(motion)} motion-module keys in a base UNet state; save them with "
-                         "motion_load.save_motion_module instead")
-    folder = Path(folder)
-    text = json.dumps(unet_config_to_diffusers(cfg), indent=2) + "\n"
-    atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text))
-    save_state_dict(spatial, folder / "diffusion_pytorch_model.safetensors")

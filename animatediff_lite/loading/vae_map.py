@@ -35,17 +35,6 @@ _SIDE_MODULES: tuple[tuple[str, str], ...] = (
     ("conv_norm_out", "norm_out"),
     ("conv_out", "conv_out"),
 )
-# {i}: diffusers level, {j}: resnet index, {r}: LDM decoder level = levels - 1 - {i}.
-VAE_LDM_MODULES: tuple[tuple[str, str], ...] = tuple(
-    (f"{side}.{native}", f"{side}.{ldm}") for side in ("encoder", "decoder") for native, ldm in _SIDE_MODULES
-) + (
-    ("encoder.down_blocks.{i}.resnets.{j}", "encoder.down.{i}.block.{j}"),
-    ("encoder.down_blocks.{i}.downsamplers.0.conv", "encoder.down.{i}.downsample.conv"),
-    ("decoder.up_blocks.{i}.resnets.{j}", "decoder.up.{r}.block.{j}"),
-    ("decoder.up_blocks.{i}.upsamplers.0.conv", "decoder.up.{r}.upsample.conv"),
-    ("quant_conv", "quant_conv"),
-    ("post_quant_conv", "post_quant_conv"),
-)
 RESNET_LEAVES: dict[str, str] = {"conv_shortcut": "nin_shortcut"}  # native -> LDM
 # Native nn.Linear weights that LDM stores as (C, C, 1, 1) convolutions.
 CONV_AS_LINEAR = re.compile(r"\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight$")
@@ -61,32 +50,28 @@ _LDM_LAYOUT = re.compile(r"^encoder\.down\.\d+\.")
 _DIFFUSERS_LAYOUT = re.compile(r"^encoder\.down_blocks\.\d+\.")
 
 
-def _compile(pattern: str) -> re.Pattern:
-    body = re.escape(pattern)
-    for name in "ijr":
-        body = body.replace(re.escape("{" + name + "}"), rf"(?P<{name}>\d+)")
-    return re.compile(rf"^{body}\.(?P<rest>.+)$")
+def vae_block_table(levels: int) -> dict[str, str]:
+    """Native module path -> LDM module path of every block of a VAE with ``levels`` levels (the LDM decoder
+    numbers its levels from the highest resolution, diffusers from the lowest)."""
+    table = {f"{side}.{native}": f"{side}.{ldm}" for side in ("encoder", "decoder") for native, ldm in _SIDE_MODULES}
+    table |= {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    for i in range(levels):
+        r = levels - 1 - i
+        table |= {f"encoder.down_blocks.{i}.resnets": f"encoder.down.{i}.block",
+                  f"encoder.down_blocks.{i}.downsamplers.0.conv": f"encoder.down.{i}.downsample.conv",
+                  f"decoder.up_blocks.{i}.resnets": f"decoder.up.{r}.block",
+                  f"decoder.up_blocks.{i}.upsamplers.0.conv": f"decoder.up.{r}.upsample.conv"}
+    return table
 
 
-_NATIVE_TO_LDM = [(_compile(n), l) for n, l in VAE_LDM_MODULES]
-_LDM_TO_NATIVE = [(_compile(l), n) for n, l in VAE_LDM_MODULES]
-_LEAVES_BACK = {v: k for k, v in RESNET_LEAVES.items()}
-
-
-def _rename(key: str, table: list, leaves: dict[str, str], levels: int) -> str:
-    """One key through a (regex, template) table; unmatched keys are returned unchanged."""
-    for regex, template in table:
-        m = regex.match(key)
-        if m is None:
-            continue
-        idx = {k: int(v) for k, v in m.groupdict().items() if k != "rest" and v is not None}
-        if "r" in idx:
-            idx["i"] = levels - 1 - idx["r"]
-        elif "i" in idx:
-            idx["r"] = levels - 1 - idx["i"]
-        head, _, tail = m["rest"].partition(".")
-        rest = f"{leaves.get(head, head)}.{tail}" if tail else m["rest"]
-        return template.format(**idx) + "." + rest
+def _rename(key: str, table: Mapping[str, str], leaves: Mapping[str, str]) -> str:
+    """``key`` with its longest module path in ``table`` renamed, the parts after it by ``leaves``; unchanged
+    when no path fits."""
+    parts = key.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        module = table.get(".".join(parts[:n]))
+        if module is not None:
+            return ".".join([module, *(leaves.get(p, p) for p in parts[n:])])
     return key
 
 
@@ -102,14 +87,14 @@ def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[:2]) if w.ndim > 2 and all(s == 1 for s in w.shape[2:]) else w
 
 
-def _split_vae(state: Mapping[str, torch.Tensor]) -> tuple[str, StateDict] | None:
-    """The VAE tensors of a file with their prefix removed, and that prefix; None if there are none."""
+def _split_vae(state: Mapping[str, torch.Tensor]) -> StateDict | None:
+    """The VAE tensors of a file with their prefix removed; None if there are none."""
     for prefix in VAE_PREFIXES:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if prefix == "":
             sub = {k: v for k, v in sub.items() if not k.startswith(DROP_PREFIXES)}
         if any(_LDM_LAYOUT.match(k) or _DIFFUSERS_LAYOUT.match(k) for k in sub):
-            return prefix, sub
+            return sub
     return None
 
 
@@ -119,49 +104,42 @@ def vae_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     Accepts a whole SD single file (``first_stage_model.*``, or ``vae.*``) or a standalone VAE file
     (bare ``encoder.down.0.block.0...``); other parts of a single file are ignored.
     """
-    found = _split_vae(state)
-    if found is None or not any(_LDM_LAYOUT.match(k) for k in found[1]):
+    sub = _split_vae(state)
+    if sub is None or not any(_LDM_LAYOUT.match(k) for k in sub):
         return None
-    sub = found[1]
-    levels = _count(sub, r"^decoder\.up\.(\d+)\.") or _count(sub, r"^encoder\.down\.(\d+)\.")
-    native = {}
-    for key, value in sub.items():
-        name = _rename(key, _LDM_TO_NATIVE, _LEAVES_BACK, levels)
-        native[name] = _conv_to_linear(value) if CONV_AS_LINEAR.search(name) else value
-    return native
+    return vae_state_to_native(state)
 
 
 def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_stage_model.") -> StateDict:
     """LDM-layout tensors (keys prefixed by ``prefix``) from native ones, attention weights as 1x1 convs."""
     levels = _count(native, r"^decoder\.up_blocks\.(\d+)\.") or _count(native, r"^encoder\.down_blocks\.(\d+)\.")
+    table = vae_block_table(levels)
     out = {}
     for key, value in native.items():
         if CONV_AS_LINEAR.search(key) and value.ndim == 2:
             value = value.reshape(*value.shape, 1, 1)
-        out[prefix + _rename(key, _NATIVE_TO_LDM, RESNET_LEAVES, levels)] = value
+        out[prefix + _rename(key, table, RESNET_LEAVES)] = value
     return out
 
 
 def vae_state_to_native(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """Native VAE tensors from any supported layout (LDM or diffusers, prefixed or bare); None if absent.
 
-    Old diffusers attention names (query/key/value/proj_attn) are renamed and their 1x1-conv shapes
-    squeezed.
+    Old diffusers attention names (query/key/value/proj_attn) are renamed; attention weights stored as 1x1
+    convolutions (LDM, old diffusers) are squeezed.
     """
-    native = vae_state_from_ldm(state)
-    if native is not None:
-        return native
-    found = _split_vae(state)
-    if found is None:
+    sub = _split_vae(state)
+    if sub is None:
         return None
-    out = {}
-    for key, value in found[1].items():
-        parts = key.split(".")
-        if len(parts) >= 5 and parts[-4:-2] == ["attentions", "0"] and parts[-2] in OLD_DIFFUSERS_ATTENTION:
-            key = ".".join(parts[:-2] + [OLD_DIFFUSERS_ATTENTION[parts[-2]], parts[-1]])
-            value = _conv_to_linear(value)
-        out[key] = value
-    return out
+    if any(_LDM_LAYOUT.match(k) for k in sub):
+        levels = _count(sub, r"^decoder\.up\.(\d+)\.") or _count(sub, r"^encoder\.down\.(\d+)\.")
+        table = {ldm: native for native, ldm in vae_block_table(levels).items()}
+        leaves = {ldm: native for native, ldm in RESNET_LEAVES.items()}
+    else:
+        table = {f"{side}.mid_block.attentions.0": f"{side}.mid_block.attentions.0" for side in ("encoder", "decoder")}
+        leaves = OLD_DIFFUSERS_ATTENTION
+    native = {_rename(key, table, leaves): value for key, value in sub.items()}
+    return {k: _conv_to_linear(v) if CONV_AS_LINEAR.search(k) else v for k, v in native.items()}
 
 
 def vae_config_from_diffusers(cfg: Mapping) -> VAEConfig:

@@ -14,7 +14,7 @@ from animatediff_lite.atomic import atomic_write
 from animatediff_lite.errors import CheckpointError
 from animatediff_lite.loading.clip_map import clip_config_from_state, clip_state_from_ldm
 from animatediff_lite.loading.io import CAST_DTYPES, cast_floating, read_state_dict, save_state_dict
-from animatediff_lite.loading.unet_map import save_unet_diffusers, unet_config_from_state, unet_state_from_ldm
+from animatediff_lite.loading.unet_map import unet_config_from_state, unet_config_to_diffusers, unet_state_from_ldm
 from animatediff_lite.loading.vae_map import vae_config_from_state, vae_state_from_ldm
 
 
@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     out, dtype = Path(args.output), args.dtype
     raw = read_state_dict(args.source, "a Stable Diffusion LDM single file")
     cfg = unet_config_from_state(raw)
-    save_unet_diffusers(cast_floating(unet_state_from_ldm(raw, cfg, args.source), dtype), cfg, out / "unet")
+    _write_json(out / "unet" / "config.json", unet_config_to_diffusers(cfg))
+    save_state_dict(cast_floating(unet_state_from_ldm(raw, cfg, args.source), dtype),
+                    out / "unet" / "diffusion_pytorch_model.safetensors")
     written = ["unet"]
     vae = None if args.unet_only else vae_state_from_ldm(raw)
     if vae is not None:
