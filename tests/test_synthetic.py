@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from animatediff_lite.toy import synthetic as S
+from tests.toy_files import write_dataset
 
 
 def shape_mask(video: np.ndarray, colour: str) -> np.ndarray:
@@ -109,7 +110,7 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
     import imageio.v2 as imageio
 
     specs = S.all_specs()[:3]
-    csv_path = S.write_dataset(tmp_path, specs, n_clips=4, frames=6, size=32, fmt=fmt)
+    csv_path = write_dataset(tmp_path, specs, n_clips=4, frames=6, size=32, fmt=fmt)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [specs[i % 3].caption for i in range(4)]
@@ -124,7 +125,7 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
     print(fmt, "mean abs error after encode/decode", err)
     assert frames.shape == expected.shape and err < tol
 
-    folder = S.write_dataset(tmp_path / "f", specs, frames=2, size=16, fmt=fmt, layout="folder")
+    folder = write_dataset(tmp_path / "f", specs, frames=2, size=16, fmt=fmt, layout="folder")
     assert sorted(p.read_text().strip() for p in folder.glob("*.txt")) == sorted(s.caption for s in specs)
 
 

@@ -9,12 +9,13 @@ from torch.utils.data import DataLoader
 
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import data as D
+from tests.toy_files import write_dataset, write_video_file
 
 
 @pytest.fixture(scope="module")
 def csv_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("csv")
-    return S.write_dataset(root, S.all_specs()[:6], frames=12, size=48, fmt="mp4")
+    return write_dataset(root, S.all_specs()[:6], frames=12, size=48, fmt="mp4")
 
 
 def test_csv_dataset_samples(csv_set):
@@ -44,7 +45,7 @@ def test_workers_match_main_process(csv_set):
 
 
 def test_folder_of_gifs_and_empty_caption(tmp_path, caplog):
-    folder = S.write_dataset(tmp_path, S.all_specs()[:3], frames=6, size=24, fmt="gif", layout="folder")
+    folder = write_dataset(tmp_path, S.all_specs()[:3], frames=6, size=24, fmt="gif", layout="folder")
     (folder / "clip_000001.txt").write_text("  \n")
     (folder / "clip_000002.txt").unlink()
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
@@ -57,8 +58,8 @@ def test_folder_of_gifs_and_empty_caption(tmp_path, caplog):
 
 def test_short_clips_lower_the_stride_or_are_skipped(tmp_path, caplog):
     spec = S.all_specs()[0]
-    S.write_video_file(S.render_clip(spec, 7, 16, seed=0), tmp_path / "a" / "short.gif")
-    S.write_video_file(S.render_clip(spec, 3, 16, seed=0), tmp_path / "a" / "tiny.gif")
+    write_video_file(S.render_clip(spec, 7, 16, seed=0), tmp_path / "a" / "short.gif")
+    write_video_file(S.render_clip(spec, 3, 16, seed=0), tmp_path / "a" / "tiny.gif")
     rng = np.random.default_rng(0)
     assert D.frame_indices(7, 4, 4, rng) == [0, 2, 4, 6]  # stride 4 needs 13 frames: lowered to 2
     idx = D.frame_indices(100, 16, 4, rng)
@@ -73,7 +74,7 @@ def test_short_clips_lower_the_stride_or_are_skipped(tmp_path, caplog):
 
 
 def test_missing_and_corrupt_videos_are_skipped_and_counted(tmp_path, caplog):
-    csv_path = S.write_dataset(tmp_path, S.all_specs()[:4], frames=6, size=16, fmt="mp4")
+    csv_path = write_dataset(tmp_path, S.all_specs()[:4], frames=6, size=16, fmt="mp4")
     (tmp_path / "000" / "000001.mp4").unlink()
     (tmp_path / "000" / "000002.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     ds = D.build_video_dataset(csv_path=str(csv_path), frames=4, stride=1, size=16)
