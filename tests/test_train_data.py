@@ -39,8 +39,8 @@ def test_csv_dataset_samples(csv_set):
 
 def test_workers_match_main_process(csv_set):
     ds = D.build_video_dataset(csv_path=str(csv_set), frames=4, stride=2, size=16, seed=0)
-    main = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=0, collate_fn=D.collate)]
-    work = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=2, collate_fn=D.collate)]
+    main = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=0)]
+    work = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(main, work, strict=True))
 
 
@@ -79,7 +79,7 @@ def test_missing_and_corrupt_videos_are_skipped_and_counted(tmp_path, caplog):
     (tmp_path / "000" / "000002.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     ds = D.build_video_dataset(csv_path=str(csv_path), frames=4, stride=1, size=16)
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
-        loader = DataLoader(ds, batch_size=4, collate_fn=D.collate)
+        loader = DataLoader(ds, batch_size=4)
         batch = next(iter(loader))
     assert batch["skipped"].tolist() == [0, 2, 1, 0]  # 1 -> (1, 2 bad) -> 3; 2 -> 3
     assert batch["caption"][1] == batch["caption"][3] == S.all_specs()[3].caption
@@ -129,10 +129,10 @@ def test_latent_cache_round_trip(tmp_path):
     settings = {"frames": 3, "size": 16}
     D.SHARD, old = 2, D.SHARD  # several shards
     try:
-        D.write_latent_cache(tmp_path, lat, [f"c{i}" for i in range(5)], settings)
+        D.LatentDataset.write(tmp_path, lat, [f"c{i}" for i in range(5)], settings)
     finally:
         D.SHARD = old
-    assert D.latent_cache_matches(tmp_path, settings) and not D.latent_cache_matches(tmp_path, {"frames": 4})
+    assert D.LatentDataset.matches(tmp_path, settings) and not D.LatentDataset.matches(tmp_path, {"frames": 4})
     ds = D.LatentDataset(tmp_path, seed=0)
     assert len(ds) == 5
     for i in range(5):

@@ -18,10 +18,9 @@ from animatediff_lite.loading.io import read_state_dict, save_state_dict
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import checkpoint as ckpt
 from animatediff_lite.train.config import load_config
-from animatediff_lite.train.data import LatentDataset, TimeReversed
+from animatediff_lite.train.data import LatentDataset, SyntheticClips, TimeReversed
 from animatediff_lite.train.loop import prepare, train
 from animatediff_lite.train.schedule import EMA, lr_factor
-from animatediff_lite.train.synthetic_data import SyntheticClips
 from animatediff_lite.train.text_stage import pretrain_text_encoder, word_labels
 
 ROOT = Path(__file__).resolve().parents[1]

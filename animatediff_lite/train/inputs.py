@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig
-from .data import LatentDataset, TimeReversed, build_video_dataset, latent_cache_matches, write_latent_cache
+from .data import LatentDataset, SyntheticClips, TimeReversed, build_video_dataset
 
 log = logging.getLogger("animatediff_lite.train")
 
@@ -40,7 +40,6 @@ def build_dataset(cfg: TrainConfig, vae: nn.Module, device: torch.device, main: 
     """
     data = cfg.data
     if data.synthetic:
-        from .synthetic_data import SyntheticClips  # lazy: only the default-model recipe uses procedural clips
         source = SyntheticClips(data.synthetic, data.synthetic_clips, data.frames, data.size,
                                 data.synthetic_direction_share, seed=cfg.train.seed)
         log.info("dataset: %d synthetic clips (%s combinations)", len(source), data.synthetic)
@@ -62,7 +61,7 @@ def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, device: torch.device
                 "stride": data.stride, "size": data.size, "seed": cfg.train.seed, "n": len(source),
                 "synthetic": [data.synthetic, data.synthetic_clips, data.synthetic_direction_share],
                 "vae": [cfg.model.vae, vae.config.scaling_factor]}
-    if main and not latent_cache_matches(data.latent_cache, settings):
+    if main and not LatentDataset.matches(data.latent_cache, settings):
         log.info("encoding %d clips into the latent cache %s", len(source), data.latent_cache)
         latents, captions = [], []
         with torch.no_grad():
@@ -72,7 +71,7 @@ def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, device: torch.device
                 z = vae.encode(s["video"][None].to(device), generator=g)[0]
                 latents.append(z.cpu().to(torch.float16))
                 captions.append(s["caption"])
-        write_latent_cache(data.latent_cache, latents, captions, settings)
+        LatentDataset.write(data.latent_cache, latents, captions, settings)
     barrier()
     cached = LatentDataset(data.latent_cache, seed=cfg.train.seed)
     if data.latent_std > 0:

@@ -44,7 +44,6 @@ from ..loading.unet_map import split_motion
 from ..scheduler import DDIM, DDIMConfig
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
-from .data import collate
 from .inputs import ResumableSampler, build_dataset
 from .models import (
     MotionLoRA,
@@ -254,7 +253,7 @@ def micro_batches(run: Run) -> Iterator[dict]:
     """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
     bs = run.cfg.train.batch_size
     micro_per_epoch = run.sampler.num_samples // bs
-    loader_kw = dict(batch_size=bs, sampler=run.sampler, collate_fn=collate, drop_last=True,
+    loader_kw = dict(batch_size=bs, sampler=run.sampler, drop_last=True,
                      num_workers=run.cfg.data.num_workers, pin_memory=run.d.device.type == "cuda")
     while True:
         run.sampler.set_epoch(run.epoch)
