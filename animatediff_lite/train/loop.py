@@ -54,7 +54,7 @@ from .models import (
     export_weights,
     select_trainable,
 )
-from .schedule import EMA, lr_factor
+from .schedule import EMA, copy_named, lr_factor
 from .text_stage import pretrain_text_encoder
 
 log = logging.getLogger("animatediff_lite.train")
@@ -65,7 +65,6 @@ FILE_FORMAT = "animatediff-lite-train/1"
 class Dist:
     rank: int
     world: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -95,7 +94,6 @@ class Run:
     dataset: object
     sampler: ResumableSampler
     model_cfg: ModelConfig | None  # a preset's sizes (with the measured latent scale), None for model.base
-    text_state: dict | None  # the text stage's frozen encoder, kept in checkpoints so a resume skips the stage
     amp_dtype: torch.dtype | None
     step: int = 0
     epoch: int = 0
@@ -117,7 +115,7 @@ def setup_distributed(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, dev)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -138,7 +136,7 @@ def setup(cfg: TrainConfig) -> Run:
     dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
         model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
-    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
+    _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, lora = select_trainable(cfg, unet, text_encoder, vae)
@@ -165,7 +163,7 @@ def setup(cfg: TrainConfig) -> Run:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
     run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, lora, params, model, optimizer, lr_sched, scaler,
-              noise_schedule(cfg), ema, dataset, sampler, model_cfg, text_state, amp_dtype)
+              noise_schedule(cfg), ema, dataset, sampler, model_cfg, amp_dtype)
     if state is not None:
         _restore(run, state, resume)
     return run
@@ -179,31 +177,22 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
 
 
 def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset,
-                state: dict | None) -> dict | None:
-    """Run the text stage (or take its result from the checkpoint being resumed); its frozen encoder's state."""
+                state: dict | None) -> None:
+    """Run the text stage, or take its frozen encoder from the checkpoint being resumed (which skips the stage)."""
     ts = cfg.text_stage
-    if ts.steps == 0:
-        return None
-    if state is not None and "text_encoder" in state:
+    if ts.steps > 0 and state is not None and "text_encoder" in state:
         text_encoder.load_state_dict(state["text_encoder"])  # copies onto the encoder's device
         text_encoder.requires_grad_(False)
-    else:
+    elif ts.steps > 0:
         records = pretrain_text_encoder(text_encoder, tokenizer, dataset.captions, ts.groups, ts.steps, ts.lr,
                                         ts.batch_size, seed=cfg.train.seed, device=d.device)
         if d.main:
             _append_log(out, records)
             log.info("text stage: %s", records[-1])
-    return cpu_copy(text_encoder.state_dict())
 
 
 def _restore(run: Run, state: dict, folder: Path) -> None:
-    missing = set(run.params) - set(state["trainable"])
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} trainable tensors "
-                         f"(e.g. {sorted(missing)[0]}); was it made with another train.modules?")
-    with torch.no_grad():
-        for k, p in run.params.items():
-            p.copy_(state["trainable"][k])
+    copy_named(run.params, state["trainable"], f"{folder}: the checkpoint", "; was it made with another train.modules?")
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_sched.load_state_dict(state["lr_schedule"])
     run.scaler.load_state_dict(state["scaler"])
@@ -343,8 +332,8 @@ def save(run: Run) -> None:
                  "scaler": run.scaler.state_dict(), "rng": rngs}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        if run.text_state is not None:
-            state["text_encoder"] = run.text_state
+        if run.cfg.text_stage.steps > 0:  # frozen after the stage: a resume loads it instead of running the stage
+            state["text_encoder"] = cpu_copy(run.text_encoder.state_dict())
         with _ema_weights(run):
             weights = export_weights(run.cfg, run.unet, run.text_encoder, run.lora)
         ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, file_metadata(run))
@@ -378,7 +367,7 @@ def validate(run: Run) -> None:
     if not v.prompts:
         return
     from ..pipeline import Pipeline  # lazy: sampling and video writing only when validating
-    from ..video import save_video
+    from ..video import save_video  # (likewise)
 
     unet, text_encoder = run.unet, run.text_encoder
     was_training = (unet.training, text_encoder.training)
@@ -412,12 +401,9 @@ def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
     r = cfg.output.resume
-    if r in ("", "none"):
-        return None
     if r == "auto":
-        found = ckpt.list_checkpoints(out)
-        return found[-1] if found else None
-    return Path(r)
+        return (ckpt.list_checkpoints(out) or [None])[-1]
+    return None if r in ("", "none") else Path(r)
 
 
 def _barrier(d: Dist) -> None:

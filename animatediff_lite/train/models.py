@@ -89,11 +89,9 @@ class MotionLoRA(nn.Module):
         for name, module in unet.named_modules():
             if MOTION_TAG in f".{name}" and isinstance(module, nn.Linear) and name.endswith(LORA_TARGETS) \
                     and ".attention_blocks." in name:
-                down = nn.Parameter(torch.randn(rank, module.in_features) / rank)
-                up = nn.Parameter(torch.zeros(module.out_features, rank))
                 self.names.append(name)
-                self.down.append(down)
-                self.up.append(up)
+                self.down.append(nn.Parameter(torch.randn(rank, module.in_features) / rank))
+                self.up.append(nn.Parameter(torch.zeros(module.out_features, rank)))
                 self._hooks.append(module.register_forward_hook(self._hook(len(self.names) - 1)))
         if not self.names:
             raise ValueError("the UNet has no motion-module attention projections to adapt")
@@ -140,20 +138,14 @@ class Trainee(nn.Module):
 
 def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module):
     """Freeze everything, then enable the trained part; returns (trainable params by name, lora or None)."""
-    for m in (unet, text_encoder, vae):
-        m.requires_grad_(False)
-    lora = None
     mode = cfg.train.modules
+    unet.requires_grad_(mode in ("unet", "all"))  # the whole UNet, motion modules included
+    text_encoder.requires_grad_(mode == "all")
+    vae.requires_grad_(False)
     if mode == "motion":
         for name, p in unet.named_parameters():
             p.requires_grad_(MOTION_TAG in f".{name}")
-    elif mode == "motion_lora":
-        lora = MotionLoRA(unet, cfg.train.lora_rank)
-    elif mode == "unet":  # the whole UNet, motion modules included; text encoder and VAE frozen
-        unet.requires_grad_(True)
-    else:  # "all": the whole UNet (motion modules included) and the text encoder; the VAE stays frozen
-        unet.requires_grad_(True)
-        text_encoder.requires_grad_(True)
+    lora = MotionLoRA(unet, cfg.train.lora_rank) if mode == "motion_lora" else None  # adapters on a frozen UNet
     params = {f"unet.{k}": p for k, p in unet.named_parameters() if p.requires_grad}
     params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters() if p.requires_grad})
     if lora is not None:
