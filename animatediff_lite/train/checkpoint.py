@@ -2,21 +2,20 @@
 
 ``{out}/checkpoints/step_00000500/`` holds the weights in formats other tools load (the motion module in
 the original AnimateDiff layout, a MotionLoRA in the original processor layout, or whole-model native
-files) and ``training_state.pt`` (trainable tensors, optimiser, LR schedule, grad scaler, step, data
-position, RNG states) for an exact resume. The folder is filled under a temporary name and renamed
-when complete, so a killed run never leaves a half-written checkpoint that a resume would pick up.
+files) and ``training_state.pt`` (trainable tensors, optimiser, LR schedule, grad scaler, EMA, step, data
+position) for an exact resume: every random draw of a step comes from its sample's seed, so no global RNG
+state is needed. The folder is filled under a temporary name and renamed when complete, so a killed run never
+leaves a half-written checkpoint that a resume would pick up.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..atomic import atomic_write
@@ -67,31 +66,3 @@ def load_training_state(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ValueError(f"{folder}: not a checkpoint folder (no training_state.pt)")
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def rng_states() -> dict:
-    """RNG states of torch (CPU and CUDA), numpy and Python, in a weights_only-loadable form."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                       has_gauss, gauss],
-             "python": _to_lists(random.getstate())}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_states(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(_to_tuples(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_lists(x):
-    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _to_tuples(x):
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x

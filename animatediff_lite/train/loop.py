@@ -199,7 +199,6 @@ def _restore(run: Run, state: dict, folder: Path) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(state.get("ema", {}), str(folder))
     run.step, run.epoch, run.pos = state["step"], state["epoch"], state["position"]
-    ckpt.set_rng_states(state["rng"][min(run.d.rank, len(state["rng"]) - 1)])
     if run.d.main:
         log.info("resumed from %s at step %d", folder, run.step)
 
@@ -320,16 +319,12 @@ def prepare(batch: dict, run: Run):
 
 def save(run: Run) -> None:
     """Checkpoint ``run.step``: exported weights (the EMA when kept) and the full training state, on rank 0."""
-    rngs = [ckpt.rng_states()]
-    if run.d.world > 1:
-        gathered = [None] * run.d.world
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
+    # No global RNG state: nothing after setup draws from one (every draw of a step comes from its sample's seed).
     if run.d.main:
         state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
                  "trainable": cpu_copy(run.params),
                  "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
-                 "scaler": run.scaler.state_dict(), "rng": rngs}
+                 "scaler": run.scaler.state_dict()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
         if run.cfg.text_stage.steps > 0:  # frozen after the stage: a resume loads it instead of running the stage
