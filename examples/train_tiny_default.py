@@ -35,7 +35,6 @@ from animatediff_lite.tokenizer import Tokenizer
 from animatediff_lite.toy.metrics import dominant_colour, motion_direction
 from animatediff_lite.toy.synthetic import render_clip, split_specs
 from animatediff_lite.train.config import load_config
-from animatediff_lite.train.loop import noise_schedule
 from animatediff_lite.train.models import build_models
 from animatediff_lite.vae import AutoencoderKL
 
@@ -136,7 +135,7 @@ def export(args) -> Path:
                                (text_encoder, folder / "text_encoder.safetensors", "the text stage's encoder")):
         load_strict(module, read_state_dict(path), path, what)
     vae.config = model_cfg.vae  # the measured latent scale
-    sched = DDIM(DDIMConfig(prediction_type=noise_schedule(cfg).config.prediction_type))
+    sched = DDIM(DDIMConfig(prediction_type=cfg.noise.prediction_type))  # the betas are AnimateDiff's
     pipe = Pipeline(Tokenizer(), text_encoder.eval(), vae.eval(), unet.eval(), sched)
     scores = evaluate(pipe, split_specs()[1], args.eval_steps, args.guidance)
     print(json.dumps({"held_out": scores, "step": meta.get("step"), "weights": meta.get("weights")}), flush=True)

@@ -13,6 +13,16 @@ from PIL import Image
 
 from animatediff_lite.toy.synthetic import ClipSpec, all_specs, render_clip
 
+# The motion a clip shows when played backwards (a rotation's sense is not in its caption).
+REVERSED_MOTION: dict[str, str] = {"moving left": "moving right", "moving right": "moving left",
+                                   "moving up": "moving down", "moving down": "moving up",
+                                   "growing": "shrinking", "shrinking": "growing", "rotating": "rotating"}
+
+
+def time_reversed(spec: ClipSpec) -> ClipSpec:
+    """The spec that describes ``spec``'s clip played backwards ("moving left" <-> "moving right", ...)."""
+    return ClipSpec(spec.shape, spec.colour, REVERSED_MOTION[spec.motion])
+
 
 def write_dataset(root: str | os.PathLike, specs: Sequence[ClipSpec] | None = None, n_clips: int | None = None,
                   frames: int = 16, size: int = 64, fmt: str = "mp4", layout: str = "csv", fps: int = 8,

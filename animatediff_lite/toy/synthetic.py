@@ -33,10 +33,6 @@ DIRECTIONS: dict[str, tuple[float, float]] = {  # (dx, dy) in image coordinates 
     "moving down": (0.0, 1.0),
 }
 MOTIONS: tuple[str, ...] = (*DIRECTIONS, "growing", "shrinking", "rotating")
-# The motion a clip shows when played backwards (a rotation's sense is not in its caption).
-REVERSED_MOTION: dict[str, str] = {"moving left": "moving right", "moving right": "moving left",
-                                   "moving up": "moving down", "moving down": "moving up",
-                                   "growing": "shrinking", "shrinking": "growing", "rotating": "rotating"}
 BACKGROUNDS: tuple[str, ...] = ("plain", "gradient")
 
 
@@ -58,10 +54,6 @@ class ClipSpec:
     def caption(self) -> str:
         article = "an" if self.colour[0] in "aeiou" else "a"
         return f"{article} {self.colour} {self.shape} {self.motion}"
-
-    def time_reversed(self) -> ClipSpec:
-        """The spec that describes this clip played backwards ("moving left" <-> "moving right", ...)."""
-        return ClipSpec(self.shape, self.colour, REVERSED_MOTION[self.motion])
 
 
 def all_specs() -> list[ClipSpec]:

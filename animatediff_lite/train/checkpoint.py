@@ -44,14 +44,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str,
     """
     final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
     tmp.mkdir(parents=True)
     for name, state in weights.items():
         save_state_dict(state, tmp / name, metadata)
     atomic_write(tmp / "training_state.pt", lambda p: torch.save(training_state, p))
-    if final.exists():
-        shutil.rmtree(final)
+    shutil.rmtree(final, ignore_errors=True)  # a rerun of this step
     os.replace(tmp, final)
     for name in weights:
         atomic_write(Path(out_dir) / name, lambda p, src=final / name: shutil.copyfile(src, p))

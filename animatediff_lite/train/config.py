@@ -193,9 +193,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a TOML/YAML file (or start from defaults when None) and apply ``--section.key value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_file(Path(path))
+    raw = _read_file(Path(path)) if path is not None else {}
     config = TrainConfig()
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -220,7 +218,7 @@ def _read_file(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # lazy: PyYAML is optional, needed only for YAML configs
         except ImportError as e:
             raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from e
         return yaml.safe_load(text) or {}

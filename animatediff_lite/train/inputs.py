@@ -4,6 +4,7 @@ sampler that can start mid-epoch, so a resumed run sees the same samples as an u
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterator
 
@@ -25,8 +26,7 @@ class ResumableSampler(DistributedSampler):
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        return itertools.islice(super().__iter__(), self.start, None)
 
     def __len__(self) -> int:
         return self.num_samples - self.start

@@ -41,19 +41,13 @@ from ..atomic import atomic_write
 from ..config import ModelConfig, to_dict
 from ..loading.io import save_state_dict
 from ..loading.unet_map import split_motion
+from ..pipeline import Pipeline
 from ..scheduler import DDIM, DDIMConfig
+from ..video import save_video
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
 from .inputs import ResumableSampler, build_dataset
-from .models import (
-    MotionLoRA,
-    Trainee,
-    build_models,
-    build_preset,
-    cpu_copy,
-    export_weights,
-    select_trainable,
-)
+from .models import MotionLoRA, Trainee, build_models, build_preset, cpu_copy, export_weights, select_trainable
 from .schedule import EMA, copy_named, lr_factor
 from .text_stage import pretrain_text_encoder
 
@@ -140,8 +134,6 @@ def setup(cfg: TrainConfig) -> Run:
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, lora = select_trainable(cfg, unet, text_encoder, vae)
-    if lora is not None:
-        lora.to(d.device)
     unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     unet.train()
     text_encoder.train(cfg.train.modules == "all")
@@ -151,7 +143,7 @@ def setup(cfg: TrainConfig) -> Run:
     if sampler.num_samples < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} clips over {d.world} ranks give {sampler.num_samples} per rank per epoch, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    model = trainee = Trainee(unet, text_encoder, lora)
+    model = trainee = Trainee(unet, text_encoder, lora).to(d.device)  # moves the LoRA (its params stay the same)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
@@ -361,9 +353,6 @@ def validate(run: Run) -> None:
     v = run.cfg.validation
     if not v.prompts:
         return
-    from ..pipeline import Pipeline  # lazy: sampling and video writing only when validating
-    from ..video import save_video  # (likewise)
-
     unet, text_encoder = run.unet, run.text_encoder
     was_training = (unet.training, text_encoder.training)
     unet.eval()
