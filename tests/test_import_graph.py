@@ -28,7 +28,7 @@ FORBIDDEN = {
 }
 # Modules whose function-level imports must each say why (a comment on the line or the line above).
 LAZY_RULE = ("loading", "toy", "atomic", "api", "lora", "errors", "config", "clip", "vae", "unet", "unet_blocks",
-             "motion", "scheduler", "samplers", "tokenizer", "context")
+             "motion", "scheduler", "samplers", "tokenizer", "context", "train")
 
 
 def _modules() -> dict[str, Path]:
