@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,23 +61,21 @@ def all_specs() -> list[ClipSpec]:
             if not (s == "circle" and m == "rotating")]
 
 
-def split_specs(specs: Sequence[ClipSpec] | None = None, n_held_out: int = 16, seed: int = 0,
-                held_out_motions: Iterable[str] = tuple(DIRECTIONS)) -> tuple[list[ClipSpec], list[ClipSpec]]:
-    """Split combinations into (train, held_out) for evaluating compositional generalisation.
+def split_specs(n_held_out: int = 16, seed: int = 0) -> tuple[list[ClipSpec], list[ClipSpec]]:
+    """Split :func:`all_specs` into (train, held_out) for evaluating compositional generalisation.
 
-    Held-out specs are drawn (deterministically from ``seed``) among ``held_out_motions`` such that every
+    Held-out specs are drawn (deterministically from ``seed``) among those moving in a direction such that every
     pair (shape, colour), (shape, motion) and (colour, motion) of a held-out spec still occurs in some
     training spec: the model has seen each part and each pair, never the triple.
     """
-    specs = list(all_specs() if specs is None else specs)
-    motions = set(held_out_motions)
+    specs = all_specs()
     rng = np.random.default_rng(seed)
     counts = Counter(pair for s in specs for pair in _pairs(s))
     held: list[ClipSpec] = []
     for spec in (specs[i] for i in rng.permutation(len(specs))):
         if len(held) == n_held_out:
             break
-        if spec.motion in motions and all(counts[pair] > 1 for pair in _pairs(spec)):
+        if spec.motion in DIRECTIONS and all(counts[pair] > 1 for pair in _pairs(spec)):
             counts.subtract(_pairs(spec))
             held.append(spec)
     if len(held) < n_held_out:

@@ -261,8 +261,7 @@ def _set(config: TrainConfig, section: str, key: str, value: Any, source: str) -
     names = {f.name for f in dataclasses.fields(part)}
     if key not in names:
         raise ValueError(f"{source}: unknown key {section}.{key} (keys of [{section}]: {', '.join(sorted(names))})")
-    current = getattr(part, key)
-    setattr(part, key, _coerce(value, current, f"{section}.{key}", source))
+    setattr(part, key, _coerce(value, getattr(part, key), f"{section}.{key}", source))
 
 
 def _coerce(value: Any, current: Any, name: str, source: str) -> Any:

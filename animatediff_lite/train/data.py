@@ -258,9 +258,7 @@ def build_video_dataset(csv_path: str = "", root: str = "", folder: str = "", su
     if len(problems) > 20:
         log.warning("... and %d more index problems", len(problems) - 20)
     log.info("dataset: %d videos (%d skipped at indexing)", len(items), len(problems))
-    dataset = VideoDataset(items, frames, stride, size, seed)
-    dataset.index_problems = problems
-    return dataset
+    return VideoDataset(items, frames, stride, size, seed)
 
 
 class SyntheticClips(SeededSamples):

@@ -46,14 +46,13 @@ def build_dataset(cfg: TrainConfig, vae: nn.Module, device: torch.device, main: 
     else:
         source = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
                                      frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
-    dataset = source
-    if data.latent_cache:
-        dataset = _latent_cache(cfg, source, vae, device, main, barrier)
+    dataset = _latent_cache(cfg, source, vae, device, main, barrier) if data.latent_cache else source
     if data.reverse_share > 0:
         dataset = TimeReversed(dataset, data.reverse_share, data.reverse_words, seed=cfg.train.seed)
     return dataset
 
 
+@torch.no_grad()
 def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, device: torch.device, main: bool,
                   barrier: Callable[[], None]) -> LatentDataset:
     data = cfg.data
@@ -64,13 +63,10 @@ def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, device: torch.device
     if main and not LatentDataset.matches(data.latent_cache, settings):
         log.info("encoding %d clips into the latent cache %s", len(source), data.latent_cache)
         latents, captions = [], []
-        with torch.no_grad():
-            for i in range(len(source)):
-                s = source[i]
-                g = torch.Generator().manual_seed(s["sample_seed"])
-                z = vae.encode(s["video"][None].to(device), generator=g)[0]
-                latents.append(z.cpu().to(torch.float16))
-                captions.append(s["caption"])
+        for s in (source[i] for i in range(len(source))):
+            z = vae.encode(s["video"][None].to(device), generator=torch.Generator().manual_seed(s["sample_seed"]))
+            latents.append(z[0].cpu().to(torch.float16))
+            captions.append(s["caption"])
         LatentDataset.write(data.latent_cache, latents, captions, settings)
     barrier()
     cached = LatentDataset(data.latent_cache, seed=cfg.train.seed)

@@ -117,8 +117,7 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.validate()
     d = setup_distributed(cfg.train.device)
     out = Path(cfg.output.dir)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+    if d.main:  # (atomic_write makes the folder)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
     _seed_all(cfg.train.seed + d.rank)
     amp_dtype = _amp_dtype(cfg.train.precision, d.device)
@@ -258,8 +257,8 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         weight = None
         if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
             weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
-        sync = i == len(batches) - 1
-        with run.model.no_sync() if (d.world > 1 and not sync) else nullcontext():
+        last_micro = i == len(batches) - 1  # DDP syncs the gradients once, on the last micro-batch
+        with run.model.no_sync() if (d.world > 1 and not last_micro) else nullcontext():
             with torch.autocast(d.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target, weight)
             run.scaler.scale(loss / len(batches)).backward()
