@@ -21,16 +21,10 @@ try:
 except ImportError:  # Python 3.10: the tomli backport
     import tomli as tomllib
 
-TRAIN_MODULES = ("motion", "motion_lora", "unet", "all")
-PRECISIONS = ("fp32", "fp16", "bf16")
-PRESETS = ("tiny", "sd15", "default")
-LR_SCHEDULES = ("constant", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-SYNTHETIC_SETS = ("train", "all")
 # What TrainConfig.validate checks value by value: allowed values ("": not set), lower bounds, shares in [0, 1].
-CHOICES = {"train.modules": TRAIN_MODULES, "train.precision": PRECISIONS, "model.preset": ("", *PRESETS),
-           "data.synthetic": ("", *SYNTHETIC_SETS), "optim.schedule": LR_SCHEDULES,
-           "noise.prediction_type": PREDICTION_TYPES}
+CHOICES = {"train.modules": ("motion", "motion_lora", "unet", "all"), "train.precision": ("fp32", "fp16", "bf16"),
+           "model.preset": ("", "tiny", "sd15", "default"), "data.synthetic": ("", "train", "all"),
+           "optim.schedule": ("constant", "cosine"), "noise.prediction_type": ("epsilon", "v_prediction")}
 AT_LEAST = {"train.lora_rank": 1, "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "output.save_every": 1, "output.keep_last": 1, "output.log_every": 1, "data.frames": 1, "data.stride": 1,
             "data.size": 8, "data.synthetic_clips": 1, "data.latent_std": 0, "optim.warmup_steps": 0,

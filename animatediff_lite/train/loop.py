@@ -47,7 +47,7 @@ from ..video import save_video
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
 from .inputs import ResumableSampler, build_dataset
-from .models import MotionLoRA, Trainee, build_models, build_preset, cpu_copy, export_weights, select_trainable
+from .models import MotionLoRA, build_models, build_preset, cpu_copy, export_weights, select_trainable
 from .schedule import EMA, copy_named, lr_factor
 from .text_stage import pretrain_text_encoder
 
@@ -132,7 +132,7 @@ def setup(cfg: TrainConfig) -> Run:
     _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
-    params, lora = select_trainable(cfg, unet, text_encoder, vae)
+    params, trainee = select_trainable(cfg, unet, text_encoder, vae)
     unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     unet.train()
     text_encoder.train(cfg.train.modules == "all")
@@ -142,7 +142,7 @@ def setup(cfg: TrainConfig) -> Run:
     if sampler.num_samples < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} clips over {d.world} ranks give {sampler.num_samples} per rank per epoch, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    model = trainee = Trainee(unet, text_encoder, lora).to(d.device)  # moves the LoRA (its params stay the same)
+    model = trainee.to(d.device)  # moves the LoRA (its parameters stay the same objects)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
@@ -153,7 +153,7 @@ def setup(cfg: TrainConfig) -> Run:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, lora, params, model, optimizer, lr_sched, scaler,
+    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, trainee.lora, params, model, optimizer, lr_sched, scaler,
               noise_schedule(cfg), ema, dataset, sampler, model_cfg, amp_dtype)
     if state is not None:
         _restore(run, state, resume)

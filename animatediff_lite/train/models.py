@@ -136,8 +136,9 @@ class Trainee(nn.Module):
         return (weight * per_sample).mean()
 
 
-def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module):
-    """Freeze everything, then enable the trained part; returns (trainable params by name, lora or None)."""
+def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module,
+                     vae: nn.Module) -> tuple[dict[str, nn.Parameter], Trainee]:
+    """Freeze everything, then enable the trained part; returns (trainable params by name, the Trainee)."""
     mode = cfg.train.modules
     unet.requires_grad_(mode in ("unet", "all"))  # the whole UNet, motion modules included
     text_encoder.requires_grad_(mode == "all")
@@ -146,13 +147,11 @@ def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module,
         for name, p in unet.named_parameters():
             p.requires_grad_(MOTION_TAG in f".{name}")
     lora = MotionLoRA(unet, cfg.train.lora_rank) if mode == "motion_lora" else None  # adapters on a frozen UNet
-    params = {f"unet.{k}": p for k, p in unet.named_parameters() if p.requires_grad}
-    params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters() if p.requires_grad})
-    if lora is not None:
-        params.update({f"lora.{k}": p for k, p in lora.named_parameters()})
+    trainee = Trainee(unet, text_encoder, lora)
+    params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}  # "unet.*", "text_encoder.*", "lora.*"
     if not params:
         raise ValueError(f"train.modules = {mode!r} selects no parameters (does the UNet have motion modules?)")
-    return params, lora
+    return params, trainee
 
 
 def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, lora) -> dict:
