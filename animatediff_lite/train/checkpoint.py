@@ -11,7 +11,6 @@ leaves a half-written checkpoint that a resume would pick up.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,17 +20,11 @@ import torch
 from ..atomic import atomic_write
 from ..loading.io import save_state_dict
 
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
 
 def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoint folders under ``out_dir``, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()
-             and (p / "training_state.pt").is_file()]
-    return [p for _, p in sorted(found)]
+    found = (Path(out_dir) / "checkpoints").glob("step_" + "[0-9]" * 8)  # zero-padded: name order is step order
+    return sorted(p for p in found if (p / "training_state.pt").is_file())
 
 
 def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]],
