@@ -1,5 +1,6 @@
-"""Video-caption datasets for training: WebVid-style CSV, a folder of videos with .txt captions, procedural clips,
-a latent cache, time reversal.
+"""Training data: video-caption datasets (WebVid-style CSV, a folder of videos with .txt captions, procedural
+clips), the latent cache, time reversal, the chain a config builds from them (:func:`build_dataset`), and the
+sampler that can start mid-epoch, so a resumed run sees the same samples as an uninterrupted one.
 
 Every sample is a deterministic function of (seed, epoch, index), so results do not depend on the
 number of DataLoader workers, on the number of ranks, or on where a resumed run restarts:
@@ -23,7 +24,8 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -33,11 +35,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch.utils.data import Dataset
+from torch import nn
+from torch.utils.data import Dataset, DistributedSampler
 
 from ..atomic import atomic_write
 from ..loading.io import save_state_dict
 from ..toy import synthetic as S  # the one import of the procedural clip generator in train/
+from .config import TrainConfig
 
 log = logging.getLogger("animatediff_lite.train")
 
@@ -388,3 +392,66 @@ class TimeReversed(SeededSamples):
             sample[key] = sample[key].flip(1)  # (C, F, ...): dim 1 is time
             sample["caption"] = caption
         return sample
+
+
+# ---------------------------------------------------------------- what a run trains on
+
+def build_dataset(cfg: TrainConfig, vae: nn.Module, device: torch.device, main: bool = True,
+                  barrier: Callable[[], None] = lambda: None):
+    """The training samples: videos (files or synthetic), optionally as a latent cache, optionally time-reversed.
+
+    Rank 0 (``main``) writes the cache; ``barrier`` makes the other ranks wait for it.
+    """
+    data = cfg.data
+    if data.synthetic:
+        source = SyntheticClips(data.synthetic, data.synthetic_clips, data.frames, data.size,
+                                data.synthetic_direction_share, seed=cfg.train.seed)
+        log.info("dataset: %d synthetic clips (%s combinations)", len(source), data.synthetic)
+    else:
+        source = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
+                                     frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
+    dataset = _latent_cache(cfg, source, vae, device, main, barrier) if data.latent_cache else source
+    if data.reverse_share > 0:
+        dataset = TimeReversed(dataset, data.reverse_share, data.reverse_words, seed=cfg.train.seed)
+    return dataset
+
+
+@torch.no_grad()
+def _latent_cache(cfg: TrainConfig, source, vae: nn.Module, device: torch.device, main: bool,
+                  barrier: Callable[[], None]) -> LatentDataset:
+    data = cfg.data
+    settings = {"csv": data.csv, "root": data.root, "folder": data.folder, "frames": data.frames,
+                "stride": data.stride, "size": data.size, "seed": cfg.train.seed, "n": len(source),
+                "synthetic": [data.synthetic, data.synthetic_clips, data.synthetic_direction_share],
+                "vae": [cfg.model.vae, vae.config.scaling_factor]}
+    if main and not LatentDataset.matches(data.latent_cache, settings):
+        log.info("encoding %d clips into the latent cache %s", len(source), data.latent_cache)
+        latents, captions = [], []
+        for s in (source[i] for i in range(len(source))):
+            z = vae.encode(s["video"][None].to(device), generator=torch.Generator().manual_seed(s["sample_seed"]))
+            latents.append(z[0].cpu().to(torch.float16))
+            captions.append(s["caption"])
+        LatentDataset.write(data.latent_cache, latents, captions, settings)
+    barrier()
+    cached = LatentDataset(data.latent_cache, seed=cfg.train.seed)
+    if data.latent_std > 0:
+        # Like SD's 0.18215: scale latents to a chosen std, and keep the factor with the VAE for sampling.
+        cached.scale = data.latent_std / float(cached.all_latents().std())
+        vae.config = replace(vae.config, scaling_factor=vae.config.scaling_factor * cached.scale)
+        log.info("latents scaled by %.5f to std %g: VAE scaling_factor %.5f", cached.scale, data.latent_std,
+                 vae.config.scaling_factor)
+    return cached
+
+
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler (shuffled by seed + epoch, this rank's share) that can start mid-epoch."""
+
+    def __init__(self, dataset, world: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start

@@ -46,7 +46,7 @@ from ..scheduler import DDIM, DDIMConfig
 from ..video import save_video
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
-from .inputs import ResumableSampler, build_dataset
+from .data import ResumableSampler, build_dataset
 from .models import MotionLoRA, build_models, build_preset, cpu_copy, export_weights, select_trainable
 from .schedule import EMA, copy_named, lr_factor
 from .text_stage import pretrain_text_encoder
