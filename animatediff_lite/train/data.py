@@ -168,9 +168,8 @@ def read_frames(path: str, frames: int, stride: int, key) -> np.ndarray:
     if not os.path.isfile(path):
         raise UnreadableVideo("no such file")
     try:
-        if Path(path).suffix.lower() in PIL_SUFFIXES:
-            return _read_pil(path, frames, stride, key)
-        return _read_ffmpeg(path, frames, stride, key)
+        read = _read_pil if Path(path).suffix.lower() in PIL_SUFFIXES else _read_ffmpeg
+        return read(path, frames, stride, key)
     except UnreadableVideo:
         raise
     except Exception as e:  # decoders raise many kinds (OSError, RuntimeError, IndexError, ...)

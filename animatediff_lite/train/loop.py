@@ -18,19 +18,16 @@ others wait at a barrier. With ``train.ema_decay`` the exported weight files hol
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -119,7 +116,8 @@ def setup(cfg: TrainConfig) -> Run:
     out = Path(cfg.output.dir)
     if d.main:  # (atomic_write makes the folder)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
-    _seed_all(cfg.train.seed + d.rank)
+    # Seeds what setup draws (a fresh motion module, the LoRA's init); the steps draw from per-sample seeds only.
+    torch.manual_seed(cfg.train.seed + d.rank)
     amp_dtype = _amp_dtype(cfg.train.precision, d.device)
     resume = _resume_folder(cfg, out)
     state = ckpt.load_training_state(resume) if resume is not None else None
@@ -128,7 +126,7 @@ def setup(cfg: TrainConfig) -> Run:
     # data.latent_std may set vae.config.scaling_factor
     dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
-        model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
+        model_cfg = replace(model_cfg, vae=vae.config)
     _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
@@ -372,8 +370,7 @@ def validate(run: Run) -> None:
 
 def _append_log(out: Path, records: list[dict]) -> None:
     with open(out / "log.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -394,23 +391,15 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``animatediff-lite train CONFIG [--section.key value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("usage: animatediff-lite train CONFIG.toml [--section.key VALUE ...]")
+        print(f"{__doc__}\nusage: animatediff-lite train CONFIG.toml [--section.key VALUE ...]")
         return {}
     config_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(config_path, overrides)
-    return train(cfg)
+    return train(load_config(config_path, overrides))
 
 
 __all__ = ["MotionLoRA", "ResumableSampler", "Run", "build_models", "build_preset", "export_weights", "main",
