@@ -84,8 +84,7 @@ def train_vae(args) -> Path:
     vae.train().requires_grad_(True)
     for step in range(1, args.steps + 1):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        opt.param_groups[0]["lr"] = lr  # (one group)
         clips = [render_clip(specs[int(rng.integers(len(specs)))], args.frames, args.size,
                              seed=int(rng.integers(2**31))) for _ in range(args.batch)]
         frame = rng.integers(args.frames, size=args.batch)

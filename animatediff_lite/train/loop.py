@@ -118,7 +118,9 @@ def setup(cfg: TrainConfig) -> Run:
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
     # Seeds what setup draws (a fresh motion module, the LoRA's init); the steps draw from per-sample seeds only.
     torch.manual_seed(cfg.train.seed + d.rank)
-    amp_dtype = _amp_dtype(cfg.train.precision, d.device)
+    if cfg.train.precision == "fp16" and d.device.type != "cuda":
+        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
+    amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     resume = _resume_folder(cfg, out)
     state = ckpt.load_training_state(resume) if resume is not None else None
 
@@ -277,10 +279,9 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         stats = stats.to(d.device)
         dist.all_reduce(stats)
         stats = stats.cpu() / torch.tensor([d.world, 1.0])
-    bs = cfg.train.batch_size
+    samples = run.step * cfg.train.batch_size * cfg.train.grad_accum * d.world
     return {"step": run.step, "loss": float(stats[0]), "lr": lr, "grad_norm": float(grad_norm), "epoch": run.epoch,
-            "skipped_videos": int(stats[1]), "samples": run.step * bs * cfg.train.grad_accum * d.world,
-            "elapsed_s": round(time.time() - run.t0, 3)}
+            "skipped_videos": int(stats[1]), "samples": samples, "elapsed_s": round(time.time() - run.t0, 3)}
 
 
 def prepare(batch: dict, run: Run):
@@ -371,12 +372,6 @@ def validate(run: Run) -> None:
 def _append_log(out: Path, records: list[dict]) -> None:
     with open(out / "log.jsonl", "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
-
-
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 
 def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
