@@ -345,9 +345,7 @@ class LatentDataset(SeededSamples):
         with safe_open(str(self.folder / f"latents_{shard:05d}.safetensors"), "pt") as f:
             k = index - int(self._offsets[shard])
             latents = f.get_slice("latents")[k:k + 1][0].float()
-        if self.scale != 1.0:
-            latents = latents * self.scale
-        return self.sample(index, self.captions[index], latents=latents)
+        return self.sample(index, self.captions[index], latents=latents * self.scale)  # (x * 1.0 is x exactly)
 
 
 class TimeReversed(SeededSamples):

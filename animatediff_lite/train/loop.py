@@ -99,9 +99,8 @@ def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if not device:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    # default: this process's GPU (torchrun sets LOCAL_RANK), else the CPU
+    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
@@ -231,17 +230,15 @@ def train(cfg: TrainConfig) -> dict:
 def micro_batches(run: Run) -> Iterator[dict]:
     """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
     bs = run.cfg.train.batch_size
-    micro_per_epoch = run.sampler.num_samples // bs
     loader_kw = dict(batch_size=bs, sampler=run.sampler, drop_last=True,
                      num_workers=run.cfg.data.num_workers, pin_memory=run.d.device.type == "cuda")
     while True:
         run.sampler.set_epoch(run.epoch)
         run.dataset.set_epoch(run.epoch)
-        run.sampler.start = run.pos * bs
-        if run.pos < micro_per_epoch:
-            for batch in DataLoader(run.dataset, **loader_kw):
-                run.pos += 1
-                yield batch
+        run.sampler.start = run.pos * bs  # past the epoch's end (a resume there): no batches, the next epoch
+        for batch in DataLoader(run.dataset, **loader_kw):
+            run.pos += 1
+            yield batch
         run.epoch, run.pos = run.epoch + 1, 0
 
 

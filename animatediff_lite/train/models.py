@@ -7,7 +7,7 @@ files a checkpoint holds, in layouts other tools load.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Module, ModelConfig]:
     """(tokenizer, text_encoder, vae, unet, model config) of a preset with seeded random init."""
     base = {"tiny": TINY, "sd15": SD15, "default": DEFAULT_CONFIG}[cfg.model.preset]
-    motion = dataclasses.replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version])
-    model_cfg = dataclasses.replace(base, motion=motion)
+    model_cfg = replace(base, motion=replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version]))
     torch.manual_seed(cfg.model.init_seed)
     text_encoder = TextEncoder(model_cfg.clip)
     vae = AutoencoderKL(model_cfg.vae)
