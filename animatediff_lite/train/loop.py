@@ -374,7 +374,8 @@ def _append_log(out: Path, records: list[dict]) -> None:
 def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
     r = cfg.output.resume
     if r == "auto":
-        return (ckpt.list_checkpoints(out) or [None])[-1]
+        found = ckpt.list_checkpoints(out)
+        return found[-1] if found else None
     return None if r in ("", "none") else Path(r)
 
 
