@@ -37,7 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         why_not = "q, k, v dtypes differ"
     shape = f"{q.shape[-2]}x{k.shape[-2]}x{q.shape[-1]}" if why_not is None else None  # Lq x Lk x D
     if use_triton(backend, q, k, v, kernel="attention", shape=shape, why_not=why_not):
-        from .kernels.attention import flash_attention_op
+        from .kernels.attention import flash_attention_op  # lazy: Triton is imported only when a kernel runs
 
         return flash_attention_op(q, k, v, causal)
     return sdpa(q, k, v, causal)  # batch-chunked: CUDA SDPA kernels fail past a batch of 65,535

@@ -55,7 +55,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bi
     pixels = x[0, 0].numel() if x.dim() > 2 and x.shape[0] and x.shape[1] else 1
     variant = "joint" if frames is not None and frames > 1 else "per_frame"
     if use_triton(backend, x, *params, kernel="group_norm", variant=variant, pixels=pixels, why_not=why_not):
-        from .kernels.group_norm import group_norm_silu_op
+        from .kernels.group_norm import group_norm_silu_op  # lazy: Triton is imported only when a kernel runs
 
         return group_norm_silu_op(x, num_groups, weight, bias, eps, silu, frames or 1)
     return group_norm_reference(x, num_groups, weight, bias, eps, silu, frames)
@@ -68,7 +68,7 @@ def geglu(x: torch.Tensor, backend: BackendArg = None) -> torch.Tensor:
     """
     why_not = None if x.dim() >= 1 and x.shape[-1] % 2 == 0 else f"last dim of {tuple(x.shape)} is not even"
     if use_triton(backend, x, kernel="geglu", grad_ok=True, why_not=why_not):
-        from .kernels.geglu import geglu_op
+        from .kernels.geglu import geglu_op  # lazy: Triton is imported only when a kernel runs
 
         return geglu_op(x)
     return geglu_reference(x)
@@ -111,6 +111,7 @@ def temporal_attention(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_b
     if not use_triton(backend, *tensors, kernel="temporal_attention", shape=f"{f}x{c}", why_not=why_not):
         return temporal_attention_reference(x, norm_weight, norm_bias, q_weight, k_weight, v_weight, out_weight,
                                             out_bias, heads, pe, eps, qkv_weight=qkv_weight if fused_ok else None)
+    # lazy: Triton is imported only when a kernel runs
     from .kernels.temporal_attention import temporal_attention_core_op
 
     h = F.layer_norm(x, (c,), norm_weight, norm_bias, eps)

@@ -31,11 +31,9 @@ from animatediff_lite.loading.default_model import DEFAULT_CONFIG, DEFAULT_SAMPL
 from animatediff_lite.loading.io import load_strict, read_state_dict, save_state_dict
 from animatediff_lite.pipeline import Pipeline
 from animatediff_lite.scheduler import DDIM, DDIMConfig
-from animatediff_lite.tokenizer import Tokenizer
 from animatediff_lite.toy.metrics import dominant_colour, motion_direction
 from animatediff_lite.toy.synthetic import render_clip, split_specs
 from animatediff_lite.train.config import load_config
-from animatediff_lite.train.loop import noise_schedule
 from animatediff_lite.train.models import build_models
 from animatediff_lite.vae import AutoencoderKL
 
@@ -86,8 +84,7 @@ def train_vae(args) -> Path:
     vae.train().requires_grad_(True)
     for step in range(1, args.steps + 1):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
+        opt.param_groups[0]["lr"] = lr  # (one group)
         clips = [render_clip(specs[int(rng.integers(len(specs)))], args.frames, args.size,
                              seed=int(rng.integers(2**31))) for _ in range(args.batch)]
         frame = rng.integers(args.frames, size=args.batch)
@@ -118,10 +115,9 @@ def evaluate(pipe: Pipeline, specs, steps: int, guidance: float, seed: int = 0) 
     size = int(DEFAULT_SAMPLE["height"])
     video = pipe([s.caption for s in specs], num_frames=int(DEFAULT_SAMPLE["num_frames"]), height=size, width=size,
                  steps=steps, guidance_scale=guidance, seed=seed, progress=False)
-    colour = [dominant_colour(v) == s.colour for v, s in zip(video, specs, strict=True)]
-    motion = [motion_direction(v) == s.motion for v, s in zip(video, specs, strict=True)]
-    both = [a and b for a, b in zip(colour, motion, strict=True)]
-    return {"colour": float(np.mean(colour)), "direction": float(np.mean(motion)), "both": float(np.mean(both))}
+    colour = np.array([dominant_colour(v) == s.colour for v, s in zip(video, specs, strict=True)])
+    motion = np.array([motion_direction(v) == s.motion for v, s in zip(video, specs, strict=True)])
+    return {"colour": float(colour.mean()), "direction": float(motion.mean()), "both": float((colour & motion).mean())}
 
 
 def export(args) -> Path:
@@ -131,13 +127,13 @@ def export(args) -> Path:
     folder = Path(args.checkpoint) if args.checkpoint else run
     meta = read_checkpoint(folder / "unet.safetensors").metadata
     model_cfg = from_dict(ModelConfig, json.loads(meta["model_config"])) if "model_config" in meta else DEFAULT_CONFIG
-    _, text_encoder, vae, unet = build_models(cfg, torch.device("cpu"))[:4]
+    tokenizer, text_encoder, vae, unet, _ = build_models(cfg, torch.device("cpu"))
     for module, path, what in ((unet, folder / "unet.safetensors", "the trained UNet3D"),
                                (text_encoder, folder / "text_encoder.safetensors", "the text stage's encoder")):
         load_strict(module, read_state_dict(path), path, what)
     vae.config = model_cfg.vae  # the measured latent scale
-    sched = DDIM(DDIMConfig(prediction_type=noise_schedule(cfg).config.prediction_type))
-    pipe = Pipeline(Tokenizer(), text_encoder.eval(), vae.eval(), unet.eval(), sched)
+    sched = DDIM(DDIMConfig(prediction_type=cfg.noise.prediction_type))  # the betas are AnimateDiff's
+    pipe = Pipeline(tokenizer, text_encoder.eval(), vae.eval(), unet.eval(), sched)
     scores = evaluate(pipe, split_specs()[1], args.eval_steps, args.guidance)
     print(json.dumps({"held_out": scores, "step": meta.get("step"), "weights": meta.get("weights")}), flush=True)
     extra = {"recipe": " ".join(["python", *sys.argv]) + " (stage 2: animatediff-lite train, config in 'training')",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from animatediff_lite.toy import synthetic as S
+from tests.toy_files import time_reversed, write_dataset
 
 
 def shape_mask(video: np.ndarray, colour: str) -> np.ndarray:
@@ -109,7 +110,7 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
     import imageio.v2 as imageio
 
     specs = S.all_specs()[:3]
-    csv_path = S.write_dataset(tmp_path, specs, n_clips=4, frames=6, size=32, fmt=fmt)
+    csv_path = write_dataset(tmp_path, specs, n_clips=4, frames=6, size=32, fmt=fmt)
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [specs[i % 3].caption for i in range(4)]
@@ -124,7 +125,7 @@ def test_write_dataset_round_trip(tmp_path, fmt, tol):
     print(fmt, "mean abs error after encode/decode", err)
     assert frames.shape == expected.shape and err < tol
 
-    folder = S.write_dataset(tmp_path / "f", specs, frames=2, size=16, fmt=fmt, layout="folder")
+    folder = write_dataset(tmp_path / "f", specs, frames=2, size=16, fmt=fmt, layout="folder")
     assert sorted(p.read_text().strip() for p in folder.glob("*.txt")) == sorted(s.caption for s in specs)
 
 
@@ -133,10 +134,10 @@ def test_time_reversed_clip_shows_the_reversed_motion(motion):
     from animatediff_lite.toy.metrics import motion_direction
 
     spec = S.ClipSpec("square", "green", motion)
-    back = spec.time_reversed()
-    assert back.motion != motion and back.time_reversed() == spec
+    back = time_reversed(spec)
+    assert back.motion != motion and time_reversed(back) == spec
     video = S.render_clip(spec, 8, 32, seed=2)
     assert motion_direction(video) == motion
     assert motion_direction(video[::-1].copy()) == back.motion
-    assert S.ClipSpec("circle", "red", "growing").time_reversed().motion == "shrinking"
-    assert S.ClipSpec("square", "red", "rotating").time_reversed().motion == "rotating"
+    assert time_reversed(S.ClipSpec("circle", "red", "growing")).motion == "shrinking"
+    assert time_reversed(S.ClipSpec("square", "red", "rotating")).motion == "rotating"

@@ -16,6 +16,7 @@ from animatediff_lite.loading.motion_load import load_motion_module
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train.config import load_config
 from animatediff_lite.train.loop import build_preset, train
+from tests.toy_files import write_dataset
 
 FRAMES, SIZE = 4, 16  # the tiny VAE downsamples by 2: 8x8 latents
 
@@ -33,8 +34,8 @@ def config(tmp, csv_path, **over):
 def clips(tmp_path_factory):
     root = tmp_path_factory.mktemp("clips")
     specs = [S.ClipSpec("square", "red", "moving right"), S.ClipSpec("circle", "blue", "moving up")]
-    csv_path = S.write_dataset(root, specs, n_clips=4, frames=8, size=SIZE, fmt="mp4")
-    gif_csv = S.write_dataset(root / "gif", specs, n_clips=2, frames=8, size=SIZE, fmt="gif")
+    csv_path = write_dataset(root, specs, n_clips=4, frames=8, size=SIZE, fmt="mp4")
+    gif_csv = write_dataset(root / "gif", specs, n_clips=2, frames=8, size=SIZE, fmt="gif")
     return csv_path, gif_csv
 
 

@@ -9,12 +9,13 @@ from torch.utils.data import DataLoader
 
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import data as D
+from tests.toy_files import write_dataset, write_video_file
 
 
 @pytest.fixture(scope="module")
 def csv_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("csv")
-    return S.write_dataset(root, S.all_specs()[:6], frames=12, size=48, fmt="mp4")
+    return write_dataset(root, S.all_specs()[:6], frames=12, size=48, fmt="mp4")
 
 
 def test_csv_dataset_samples(csv_set):
@@ -38,13 +39,13 @@ def test_csv_dataset_samples(csv_set):
 
 def test_workers_match_main_process(csv_set):
     ds = D.build_video_dataset(csv_path=str(csv_set), frames=4, stride=2, size=16, seed=0)
-    main = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=0, collate_fn=D.collate)]
-    work = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=2, collate_fn=D.collate)]
+    main = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=0)]
+    work = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(main, work, strict=True))
 
 
 def test_folder_of_gifs_and_empty_caption(tmp_path, caplog):
-    folder = S.write_dataset(tmp_path, S.all_specs()[:3], frames=6, size=24, fmt="gif", layout="folder")
+    folder = write_dataset(tmp_path, S.all_specs()[:3], frames=6, size=24, fmt="gif", layout="folder")
     (folder / "clip_000001.txt").write_text("  \n")
     (folder / "clip_000002.txt").unlink()
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
@@ -52,13 +53,13 @@ def test_folder_of_gifs_and_empty_caption(tmp_path, caplog):
     assert len(ds) == 1 and ds[0]["caption"] == S.all_specs()[0].caption
     assert "clip_000001.txt: empty caption file" in caplog.text
     assert "clip_000002.gif: no caption file clip_000002.txt" in caplog.text
-    assert len(ds.index_problems) == 2
+    assert len(D.read_folder_index(folder)[1]) == 2
 
 
 def test_short_clips_lower_the_stride_or_are_skipped(tmp_path, caplog):
     spec = S.all_specs()[0]
-    S.write_video_file(S.render_clip(spec, 7, 16, seed=0), tmp_path / "a" / "short.gif")
-    S.write_video_file(S.render_clip(spec, 3, 16, seed=0), tmp_path / "a" / "tiny.gif")
+    write_video_file(S.render_clip(spec, 7, 16, seed=0), tmp_path / "a" / "short.gif")
+    write_video_file(S.render_clip(spec, 3, 16, seed=0), tmp_path / "a" / "tiny.gif")
     rng = np.random.default_rng(0)
     assert D.frame_indices(7, 4, 4, rng) == [0, 2, 4, 6]  # stride 4 needs 13 frames: lowered to 2
     idx = D.frame_indices(100, 16, 4, rng)
@@ -73,12 +74,12 @@ def test_short_clips_lower_the_stride_or_are_skipped(tmp_path, caplog):
 
 
 def test_missing_and_corrupt_videos_are_skipped_and_counted(tmp_path, caplog):
-    csv_path = S.write_dataset(tmp_path, S.all_specs()[:4], frames=6, size=16, fmt="mp4")
+    csv_path = write_dataset(tmp_path, S.all_specs()[:4], frames=6, size=16, fmt="mp4")
     (tmp_path / "000" / "000001.mp4").unlink()
     (tmp_path / "000" / "000002.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
     ds = D.build_video_dataset(csv_path=str(csv_path), frames=4, stride=1, size=16)
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
-        loader = DataLoader(ds, batch_size=4, collate_fn=D.collate)
+        loader = DataLoader(ds, batch_size=4)
         batch = next(iter(loader))
     assert batch["skipped"].tolist() == [0, 2, 1, 0]  # 1 -> (1, 2 bad) -> 3; 2 -> 3
     assert batch["caption"][1] == batch["caption"][3] == S.all_specs()[3].caption
@@ -128,10 +129,10 @@ def test_latent_cache_round_trip(tmp_path):
     settings = {"frames": 3, "size": 16}
     D.SHARD, old = 2, D.SHARD  # several shards
     try:
-        D.write_latent_cache(tmp_path, lat, [f"c{i}" for i in range(5)], settings)
+        D.LatentDataset.write(tmp_path, lat, [f"c{i}" for i in range(5)], settings)
     finally:
         D.SHARD = old
-    assert D.latent_cache_matches(tmp_path, settings) and not D.latent_cache_matches(tmp_path, {"frames": 4})
+    assert D.LatentDataset.matches(tmp_path, settings) and not D.LatentDataset.matches(tmp_path, {"frames": 4})
     ds = D.LatentDataset(tmp_path, seed=0)
     assert len(ds) == 5
     for i in range(5):

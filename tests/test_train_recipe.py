@@ -18,11 +18,11 @@ from animatediff_lite.loading.io import read_state_dict, save_state_dict
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import checkpoint as ckpt
 from animatediff_lite.train.config import load_config
-from animatediff_lite.train.data import LatentDataset, TimeReversed
+from animatediff_lite.train.data import LatentDataset, SyntheticClips, TimeReversed
 from animatediff_lite.train.loop import prepare, train
 from animatediff_lite.train.schedule import EMA, lr_factor
-from animatediff_lite.train.synthetic_data import SyntheticClips
 from animatediff_lite.train.text_stage import pretrain_text_encoder, word_labels
+from tests.toy_files import REVERSED_MOTION
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "examples" / "train_default_model.toml"
@@ -220,7 +220,7 @@ def test_recipe_config_matches_the_synthetic_data():
     # the probes tell apart exactly the generator's words; reversal swaps exactly its reversible motions
     assert [sorted(g) for g in cfg.text_stage.groups] == [sorted(S.SHAPES), sorted(S.COLOURS), sorted(S.MOTIONS)]
     pairs = {tuple(p.split(":")) for p in cfg.data.reverse_words}
-    swaps = {(a, b) for a, b in S.REVERSED_MOTION.items() if a != b}
+    swaps = {(a, b) for a, b in REVERSED_MOTION.items() if a != b}
     assert pairs | {(b, a) for a, b in pairs} == swaps
     with pytest.raises(ValueError, match="needs text_stage.groups"):
         load_config(RECIPE, ["--text_stage.groups", "[]"])

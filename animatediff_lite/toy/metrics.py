@@ -46,10 +46,9 @@ def centroid_shift(video: np.ndarray | torch.Tensor, edge_frames: int = 2) -> np
     if np.any(mass <= 0):
         return None
     ys, xs = np.mgrid[0:w.shape[1], 0:w.shape[2]]
-    cx = (w * xs).sum(axis=(1, 2)) / mass
-    cy = (w * ys).sum(axis=(1, 2)) / mass
+    c = np.stack([(w * xs).sum(axis=(1, 2)), (w * ys).sum(axis=(1, 2))], axis=1) / mass[:, None]  # (F, 2): x, y
     k = min(edge_frames, len(mass) // 2) or 1
-    return np.array([cx[-k:].mean() - cx[:k].mean(), cy[-k:].mean() - cy[:k].mean()])
+    return c[-k:].mean(axis=0) - c[:k].mean(axis=0)
 
 
 def motion_direction(video: np.ndarray | torch.Tensor, min_fraction: float = 0.15) -> str | None:

@@ -1,6 +1,6 @@
-"""Training: config (train.config), data (train.data, train.synthetic_data, train.inputs), models and what
-trains (train.models), the text stage (train.text_stage), LR schedule and EMA (train.schedule), the loop
-(train.loop: setup, train_step, save) and checkpoints (train.checkpoint). docs/training.md describes them.
+"""Training: config (train.config), data (train.data), models and what trains (train.models), the text stage
+(train.text_stage), LR schedule and EMA (train.schedule), the loop (train.loop: setup, train_step, save) and
+checkpoints (train.checkpoint). docs/training.md describes them.
 
 ``main(argv)`` is the ``animatediff-lite train CONFIG [--section.key value ...]`` entry point.
 """

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,17 @@ try:
 except ImportError:  # Python 3.10: the tomli backport
     import tomli as tomllib
 
-TRAIN_MODULES = ("motion", "motion_lora", "unet", "all")
-PRECISIONS = ("fp32", "fp16", "bf16")
-PRESETS = ("tiny", "sd15", "default")
-LR_SCHEDULES = ("constant", "cosine")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-SYNTHETIC_SETS = ("train", "all")
+# What TrainConfig.validate checks value by value: allowed values ("": not set), lower bounds, shares in [0, 1].
+CHOICES = {"train.modules": ("motion", "motion_lora", "unet", "all"), "train.precision": ("fp32", "fp16", "bf16"),
+           "model.preset": ("", "tiny", "sd15", "default"), "data.synthetic": ("", "train", "all"),
+           "optim.schedule": ("constant", "cosine"), "noise.prediction_type": ("epsilon", "v_prediction")}
+AT_LEAST = {"train.lora_rank": 1, "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1,
+            "output.save_every": 1, "output.keep_last": 1, "output.log_every": 1, "data.frames": 1, "data.stride": 1,
+            "data.size": 8, "data.synthetic_clips": 1, "data.latent_std": 0, "optim.warmup_steps": 0,
+            "optim.decay_steps": 0, "text_stage.steps": 0, "text_stage.batch_size": 1}
+SHARES = ("train.caption_dropout", "data.synthetic_direction_share", "data.reverse_share", "optim.min_lr_ratio",
+          "noise.high_t_share")
+BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 @dataclass
@@ -139,51 +145,34 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad value."""
-        for section in dataclasses.fields(self):  # NaN/inf never make sense here (a NaN lr trains silently)
+        for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
-                value = getattr(getattr(self, section.name), f.name)
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ValueError(f"{section.name}.{f.name} must be a finite number, got {value}")
-        checks = [
-            (self.train.modules in TRAIN_MODULES, f"train.modules must be one of {TRAIN_MODULES}"),
-            (self.train.precision in PRECISIONS, f"train.precision must be one of {PRECISIONS}"),
+                name, value = f"{section.name}.{f.name}", getattr(getattr(self, section.name), f.name)
+                if isinstance(value, float) and not math.isfinite(value):  # a NaN lr would train silently
+                    raise ValueError(f"{name} must be a finite number, got {value}")
+                if name in CHOICES and value not in CHOICES[name]:
+                    raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
+                if name in AT_LEAST and value < AT_LEAST[name]:
+                    raise ValueError(f"{name} must be >= {AT_LEAST[name]}, got {value}")
+                if name in SHARES and not 0 <= value <= 1:
+                    raise ValueError(f"{name} must be in [0, 1], got {value}")
+        checks = [  # what depends on more than one value
             (bool(self.model.preset) != bool(self.model.base),
              "set exactly one of model.preset ('tiny', 'sd15') and model.base (a weights path)"),
-            (self.model.preset in ("", *PRESETS), f"model.preset must be one of {PRESETS}"),
             (not self.model.vae or bool(self.model.preset), "model.vae is for a preset (model.base has its VAE)"),
-            (self.train.lora_rank >= 1, "train.lora_rank must be >= 1"),
             (self.train.modules != "motion_lora" or bool(self.model.motion_module),
              "train.modules = 'motion_lora' needs model.motion_module (the motion module the LoRA adapts)"),
-            (self.train.max_steps >= 1 and self.train.batch_size >= 1 and self.train.grad_accum >= 1,
-             "train.max_steps, train.batch_size and train.grad_accum must be >= 1"),
-            (0 <= self.train.caption_dropout <= 1, "train.caption_dropout must be in [0, 1]"),
-            (self.output.save_every >= 1 and self.output.keep_last >= 1 and self.output.log_every >= 1,
-             "output.save_every, output.keep_last and output.log_every must be >= 1"),
-            (self.data.frames >= 1 and self.data.stride >= 1 and self.data.size >= 8, "bad data.frames/stride/size"),
             (not (self.data.synthetic and (self.data.csv or self.data.folder)),
              "set one of data.csv, data.folder and data.synthetic"),
-            (self.data.synthetic in ("", *SYNTHETIC_SETS), f"data.synthetic must be one of {SYNTHETIC_SETS}"),
-            (self.data.synthetic_clips >= 1, "data.synthetic_clips must be >= 1"),
-            (0 <= self.data.synthetic_direction_share <= 1, "data.synthetic_direction_share must be in [0, 1]"),
-            (0 <= self.data.reverse_share <= 1, "data.reverse_share must be in [0, 1]"),
             (all(isinstance(w, str) and w.count(":") == 1 for w in self.data.reverse_words),
              'data.reverse_words must be "word:opposite" strings, e.g. "moving left:moving right"'),
-            (self.data.latent_std >= 0, "data.latent_std must be >= 0"),
             (not self.data.latent_std or bool(self.data.latent_cache),
              "data.latent_std needs data.latent_cache (the std is measured on the cached latents)"),
-            (self.optim.schedule in LR_SCHEDULES, f"optim.schedule must be one of {LR_SCHEDULES}"),
-            (self.optim.warmup_steps >= 0 and self.optim.decay_steps >= 0,
-             "optim.warmup_steps and optim.decay_steps must be >= 0"),
-            (0 <= self.optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]"),
             (0 <= self.train.ema_decay < 1, "train.ema_decay must be in [0, 1)"),
-            (self.noise.prediction_type in PREDICTION_TYPES,
-             f"noise.prediction_type must be one of {PREDICTION_TYPES}"),
-            (0 <= self.noise.high_t_share <= 1, "noise.high_t_share must be in [0, 1]"),
             (self.noise.loss_weight_cap == 0 or (self.noise.loss_weight_cap >= 1
                                                  and self.noise.prediction_type == "epsilon"),
              "noise.loss_weight_cap must be 0 (off) or >= 1, with noise.prediction_type = 'epsilon' "
              "(v-prediction already weights every noise level)"),
-            (self.text_stage.steps >= 0 and self.text_stage.batch_size >= 1, "bad text_stage.steps/batch_size"),
             (not self.text_stage.steps or bool(self.text_stage.groups),
              "text_stage.steps > 0 needs text_stage.groups (the caption words each probe tells apart)"),
             (all(isinstance(g, list) and len(g) >= 2 and all(isinstance(w, str) for w in g)
@@ -198,9 +187,7 @@ class TrainConfig:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a TOML/YAML file (or start from defaults when None) and apply ``--section.key value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_file(Path(path))
+    raw = _read_file(Path(path)) if path is not None else {}
     config = TrainConfig()
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -225,7 +212,7 @@ def _read_file(path: Path) -> dict:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # lazy: PyYAML is optional, needed only for YAML configs
         except ImportError as e:
             raise ValueError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use TOML") from e
         return yaml.safe_load(text) or {}
@@ -237,23 +224,19 @@ def _read_file(path: Path) -> dict:
         raise ValueError(f"{path}: not valid TOML ({e})") from e
 
 
-def _pairs(args: list[str]) -> list[tuple[str, str]]:
-    """``["--a.b", "1", "--c.d=2"]`` -> [("a.b", "1"), ("c.d", "2")]."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
+def _pairs(args: list[str]) -> Iterator[tuple[str, str]]:
+    """``["--a.b", "1", "--c.d=2"]`` -> ("a.b", "1"), ("c.d", "2")."""
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
         if not arg.startswith("--") or "." not in arg:
             raise ValueError(f"override {arg!r} must look like --section.key VALUE (e.g. --optim.lr 3e-4)")
-        if "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if not rest:
                 raise ValueError(f"override {arg} needs a value")
-            key, value = arg[2:], args[i + 1]
-            i += 2
-        out.append((key, value))
-    return out
+            value = rest.pop(0)
+        yield key, value
 
 
 def _parse_value(text: str) -> Any:
@@ -272,31 +255,22 @@ def _set(config: TrainConfig, section: str, key: str, value: Any, source: str) -
     names = {f.name for f in dataclasses.fields(part)}
     if key not in names:
         raise ValueError(f"{source}: unknown key {section}.{key} (keys of [{section}]: {', '.join(sorted(names))})")
-    current = getattr(part, key)
-    setattr(part, key, _coerce(value, current, f"{section}.{key}", source))
+    setattr(part, key, _coerce(value, getattr(part, key), f"{section}.{key}", source))
 
 
 def _coerce(value: Any, current: Any, name: str, source: str) -> Any:
     """Convert ``value`` to the type of the default ``current`` (int -> float allowed, not the reverse)."""
     kind = type(current)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind is str:
+    if kind is bool and isinstance(value, str) and value.lower() in BOOL_WORDS:
+        return BOOL_WORDS[value.lower()]
+    if kind is float and type(value) is int:
+        return float(value)
+    if kind is int and type(value) is float and value.is_integer():
+        return int(value)
+    if kind is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if kind is str:
         return str(value)
-    elif kind is list:
-        if isinstance(value, list):
-            return value
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+    if type(value) is kind:
+        return value
     raise ValueError(f"{source}: {name} must be a {kind.__name__}, got {value!r}")

@@ -18,19 +18,16 @@ others wait at a barrier. With ``train.ema_decay`` the exported weight files hol
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -41,21 +38,14 @@ from ..atomic import atomic_write
 from ..config import ModelConfig, to_dict
 from ..loading.io import save_state_dict
 from ..loading.unet_map import split_motion
+from ..pipeline import Pipeline
 from ..scheduler import DDIM, DDIMConfig
+from ..video import save_video
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config, to_json
-from .data import collate
-from .inputs import ResumableSampler, build_dataset
-from .models import (
-    MotionLoRA,
-    Trainee,
-    build_models,
-    build_preset,
-    cpu_copy,
-    export_weights,
-    select_trainable,
-)
-from .schedule import EMA, lr_factor
+from .data import ResumableSampler, build_dataset
+from .models import MotionLoRA, build_models, build_preset, cpu_copy, export_weights, select_trainable
+from .schedule import EMA, copy_named, lr_factor
 from .text_stage import pretrain_text_encoder
 
 log = logging.getLogger("animatediff_lite.train")
@@ -66,7 +56,6 @@ FILE_FORMAT = "animatediff-lite-train/1"
 class Dist:
     rank: int
     world: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -96,7 +85,6 @@ class Run:
     dataset: object
     sampler: ResumableSampler
     model_cfg: ModelConfig | None  # a preset's sizes (with the measured latent scale), None for model.base
-    text_state: dict | None  # the text stage's frozen encoder, kept in checkpoints so a resume skips the stage
     amp_dtype: torch.dtype | None
     step: int = 0
     epoch: int = 0
@@ -111,14 +99,13 @@ def setup_distributed(device: str) -> Dist:
     """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if not device:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    # default: this process's GPU (torchrun sets LOCAL_RANK), else the CPU
+    dev = torch.device(device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, dev)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -126,11 +113,13 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.validate()
     d = setup_distributed(cfg.train.device)
     out = Path(cfg.output.dir)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+    if d.main:  # (atomic_write makes the folder)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
-    _seed_all(cfg.train.seed + d.rank)
-    amp_dtype = _amp_dtype(cfg.train.precision, d.device)
+    # Seeds what setup draws (a fresh motion module, the LoRA's init); the steps draw from per-sample seeds only.
+    torch.manual_seed(cfg.train.seed + d.rank)
+    if cfg.train.precision == "fp16" and d.device.type != "cuda":
+        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
+    amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     resume = _resume_folder(cfg, out)
     state = ckpt.load_training_state(resume) if resume is not None else None
 
@@ -138,13 +127,11 @@ def setup(cfg: TrainConfig) -> Run:
     # data.latent_std may set vae.config.scaling_factor
     dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
     if model_cfg is not None:
-        model_cfg = dataclasses.replace(model_cfg, vae=vae.config)
-    text_state = _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
+        model_cfg = replace(model_cfg, vae=vae.config)
+    _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
     if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
-    params, lora = select_trainable(cfg, unet, text_encoder, vae)
-    if lora is not None:
-        lora.to(d.device)
+    params, trainee = select_trainable(cfg, unet, text_encoder, vae)
     unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     unet.train()
     text_encoder.train(cfg.train.modules == "all")
@@ -154,7 +141,7 @@ def setup(cfg: TrainConfig) -> Run:
     if sampler.num_samples < cfg.train.batch_size:
         raise ValueError(f"{len(dataset)} clips over {d.world} ranks give {sampler.num_samples} per rank per epoch, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    model = trainee = Trainee(unet, text_encoder, lora)
+    model = trainee.to(d.device)  # moves the LoRA (its parameters stay the same objects)
     if d.world > 1:
         model = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
@@ -165,8 +152,8 @@ def setup(cfg: TrainConfig) -> Run:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, lora, params, model, optimizer, lr_sched, scaler,
-              noise_schedule(cfg), ema, dataset, sampler, model_cfg, text_state, amp_dtype)
+    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, trainee.lora, params, model, optimizer, lr_sched, scaler,
+              noise_schedule(cfg), ema, dataset, sampler, model_cfg, amp_dtype)
     if state is not None:
         _restore(run, state, resume)
     return run
@@ -180,38 +167,28 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
 
 
 def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset,
-                state: dict | None) -> dict | None:
-    """Run the text stage (or take its result from the checkpoint being resumed); its frozen encoder's state."""
+                state: dict | None) -> None:
+    """Run the text stage, or take its frozen encoder from the checkpoint being resumed (which skips the stage)."""
     ts = cfg.text_stage
-    if ts.steps == 0:
-        return None
-    if state is not None and "text_encoder" in state:
+    if ts.steps > 0 and state is not None and "text_encoder" in state:
         text_encoder.load_state_dict(state["text_encoder"])  # copies onto the encoder's device
         text_encoder.requires_grad_(False)
-    else:
+    elif ts.steps > 0:
         records = pretrain_text_encoder(text_encoder, tokenizer, dataset.captions, ts.groups, ts.steps, ts.lr,
                                         ts.batch_size, seed=cfg.train.seed, device=d.device)
         if d.main:
             _append_log(out, records)
             log.info("text stage: %s", records[-1])
-    return cpu_copy(text_encoder.state_dict())
 
 
 def _restore(run: Run, state: dict, folder: Path) -> None:
-    missing = set(run.params) - set(state["trainable"])
-    if missing:
-        raise ValueError(f"{folder}: the checkpoint lacks {len(missing)} trainable tensors "
-                         f"(e.g. {sorted(missing)[0]}); was it made with another train.modules?")
-    with torch.no_grad():
-        for k, p in run.params.items():
-            p.copy_(state["trainable"][k])
+    copy_named(run.params, state["trainable"], f"{folder}: the checkpoint", "; was it made with another train.modules?")
     run.optimizer.load_state_dict(state["optimizer"])
     run.lr_sched.load_state_dict(state["lr_schedule"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None:
         run.ema.load_state_dict(state.get("ema", {}), str(folder))
     run.step, run.epoch, run.pos = state["step"], state["epoch"], state["position"]
-    ckpt.set_rng_states(state["rng"][min(run.d.rank, len(state["rng"]) - 1)])
     if run.d.main:
         log.info("resumed from %s at step %d", folder, run.step)
 
@@ -253,17 +230,15 @@ def train(cfg: TrainConfig) -> dict:
 def micro_batches(run: Run) -> Iterator[dict]:
     """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
     bs = run.cfg.train.batch_size
-    micro_per_epoch = run.sampler.num_samples // bs
-    loader_kw = dict(batch_size=bs, sampler=run.sampler, collate_fn=collate, drop_last=True,
+    loader_kw = dict(batch_size=bs, sampler=run.sampler, drop_last=True,
                      num_workers=run.cfg.data.num_workers, pin_memory=run.d.device.type == "cuda")
     while True:
         run.sampler.set_epoch(run.epoch)
         run.dataset.set_epoch(run.epoch)
-        run.sampler.start = run.pos * bs
-        if run.pos < micro_per_epoch:
-            for batch in DataLoader(run.dataset, **loader_kw):
-                run.pos += 1
-                yield batch
+        run.sampler.start = run.pos * bs  # past the epoch's end (a resume there): no batches, the next epoch
+        for batch in DataLoader(run.dataset, **loader_kw):
+            run.pos += 1
+            yield batch
         run.epoch, run.pos = run.epoch + 1, 0
 
 
@@ -279,8 +254,8 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         weight = None
         if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
             weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
-        sync = i == len(batches) - 1
-        with run.model.no_sync() if (d.world > 1 and not sync) else nullcontext():
+        last_micro = i == len(batches) - 1  # DDP syncs the gradients once, on the last micro-batch
+        with run.model.no_sync() if (d.world > 1 and not last_micro) else nullcontext():
             with torch.autocast(d.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target, weight)
             run.scaler.scale(loss / len(batches)).backward()
@@ -301,10 +276,9 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         stats = stats.to(d.device)
         dist.all_reduce(stats)
         stats = stats.cpu() / torch.tensor([d.world, 1.0])
-    bs = cfg.train.batch_size
+    samples = run.step * cfg.train.batch_size * cfg.train.grad_accum * d.world
     return {"step": run.step, "loss": float(stats[0]), "lr": lr, "grad_norm": float(grad_norm), "epoch": run.epoch,
-            "skipped_videos": int(stats[1]), "samples": run.step * bs * cfg.train.grad_accum * d.world,
-            "elapsed_s": round(time.time() - run.t0, 3)}
+            "skipped_videos": int(stats[1]), "samples": samples, "elapsed_s": round(time.time() - run.t0, 3)}
 
 
 def prepare(batch: dict, run: Run):
@@ -332,20 +306,16 @@ def prepare(batch: dict, run: Run):
 
 def save(run: Run) -> None:
     """Checkpoint ``run.step``: exported weights (the EMA when kept) and the full training state, on rank 0."""
-    rngs = [ckpt.rng_states()]
-    if run.d.world > 1:
-        gathered = [None] * run.d.world
-        dist.all_gather_object(gathered, rngs[0])
-        rngs = gathered
+    # No global RNG state: nothing after setup draws from one (every draw of a step comes from its sample's seed).
     if run.d.main:
         state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
                  "trainable": cpu_copy(run.params),
                  "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
-                 "scaler": run.scaler.state_dict(), "rng": rngs}
+                 "scaler": run.scaler.state_dict()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
-        if run.text_state is not None:
-            state["text_encoder"] = run.text_state
+        if run.cfg.text_stage.steps > 0:  # frozen after the stage: a resume loads it instead of running the stage
+            state["text_encoder"] = cpu_copy(run.text_encoder.state_dict())
         with _ema_weights(run):
             weights = export_weights(run.cfg, run.unet, run.text_encoder, run.lora)
         ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, file_metadata(run))
@@ -378,9 +348,6 @@ def validate(run: Run) -> None:
     v = run.cfg.validation
     if not v.prompts:
         return
-    from ..pipeline import Pipeline  # lazy: sampling and video writing only when validating
-    from ..video import save_video
-
     unet, text_encoder = run.unet, run.text_encoder
     was_training = (unet.training, text_encoder.training)
     unet.eval()
@@ -401,24 +368,15 @@ def validate(run: Run) -> None:
 
 def _append_log(out: Path, records: list[dict]) -> None:
     with open(out / "log.jsonl", "a") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
-def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
-    return {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
     r = cfg.output.resume
-    if r in ("", "none"):
-        return None
     if r == "auto":
         found = ckpt.list_checkpoints(out)
         return found[-1] if found else None
-    return Path(r)
+    return None if r in ("", "none") else Path(r)
 
 
 def _barrier(d: Dist) -> None:
@@ -426,23 +384,15 @@ def _barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry: ``animatediff-lite train CONFIG [--section.key value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("usage: animatediff-lite train CONFIG.toml [--section.key VALUE ...]")
+        print(f"{__doc__}\nusage: animatediff-lite train CONFIG.toml [--section.key VALUE ...]")
         return {}
     config_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_config(config_path, overrides)
-    return train(cfg)
+    return train(load_config(config_path, overrides))
 
 
 __all__ = ["MotionLoRA", "ResumableSampler", "Run", "build_models", "build_preset", "export_weights", "main",

@@ -7,7 +7,7 @@ files a checkpoint holds, in layouts other tools load.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 def build_preset(cfg: TrainConfig) -> tuple[object, nn.Module, nn.Module, nn.Module, ModelConfig]:
     """(tokenizer, text_encoder, vae, unet, model config) of a preset with seeded random init."""
     base = {"tiny": TINY, "sd15": SD15, "default": DEFAULT_CONFIG}[cfg.model.preset]
-    motion = dataclasses.replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version])
-    model_cfg = dataclasses.replace(base, motion=motion)
+    model_cfg = replace(base, motion=replace(base.motion, **MOTION_VERSIONS[cfg.model.motion_version]))
     torch.manual_seed(cfg.model.init_seed)
     text_encoder = TextEncoder(model_cfg.clip)
     vae = AutoencoderKL(model_cfg.vae)
@@ -89,11 +88,9 @@ class MotionLoRA(nn.Module):
         for name, module in unet.named_modules():
             if MOTION_TAG in f".{name}" and isinstance(module, nn.Linear) and name.endswith(LORA_TARGETS) \
                     and ".attention_blocks." in name:
-                down = nn.Parameter(torch.randn(rank, module.in_features) / rank)
-                up = nn.Parameter(torch.zeros(module.out_features, rank))
                 self.names.append(name)
-                self.down.append(down)
-                self.up.append(up)
+                self.down.append(nn.Parameter(torch.randn(rank, module.in_features) / rank))
+                self.up.append(nn.Parameter(torch.zeros(module.out_features, rank)))
                 self._hooks.append(module.register_forward_hook(self._hook(len(self.names) - 1)))
         if not self.names:
             raise ValueError("the UNet has no motion-module attention projections to adapt")
@@ -138,29 +135,22 @@ class Trainee(nn.Module):
         return (weight * per_sample).mean()
 
 
-def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module):
-    """Freeze everything, then enable the trained part; returns (trainable params by name, lora or None)."""
-    for m in (unet, text_encoder, vae):
-        m.requires_grad_(False)
-    lora = None
+def select_trainable(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module,
+                     vae: nn.Module) -> tuple[dict[str, nn.Parameter], Trainee]:
+    """Freeze everything, then enable the trained part; returns (trainable params by name, the Trainee)."""
     mode = cfg.train.modules
+    unet.requires_grad_(mode in ("unet", "all"))  # the whole UNet, motion modules included
+    text_encoder.requires_grad_(mode == "all")
+    vae.requires_grad_(False)
     if mode == "motion":
         for name, p in unet.named_parameters():
             p.requires_grad_(MOTION_TAG in f".{name}")
-    elif mode == "motion_lora":
-        lora = MotionLoRA(unet, cfg.train.lora_rank)
-    elif mode == "unet":  # the whole UNet, motion modules included; text encoder and VAE frozen
-        unet.requires_grad_(True)
-    else:  # "all": the whole UNet (motion modules included) and the text encoder; the VAE stays frozen
-        unet.requires_grad_(True)
-        text_encoder.requires_grad_(True)
-    params = {f"unet.{k}": p for k, p in unet.named_parameters() if p.requires_grad}
-    params.update({f"text_encoder.{k}": p for k, p in text_encoder.named_parameters() if p.requires_grad})
-    if lora is not None:
-        params.update({f"lora.{k}": p for k, p in lora.named_parameters()})
+    lora = MotionLoRA(unet, cfg.train.lora_rank) if mode == "motion_lora" else None  # adapters on a frozen UNet
+    trainee = Trainee(unet, text_encoder, lora)
+    params = {k: p for k, p in trainee.named_parameters() if p.requires_grad}  # "unet.*", "text_encoder.*", "lora.*"
     if not params:
         raise ValueError(f"train.modules = {mode!r} selects no parameters (does the UNet have motion modules?)")
-    return params, lora
+    return params, trainee
 
 
 def export_weights(cfg: TrainConfig, unet: nn.Module, text_encoder: nn.Module, lora) -> dict:

@@ -62,23 +62,25 @@ class EMA:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], where: str) -> None:
         """Restore the averages; ``where`` names the checkpoint in the error for a missing tensor."""
-        missing = sorted(set(self.shadow) - set(state))
-        if missing:
-            raise ValueError(f"{where}: the checkpoint's EMA lacks {len(missing)} tensors (e.g. {missing[0]}); "
-                             "was it made without train.ema_decay or with another train.modules?")
-        for k, v in self.shadow.items():
-            v.copy_(state[k])
+        copy_named(self.shadow, state, f"{where}: the checkpoint's EMA",
+                   "; was it made without train.ema_decay or with another train.modules?")
 
     @contextmanager
     def applied(self, params: Mapping[str, torch.Tensor]) -> Iterator[None]:
         """Swap the averages into ``params`` for the duration (export, validation), then put the weights back."""
         saved = {k: p.detach().clone() for k, p in params.items()}
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(self.shadow[k])
+        copy_named(params, self.shadow, "the EMA")
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, p in params.items():
-                    p.copy_(saved[k])
+            copy_named(params, saved, "the saved weights")
+
+
+@torch.no_grad()
+def copy_named(dst: Mapping[str, torch.Tensor], src: Mapping[str, torch.Tensor], what: str, hint: str = "") -> None:
+    """Copy ``src[name]`` into each tensor ``dst[name]`` in place; a ValueError says how many ``what`` lacks."""
+    missing = sorted(set(dst) - set(src))
+    if missing:
+        raise ValueError(f"{what} lacks {len(missing)} tensors (e.g. {missing[0]}){hint}")
+    for name, tensor in dst.items():
+        tensor.copy_(src[name])

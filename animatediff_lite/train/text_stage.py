@@ -47,10 +47,9 @@ def pretrain_text_encoder(text_encoder: nn.Module, tokenizer, captions: Sequence
         raise ValueError(f"text_stage.groups: no caption contains any of the words {list(groups)}")
     ids_all = tokenizer(unique)  # (N, 77)
     eot = (ids_all == tokenizer.eos_id).cumsum(1) > 0  # end-of-text and the padding after it
-    width = text_encoder.config.hidden_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        heads = nn.ModuleList(nn.Linear(width, len(g)) for g in groups).to(device)
+        heads = nn.ModuleList(nn.Linear(text_encoder.config.hidden_size, len(g)) for g in groups).to(device)
     text_encoder.train().requires_grad_(True)
     opt = torch.optim.Adam([*text_encoder.parameters(), *heads.parameters()], lr=lr)
     rng = np.random.default_rng([seed, 4])
