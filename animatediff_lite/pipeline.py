@@ -12,7 +12,7 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
-from .checks import finite_number, warn_untrained
+from .checks import default_context_overlap, finite_number, warn_untrained
 from .context import context_windows, windowed
 from .control import Control, ControlUnit, control_for_call
 from .free_init import FreeInit
@@ -209,7 +209,7 @@ class Pipeline:
                  steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, num_videos_per_prompt: int = 1, eta: float = 0.0,
-                 context_frames: int | None = None, context_overlap: int = 4, progress: bool = True,
+                 context_frames: int | None = None, context_overlap: int | None = None, progress: bool = True,
                  callback: StepCallback | None = None, free_init: FreeInit | None = None,
                  video: VideoInput | None = None, strength: float | None = None,
                  control_frames: Sequence[VideoInput] | None = None,
@@ -226,7 +226,8 @@ class Pipeline:
         ``AnimateDiffPipeline`` does with that generator; ``generator`` is used as given (also for eta
         noise); ``latents`` (B, 4, F, H/8, W/8) skips the draw. guidance_scale <= 1 skips the
         unconditional pass. context_frames: denoise in sliding windows of that many frames overlapping by
-        context_overlap (needed when num_frames exceeds the motion module's PE length).
+        context_overlap frames (needed when num_frames exceeds the motion module's PE length; default: 4, at
+        most half the window, see :func:`animatediff_lite.checks.default_context_overlap`).
         callback(step_index, timestep, latents) runs after every step; a returned tensor replaces latents.
         sampler: "ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras" or "lcm" (see
         :mod:`animatediff_lite.samplers`), each over ``self.scheduler``'s noise table; eta is DDIM's only.
@@ -349,7 +350,7 @@ class Pipeline:
         return list(prompts), negatives
 
     def _check_args(self, num_frames: int, height: int, width: int, steps: int, num_videos_per_prompt: int,
-                    eta: float, context_frames: int | None, context_overlap: int, seed: int | None,
+                    eta: float, context_frames: int | None, context_overlap: int | None, seed: int | None,
                     generator: torch.Generator | None) -> list[list[int]] | None:
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < 8 or value % 8:
@@ -374,4 +375,6 @@ class Pipeline:
             return None
         if limit is not None and isinstance(context_frames, int) and context_frames > limit:
             raise ValueError(f"context_frames={context_frames} exceeds the motion module's limit of {limit} frames")
+        if context_overlap is None and isinstance(context_frames, int):  # else context_windows names the bad value
+            context_overlap = default_context_overlap(context_frames)
         return context_windows(num_frames, context_frames, context_overlap)

@@ -297,6 +297,15 @@ def test_smaller_context_windows_cover_every_frame_deterministically(ours) -> No
     assert (first - plain).abs().max() > 1e-4  # windows of 4 frames do change the motion module's view
 
 
+def test_a_left_out_context_overlap_is_4_at_most_half_the_window(ours) -> None:
+    kwargs = dict(num_frames=10, guidance_scale=1.0, seed=2, steps=1)
+    default = _sample(ours, context_frames=4, **kwargs)  # windows [0-3], [2-5], [4-7], [6-9]
+    assert torch.equal(default, _sample(ours, context_frames=4, context_overlap=2, **kwargs))
+    assert not torch.equal(default, _sample(ours, context_frames=4, context_overlap=1, **kwargs))
+    assert torch.equal(_sample(ours, context_frames=9, **kwargs), _sample(ours, context_frames=9, context_overlap=4,
+                                                                          **kwargs))
+
+
 def test_arguments_left_out_come_from_sample_defaults(ours) -> None:
     steps: list[int] = []
     saved = ours.sample_defaults
