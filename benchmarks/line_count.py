@@ -3,6 +3,7 @@ all lines and code lines (no blanks, comments, docstrings).
 
     python benchmarks/line_count.py 7040cf7 HEAD           # the issue-13 baseline against now
     python benchmarks/line_count.py --files 7040cf7 HEAD   # every file of the subpackages too
+    python benchmarks/line_count.py --redesign 7040cf7 HEAD  # only what issue 13 redesigned (see REDESIGN)
 
 Code lines are what a refactor can honestly claim: trimming comments or docstrings does not change them.
 """
@@ -15,6 +16,13 @@ import subprocess
 import sys
 import tokenize
 from collections import defaultdict
+
+# Issue 13's scope: the loaders, the default model's format, the toy data and the training code (+ the recipe
+# script), the same features at both revisions: the loaders issues 15-16 added for new formats are left out.
+REDESIGN = ("animatediff_lite/loading/", "animatediff_lite/default_model.py", "animatediff_lite/synthetic.py",
+            "animatediff_lite/toy/", "animatediff_lite/train/", "examples/train_tiny_default.py")
+NEW_FORMATS = ("animatediff_lite/loading/controlnet_map.py", "animatediff_lite/loading/sparsectrl_map.py",
+               "animatediff_lite/loading/animatelcm.py")
 
 
 def code_lines(source: str) -> int:
@@ -38,9 +46,11 @@ def area(path: str, depth: int) -> str:
     return "/".join(parts[:depth]) if len(parts) > depth else path
 
 
-def count(rev: str, depth: int, roots: tuple[str, ...] = ("animatediff_lite", "kernels")) -> dict[str, tuple[int, int]]:
+def count(rev: str, depth: int, roots: tuple[str, ...] = ("animatediff_lite", "kernels"),
+          keep=lambda path: True) -> dict[str, tuple[int, int]]:
     files = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, *roots], capture_output=True, text=True,
                            check=True).stdout.split()
+    files = [f for f in files if keep(f)]
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for path in (f for f in files if f.endswith(".py")):
         source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
@@ -51,10 +61,13 @@ def count(rev: str, depth: int, roots: tuple[str, ...] = ("animatediff_lite", "k
 
 
 def main(revs: list[str]) -> None:
-    depth = 2
+    depth, roots, keep = 2, ("animatediff_lite", "kernels"), (lambda path: True)
     if revs and revs[0] == "--files":  # every file, not subpackages as one row
         depth, revs = 99, revs[1:]
-    tables = [count(r, depth) for r in revs or ["HEAD"]]
+    elif revs and revs[0] == "--redesign":
+        depth, revs, roots = 99, revs[1:], ("animatediff_lite", "examples")
+        keep = lambda path: path.startswith(REDESIGN) and path not in NEW_FORMATS  # noqa: E731
+    tables = [count(r, depth, roots, keep) for r in revs or ["HEAD"]]
     revs = revs or ["HEAD"]
     names = sorted(set().union(*tables))
     print(f"{'file or folder':42}" + "".join(f"{r[:10]:>20}" for r in revs))
