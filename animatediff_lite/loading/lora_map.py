@@ -31,8 +31,7 @@ from ..errors import CheckpointError
 from .io import few
 from .unet_map import RESNET_LDM, ldm_block_table
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_KOHYA_KEY = re.compile(r"^lora_(?P<part>unet|te)_(?P<name>.+)\.(?:lora_(?P<role>down|up)\.weight|alpha)$")
 _PROCESSOR_KEY = re.compile(
     r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<dir>down|up)\.weight$")
 _PROCESSOR_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -102,14 +101,10 @@ def parse_lora(state: Mapping[str, torch.Tensor], source: str = "<memory>") -> l
 
 def _classify(key: str) -> tuple[str, str, str, str] | None:
     """(part, style, name, role) of one LoRA key, or None when it is not a known LoRA key."""
-    for prefix, part in KOHYA_PREFIXES.items():
-        if key.startswith(prefix):
-            for suffix, role in _KOHYA_SUFFIXES.items():
-                if key.endswith(suffix):
-                    return part, "kohya", key[len(prefix):-len(suffix)], role
-            return None
-    m = _PROCESSOR_KEY.match(key)
-    if m:
+    if m := _KOHYA_KEY.match(key):
+        part = "unet" if m["part"] == "unet" else "text_encoder"
+        return part, "kohya", m["name"], m["role"] or "alpha"
+    if m := _PROCESSOR_KEY.match(key):
         return "unet", "processor", f"{m['module']}.{_PROCESSOR_PROJ[m['proj']]}", m["dir"]
     return None
 
