@@ -125,10 +125,11 @@ def naming(where: str | os.PathLike, what: str = "") -> Iterator[None]:
         raise CheckpointError(f"{where}: {what} ({e})" if what else f"{where}: {e}") from e
 
 
-def _from_file(given: Path, weights: Path, config: dict, what: str) -> Checkpoint:
+def _from_file(given: Path, weights: Path, config: dict, what: str, tokenizer: Path | None = None) -> Checkpoint:
     wf = read_file(weights, what)
     layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config))
-    return Checkpoint(given, layout, reason, wf.state, wf.metadata, config, weights=weights, file=wf)
+    return Checkpoint(given, layout, reason, wf.state, wf.metadata, config, weights=weights, tokenizer=tokenizer,
+                      file=wf)
 
 
 def _read_folder(path: Path, what: str) -> Checkpoint:
@@ -156,9 +157,7 @@ def _read_part(folder: Path, what: str) -> Checkpoint:
         name = _class_name(config)
         layout = CONFIG_CLASSES.get(name or "", "diffusers_folder")
         return Checkpoint(folder, layout, f"its config.json names {name}", config=config)
-    checkpoint = _from_file(folder, weights, config, what)
-    checkpoint.tokenizer = tokenizer_folder(folder)
-    return checkpoint
+    return _from_file(folder, weights, config, what, tokenizer_folder(folder))
 
 
 def tokenizer_folder(*folders: Path) -> Path | None:
