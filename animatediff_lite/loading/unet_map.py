@@ -270,15 +270,6 @@ def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: 
     return None
 
 
-def _note_ignored(keys: list[str], source: str) -> None:
-    ema = [k for k in keys if k.startswith("model_ema.")]
-    parts = {k.split(".")[0] for k in keys if not k.startswith("model_ema.")}
-    if ema:
-        logger.info("%s: ignoring %d EMA keys (model_ema.*); the UNet uses model.diffusion_model.*", source, len(ema))
-    if parts:
-        logger.info("%s: ignoring %d non-UNet keys under %s", source, len(keys) - len(ema), sorted(parts))
-
-
 def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, source: str = "<memory>") -> StateDict:
     """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys, for a UNet of config
     ``cfg`` (see :func:`unet_config_from_state`).
@@ -287,7 +278,9 @@ def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, sour
     note. A UNet key that the table does not cover raises CheckpointError naming ``source``.
     """
     ldm, ignored = _strip_ldm(state)
-    _note_ignored(ignored, source)
+    if ignored:
+        logger.info("%s: ignoring %d keys outside model.diffusion_model. (VAE, text encoder, EMA...: %s)", source,
+                    len(ignored), sorted({k.split(".")[0] for k in ignored}))
     out, unmapped = map_keys(ldm, ldm_block_table(cfg), to_ldm=False)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
