@@ -101,11 +101,9 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
     checkpoint = read_checkpoint(source, "a motion module")
     where = checkpoint.where
     if checkpoint.layout not in (*MOTION_LAYOUTS, "unknown"):  # unknown keys: parse_motion_state says what it missed
-        if checkpoint.layout in BASE_PARTS:
-            raise CheckpointError(f"{where}: is a base Stable Diffusion checkpoint, it {checkpoint.looks}; "
-                                  "not a motion module (expected *.motion_modules.* keys)")
-        raise CheckpointError(f"{where}: {checkpoint.looks}, not a motion module "
-                              "(expected an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
+        base = "is a base Stable Diffusion checkpoint, it " if checkpoint.layout in BASE_PARTS else ""
+        raise CheckpointError(f"{where}: {base}{checkpoint.looks}, not a motion module (expected *.motion_modules.* "
+                              "keys: an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
                               "animatediff-lite motion module)")
     path = checkpoint.path
     name = path.name if path.is_dir() else path.stem
@@ -296,11 +294,9 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     if info.stored_pe_len is not None and built.max_position_len > info.stored_pe_len:
         logger.warning("%s: UNet built for %d frames but the module was trained with a %d-row position table",
                        info.path, built.max_position_len, info.stored_pe_len)
-    spatial_weight = unet.conv_in.weight
-    if device is None:
-        device = spatial_weight.device if spatial_weight.device.type != "meta" else "cpu"
-    if dtype is None and spatial_weight.device.type != "meta":
-        dtype = spatial_weight.dtype
+    spatial = unet.conv_in.weight
+    if spatial.device.type != "meta":  # by default the motion modules follow the spatial weights
+        device, dtype = device or spatial.device, dtype or spatial.dtype
     expected = [k for k in unet.state_dict() if MOTION_TAG in k]
     load_strict(unet, native, info.path, f"the UNet's {built.version} motion modules", keys=expected, device=device,
                 dtype=dtype, file=file)
