@@ -159,9 +159,7 @@ def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str |
     The UNet is built once on the meta device with the motion settings read from the motion file
     (generation, PE length, heads) and the base's GroupNorm groups.
     """
-    native, info = None, None
-    if motion is not None:
-        native, info = read_motion_module(motion, version)  # info sizes the UNet
+    native, info = read_motion_module(motion, version) if motion is not None else (None, None)  # info sizes the UNet
     spatial, config, where = read_unet_source(base)
     motion_config = info.motion_config(norm_num_groups=config.norm_num_groups) if info is not None else None
     with torch.device("meta"):
