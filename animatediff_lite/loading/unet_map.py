@@ -69,6 +69,10 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1, "downsample_padding": 1,
 }
 
+# UNetConfig fields that a diffusers config.json spells the same way.
+_SAME_FIELDS = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+                "norm_eps", "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
+
 # SD1.5-shaped models: 8 heads per spatial transformer. The head count is not visible in the tensors
 # (q/k/v are plain (C, C) matrices), so unet_config_from_state assumes it; a diffusers config.json
 # states it (as "attention_head_dim", a diffusers naming quirk).
@@ -115,29 +119,20 @@ def unet_config_from_diffusers(cfg: Mapping) -> UNetConfig:
     if len(channels) != len(down):
         raise ValueError(f"unet config has {len(channels)} block_out_channels but {len(down)} down_block_types")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)  # a diffusers quirk
-    same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups", "norm_eps",
-            "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
     # Each value converted to the type of its default (int, float or bool).
     return UNetConfig(block_out_channels=channels, down_cross_attention=down,
                       attention_head_dim=int(_uniform("attention_head_dim", heads)),
-                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in same})
+                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in _SAME_FIELDS})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """The diffusers ``unet/config.json`` dict of a :class:`UNetConfig` (inverse of the above)."""
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.down_cross_attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.down_cross_attention[::-1]]
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
-        "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": cfg.layers_per_block,
-        "cross_attention_dim": cfg.cross_attention_dim, "attention_head_dim": cfg.attention_head_dim,
-        "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
-        "transformer_layers_per_block": cfg.transformer_layers_per_block,
-        "use_linear_projection": cfg.use_linear_projection, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "freq_shift": cfg.freq_shift, "act_fn": "silu", "center_input_sample": False,
-    }
+    same = {f: getattr(cfg, f) for f in (*_SAME_FIELDS, "attention_head_dim")}
+    return {"_class_name": "UNet2DConditionModel", **same,
+            "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu", "center_input_sample": False}
 
 
 def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
