@@ -237,22 +237,15 @@ def map_keys(state: Mapping[str, torch.Tensor], rows: list[tuple[str, str, bool]
     ``to_ldm`` else LDM -> native, each name behind ``prefix``; the keys that fit no row, motion keys always)."""
     table = {(nat if to_ldm else ldm): (ldm if to_ldm else nat, res) for nat, ldm, res in rows}
     names = RESNET_LDM if to_ldm else RESNET_NATIVE
-    depth = max(block.count(".") + 1 for block in table)
-    out: StateDict = {}
-    unmapped = []
-    for key, value in state.items():
-        name = None if MOTION_TAG in key else _rename(key, table, depth, names)
-        if name is None:
-            unmapped.append(key)
-        else:
-            out[prefix + name] = value
-    return out, unmapped
+    renamed = {key: None if MOTION_TAG in key else _rename(key, table, names) for key in state}
+    out = {prefix + name: state[key] for key, name in renamed.items() if name is not None}
+    return out, [key for key, name in renamed.items() if name is None]
 
 
-def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: Mapping[str, str]) -> str | None:
+def _rename(key: str, table: Mapping[str, tuple[str, bool]], names: Mapping[str, str]) -> str | None:
     """``key`` with its longest block prefix in ``table`` renamed, and a resnet's inner layer by ``names``."""
     parts = key.split(".")
-    for n in range(min(depth, len(parts) - 1), 0, -1):
+    for n in range(len(parts) - 1, 0, -1):
         block = table.get(".".join(parts[:n]))
         if block is None:
             continue
