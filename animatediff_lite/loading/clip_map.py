@@ -81,12 +81,9 @@ def _strip(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], only_pr
     """Remove the first matching prefix of each key and the dropped keys; keep unprefixed keys unless only_prefixed."""
     out: StateDict = {}
     for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None and only_prefixed:
-            continue
-        name = key[len(prefix):] if prefix else key
-        if name != POSITION_IDS:
-            out[name] = value
+        prefix = next((p for p in prefixes if key.startswith(p)), None if only_prefixed else "")  # None: dropped
+        if prefix is not None and key[len(prefix):] != POSITION_IDS:
+            out[key[len(prefix):]] = value
     return out
 
 
