@@ -320,15 +320,12 @@ def motion_state_to_original(native: StateDict, with_pe: bool = True, max_len: i
     With ``with_pe`` each attention block gets ``pos_encoder.pe`` (1, max_len, C) in its weights' dtype,
     as in the published checkpoints (24 rows for v1, 32 for v2/v3).
     """
-    out = dict(native)
-    if with_pe:
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        for key, value in native.items():
-            if key.endswith(".to_q.weight") and ".attention_blocks." in key:
-                table = sinusoidal_table(max_len, value.shape[0]).to(value.dtype)
-                out[key[: -len("to_q.weight")] + ORIGINAL_PE] = table
-    return out
+    if with_pe and max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    tables = {key[: -len("to_q.weight")] + ORIGINAL_PE: sinusoidal_table(max_len, value.shape[0]).to(value.dtype)
+              for key, value in native.items()
+              if with_pe and key.endswith(".to_q.weight") and ".attention_blocks." in key}
+    return {**native, **tables}
 
 
 def save_motion_module(native: StateDict, path: str | os.PathLike, config: MotionConfig) -> None:
