@@ -82,10 +82,9 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
     :data:`DEFAULT_SAMPLE`); ``scheduler`` the DDIM settings the UNet was trained for (default AnimateDiff's);
     ``extra`` more metadata strings (the recipe command, a training summary).
     """
-    state = {}
-    for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True):
-        for key, value in module.state_dict().items():
-            state[f"{prefix}.{key}"] = value.detach().to(dtype)
+    state = {f"{prefix}.{key}": value.detach().to(dtype)
+             for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True)
+             for key, value in module.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(to_dict(config)),
                 "sample": json.dumps(dict(sample or DEFAULT_SAMPLE)), **dict(extra or {})}
     default = to_dict(DDIMConfig())
@@ -120,16 +119,12 @@ def read_default_model(path: str | os.PathLike | Checkpoint | None = None) -> tu
 
 def sample_defaults(metadata: Mapping[str, str] | None = None) -> dict[str, float | int]:
     """Sampling defaults (num_frames, height, width, steps, guidance_scale) of a file's metadata."""
-    if metadata is None or "sample" not in metadata:
-        return dict(DEFAULT_SAMPLE)
-    return {**DEFAULT_SAMPLE, **json.loads(metadata["sample"])}
+    return {**DEFAULT_SAMPLE, **json.loads((metadata or {}).get("sample", "{}"))}
 
 
 def scheduler_config(metadata: Mapping[str, str] | None = None) -> DDIMConfig:
     """The DDIM settings of a file's metadata: AnimateDiff's, with the fields its ``scheduler`` entry changes."""
-    if metadata is None or "scheduler" not in metadata:
-        return DDIMConfig()
-    fields = json.loads(metadata["scheduler"])
+    fields = json.loads((metadata or {}).get("scheduler", "{}"))
     known = {f.name for f in dataclasses.fields(DDIMConfig)}
     if not isinstance(fields, dict) or not set(fields) <= known:
         raise CheckpointError(f"the 'scheduler' metadata must be a JSON object with keys among {sorted(known)}, "
