@@ -104,10 +104,8 @@ def vae_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     Accepts a whole SD single file (``first_stage_model.*``, or ``vae.*``) or a standalone VAE file
     (bare ``encoder.down.0.block.0...``); other parts of a single file are ignored.
     """
-    sub = _split_vae(state)
-    if sub is None or not any(_LDM_LAYOUT.match(k) for k in sub):
-        return None
-    return vae_state_to_native(state)
+    ldm = any(_LDM_LAYOUT.match(k) for k in _split_vae(state) or ())
+    return vae_state_to_native(state) if ldm else None
 
 
 def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_stage_model.") -> StateDict:
