@@ -198,27 +198,24 @@ def ldm_block_table(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
     n, layers = len(cfg.block_out_channels), cfg.layers_per_block
     rows = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
             ("conv_in", "input_blocks.0.0", False)]
-    k = 1
     for i in range(n):
+        first = 1 + i * (layers + 1)  # level i: L blocks of a resnet (+ attention), then the downsampler's block
         for j in range(layers):
-            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", True))
+            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{first + j}.0", True))
             if cfg.down_cross_attention[i]:
-                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", False))
-            k += 1
+                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{first + j}.1", False))
         if i < n - 1:
-            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{k}.0.op", False))
-            k += 1
+            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{first + layers}.0.op", False))
     rows += [("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
              ("mid_block.resnets.1", "middle_block.2", True)]
-    k = 0
     for i, cross in enumerate(cfg.down_cross_attention[::-1]):
         for j in range(layers + 1):  # one more resnet per up level: it also takes the skip of the downsampler
+            k = i * (layers + 1) + j
             rows.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", True))
             if cross:
                 rows.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", False))
             if i < n - 1 and j == layers:
                 rows.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{2 if cross else 1}.conv", False))
-            k += 1
     rows += [("conv_norm_out", "out.0", False), ("conv_out", "out.2", False)]
     return rows
 
