@@ -226,9 +226,7 @@ CAST_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float3
 def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | None) -> StateDict:
     """Cast the floating-point tensors of ``state`` (a name of :data:`CAST_DTYPES` or a dtype; None keeps all)."""
     dtype = CAST_DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if dtype is None:
-        return dict(state)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str,
