@@ -96,9 +96,8 @@ def read_checkpoint(path: str | os.PathLike | Checkpoint, what: str = "model wei
         raise CheckpointError(f"{path}: no such file or folder (expected {what})")
     if path.is_dir():
         return _read_folder(path, what)
-    config = {}
-    if path.name.startswith(("diffusion_pytorch_model", "model.", "pytorch_model")):
-        config = _config(path.parent / "config.json")  # a weights file inside a part folder: its config applies
+    in_part = path.name.startswith(("diffusion_pytorch_model", "model.", "pytorch_model"))
+    config = _config(path.parent / "config.json") if in_part else {}  # a part folder's config applies to its file
     return _from_file(path, path, config, what)
 
 
