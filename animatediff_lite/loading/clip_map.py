@@ -121,21 +121,18 @@ def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torc
     """
     part = read_checkpoint(source, WHAT).part("text_encoder", WHAT)
     where = part.where
-    if part.config:
-        if config is None:
-            with naming(part.path / "config.json", "not a readable CLIP text config"):
-                config = clip_config_from_transformers(part.config)
-        part.require_weights(WHAT)
-        state = clip_state_from_diffusers(part.state)
-    else:
-        ldm = part.layout == "ldm_single_file"  # else a bare text_encoder/model.safetensors
-        state = (clip_state_from_ldm(part.state) if ldm else clip_state_from_diffusers(part.state)) or {}
-        if TOKEN_EMBEDDING not in state:
-            raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
-                                  f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
-        if config is None:
-            with naming(where):
-                config = clip_config_from_state(state)
+    if part.config and config is None:
+        with naming(part.path / "config.json", "not a readable CLIP text config"):
+            config = clip_config_from_transformers(part.config)
+    part.require_weights(WHAT)
+    ldm = part.layout == "ldm_single_file"  # else a text_encoder/ folder or a bare transformers weights file
+    state = (clip_state_from_ldm(part.state) if ldm else clip_state_from_diffusers(part.state)) or {}
+    if not part.config and TOKEN_EMBEDDING not in state:
+        raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
+                              f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
+    if config is None:
+        with naming(where):
+            config = clip_config_from_state(state)
     with naming(where, "unusable text encoder config"), torch.device("meta"):
         model = TextEncoder(config).to(dtype)
     load_strict(model, state, where, WHAT, device=device, file=part.file)
