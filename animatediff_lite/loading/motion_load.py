@@ -231,12 +231,9 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
         logger.info("%s: ignoring %d non-motion keys (a full UNet checkpoint?)", where, len(spatial))
     weights, tables = split_pe(motion)
     stored = check_pe(tables, where)
-    if any(".temporal_transformer." in k for k in weights):
-        layout = "native" if native_config is not None else "original"
-        native = weights
-    else:
-        layout = "diffusers"
-        native = motion_state_from_diffusers(weights)
+    original = any(".temporal_transformer." in k for k in weights)  # else diffusers names
+    layout = ("native" if native_config is not None else "original") if original else "diffusers"
+    native = weights if original else motion_state_from_diffusers(weights)
     channels, mid = _structure(native, where)
     adapter, ours = adapter_config or {}, native_config or {}
     stated = adapter.get("motion_num_attention_heads") or ours.get("num_heads")
@@ -248,12 +245,11 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
     if implied:
         reason += f"; an AnimateLCM module by its name: {implied} positions"
     floats = Counter(str(v.dtype).replace("torch.", "") for v in native.values() if v.is_floating_point())
-    info = MotionInfo(
+    return native, MotionInfo(
         path=where, version=ver, max_position_len=stored or implied or MOTION_VERSIONS[ver]["max_position_len"],
         mid_block=mid, channels=channels, num_parameters=sum(v.numel() for v in native.values()),
         layout=layout, dtype=floats.most_common(1)[0][0] if floats else "none", reason=reason,
         stored_pe_len=stored, num_heads=heads)
-    return native, info
 
 
 # ----------------------------------------------------------------------------------------------- loading
