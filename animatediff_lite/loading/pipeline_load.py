@@ -98,8 +98,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     if db is not None:
         replace_from_checkpoint(db, unet, vae, text_encoder, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
-    if lora_ckpts or motion_lora_ckpts:
-        apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
+    apply_loras(pipe, lora_ckpts, motion_lora_ckpts)  # nothing to do without any
     pipe.controlnets = [ControlUnit(controlnet_from_checkpoint(c, unet.config, device, dtype), scale, c.where)
                         for c, scale in control_ckpts]
     if sparse_ckpt is not None:  # its scale is set per call
