@@ -71,19 +71,15 @@ def parse_lora(state: Mapping[str, torch.Tensor], source: str = "<memory>") -> l
     Raises CheckpointError naming ``source`` for keys of an unknown layout (LyCORIS LoHa/LoKr, DoRA,
     SDXL ``lora_te1_``...), a down without its up (or the reverse) and ranks that do not agree.
     """
-    groups: dict[tuple[str, str, str], dict[str, tuple[str, torch.Tensor]]] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        found = _classify(key)
-        if found is None:
-            unknown.append(key)
-            continue
-        part, style, name, role = found
-        groups.setdefault((part, style, name), {})[role] = (key, value)
+    classified = {key: _classify(key) for key in state}
+    unknown = [key for key, found in classified.items() if found is None]
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} keys are not in a supported LoRA layout (kohya lora_unet_/"
                               f"lora_te_ with lora_down/lora_up/alpha, or MotionLoRA ...processor.to_q_lora.down."
                               f"weight): {few(sorted(unknown), 5)}")
+    groups: dict[tuple[str, str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, (part, style, name, role) in classified.items():
+        groups.setdefault((part, style, name), {})[role] = (key, state[key])
     pairs = []
     for (part, style, name), roles in groups.items():
         keys = tuple(k for k, _ in roles.values())
