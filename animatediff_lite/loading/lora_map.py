@@ -152,11 +152,8 @@ def resolve_target(pair: LoraPair, table: Mapping[str, str], config: UNetConfig 
         return pair.name if pair.name in table.values() else None
     if pair.name in table:
         return table[pair.name]
-    if pair.part == "unet" and config is not None:
-        flat = ldm_to_diffusers_flat(pair.name, config)
-        if flat is not None:
-            return table.get(flat)
-    return None
+    flat = ldm_to_diffusers_flat(pair.name, config) if pair.part == "unet" and config is not None else None
+    return table.get(flat)  # None when the name is not an LDM one either
 
 
 def lora_delta(pair: LoraPair, weight_shape: torch.Size, source: str = "<memory>") -> torch.Tensor:
