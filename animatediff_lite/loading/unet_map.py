@@ -163,13 +163,11 @@ def block_sizes(state: Mapping[str, torch.Tensor]) -> dict:
     if any(k.startswith("input_blocks.") for k in state):
         sizes, attn = ldm_levels(state), "middle_block.1."
     else:
-        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
-        sizes = dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
-                                              for i in range(levels)),
-                     down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state)
-                                                for i in range(levels)),
-                     layers_per_block=1 + max(int(k.split(".")[3]) for k in state
-                                              if k.startswith("down_blocks.0.resnets.")))
+        levels = range(1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")))
+        widths = tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels)
+        cross = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state) for i in levels)
+        layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("down_blocks.0.resnets."))
+        sizes = dict(block_out_channels=widths, down_cross_attention=cross, layers_per_block=layers)
         attn = "mid_block.attentions.0."
     depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
     return dict(sizes, cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
