@@ -287,8 +287,7 @@ def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> St
 def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
     """(spatial, motion) parts of a native UNet3D state: motion keys contain ``.motion_modules.``."""
     spatial = {k: v for k, v in state.items() if MOTION_TAG not in k}
-    motion = {k: v for k, v in state.items() if MOTION_TAG in k}
-    return spatial, motion
+    return spatial, {k: v for k, v in state.items() if k not in spatial}
 
 
 # ---------------------------------------------------------------------------------------------- loading
