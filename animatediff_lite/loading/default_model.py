@@ -108,12 +108,10 @@ def read_default_model(path: str | os.PathLike | Checkpoint | None = None) -> tu
                               f"expected {FORMAT!r} with a 'config' entry ({WHAT})")
     with naming(where, "the 'config' metadata is not a model config"):
         config = from_dict(ModelConfig, json.loads(metadata["config"]))
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
-    for key, value in checkpoint.state.items():
-        prefix, _, rest = key.partition(".")
-        if prefix not in parts:
-            raise CheckpointError(f"{where}: unexpected key {key!r}; keys must start with one of {PARTS} ({WHAT})")
-        parts[prefix][rest] = value
+    stray = next((key for key in checkpoint.state if key.partition(".")[0] not in PARTS), None)
+    if stray is not None:
+        raise CheckpointError(f"{where}: unexpected key {stray!r}; keys must start with one of {PARTS} ({WHAT})")
+    parts = {p: {k[len(p) + 1:]: v for k, v in checkpoint.state.items() if k.startswith(p + ".")} for p in PARTS}
     return parts, config, metadata
 
 
