@@ -96,11 +96,8 @@ def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
         if size == 0:
             raise CheckpointError(f"{path}: file is empty (expected {what})")
         head = f.read(9)
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES or _is_safetensors_head(head):
-            weights = _read_safetensors(path, f, size, what)
-        else:
-            f.seek(0)
-            weights = _read_pickle(path, f, head, what)
+        safetensors = path.suffix.lower() in SAFETENSORS_SUFFIXES or _is_safetensors_head(head)
+        weights = _read_safetensors(path, f, size, what) if safetensors else _read_pickle(path, f, head, what)
     weights.state = unwrap_state_dict(weights.state, path, what)
     return weights
 
@@ -165,6 +162,7 @@ def _tensor(buffer: mmap.mmap, key: str, spec: Mapping, body: int, size: int) ->
 
 def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
     # From the already-open file: one open, one read (torch's mmap=True would need the path and open it again).
+    f.seek(0)
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here: UnpicklingError, RuntimeError, EOFError...
