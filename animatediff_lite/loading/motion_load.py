@@ -106,9 +106,8 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
                               "keys: an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
                               "animatediff-lite motion module)")
     path = checkpoint.path
-    name = path.name if path.is_dir() else path.stem
-    if name.startswith("diffusion_pytorch_model"):
-        name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
+    named = path.parent if path.name.startswith("diffusion_pytorch_model") else path  # a MotionAdapter folder's file
+    name = named.name if named.is_dir() else named.stem
     native_config = None
     if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
         with naming(where, "native motion-module metadata without a valid motion_config"):
