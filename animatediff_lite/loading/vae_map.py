@@ -90,9 +90,7 @@ def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
 def _split_vae(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """The VAE tensors of a file with their prefix removed; None if there are none."""
     for prefix in VAE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if prefix == "":
-            sub = {k: v for k, v in sub.items() if not k.startswith(DROP_PREFIXES)}
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(DROP_PREFIXES)}
         if any(_LDM_LAYOUT.match(k) or _DIFFUSERS_LAYOUT.match(k) for k in sub):
             return sub
     return None
