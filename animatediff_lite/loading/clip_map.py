@@ -142,11 +142,9 @@ def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torc
 def load_tokenizer(source: str | os.PathLike | Checkpoint | None = None) -> Tokenizer:
     """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``) or of a Checkpoint
     already read, else the shipped CLIP one. For a path only the tokenizer files are looked at (no weights)."""
-    if isinstance(source, Checkpoint):
-        folder = source.tokenizer
-    else:
-        folder = Path(source) if source is not None else None
-        folder = tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None
+    folder = source.tokenizer if isinstance(source, Checkpoint) else None
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = tokenizer_folder(Path(source) / "tokenizer", Path(source))
     if folder is None:
         return Tokenizer()
     try:
