@@ -135,8 +135,7 @@ def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torc
             config = clip_config_from_state(state)
     with naming(where, "unusable text encoder config"), torch.device("meta"):
         model = TextEncoder(config).to(dtype)
-    load_strict(model, state, where, WHAT, device=device, file=part.file)
-    return model.to(device).eval()
+    return load_strict(model, state, where, WHAT, device=device, file=part.file).eval()  # every tensor on device
 
 
 def load_tokenizer(source: str | os.PathLike | Checkpoint | None = None) -> Tokenizer:
