@@ -92,13 +92,11 @@ def read_checkpoint(path: str | os.PathLike | Checkpoint, what: str = "model wei
     if isinstance(path, Checkpoint):
         return path
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (expected {what})")
     if path.is_dir():
         return _read_folder(path, what)
     in_part = path.name.startswith(("diffusion_pytorch_model", "model.", "pytorch_model"))
     config = _config(path.parent / "config.json") if in_part else {}  # a part folder's config applies to its file
-    return _from_file(path, path, config, what)
+    return _from_file(path, path, config, what)  # a missing path is reported by the reader
 
 
 def detect_layout(path: str | os.PathLike) -> str:

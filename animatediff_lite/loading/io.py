@@ -88,7 +88,7 @@ def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
+        raise CheckpointError(f"{path}: no such file or folder (expected {what})")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a single file with {what}")
     with open(path, "rb") as f:
