@@ -92,14 +92,11 @@ def read_checkpoint(path: str | os.PathLike | Checkpoint, what: str = "model wei
     if isinstance(path, Checkpoint):
         return path
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder (expected {what})")
     if path.is_dir():
         return _read_folder(path, what)
-    config = {}
-    if path.name.startswith(("diffusion_pytorch_model", "model.", "pytorch_model")):
-        config = _config(path.parent / "config.json")  # a weights file inside a part folder: its config applies
-    return _from_file(path, path, config, what)
+    in_part = path.name.startswith(("diffusion_pytorch_model", "model.", "pytorch_model"))
+    config = _config(path.parent / "config.json") if in_part else {}  # a part folder's config applies to its file
+    return _from_file(path, path, config, what)  # a missing path is reported by the reader
 
 
 def detect_layout(path: str | os.PathLike) -> str:
@@ -125,10 +122,11 @@ def naming(where: str | os.PathLike, what: str = "") -> Iterator[None]:
         raise CheckpointError(f"{where}: {what} ({e})" if what else f"{where}: {e}") from e
 
 
-def _from_file(given: Path, weights: Path, config: dict, what: str) -> Checkpoint:
+def _from_file(given: Path, weights: Path, config: dict, what: str, tokenizer: Path | None = None) -> Checkpoint:
     wf = read_file(weights, what)
     layout, reason = decide_layout(wf.state, wf.metadata, _class_name(config))
-    return Checkpoint(given, layout, reason, wf.state, wf.metadata, config, weights=weights, file=wf)
+    return Checkpoint(given, layout, reason, wf.state, wf.metadata, config, weights=weights, tokenizer=tokenizer,
+                      file=wf)
 
 
 def _read_folder(path: Path, what: str) -> Checkpoint:
@@ -156,9 +154,7 @@ def _read_part(folder: Path, what: str) -> Checkpoint:
         name = _class_name(config)
         layout = CONFIG_CLASSES.get(name or "", "diffusers_folder")
         return Checkpoint(folder, layout, f"its config.json names {name}", config=config)
-    checkpoint = _from_file(folder, weights, config, what)
-    checkpoint.tokenizer = tokenizer_folder(folder)
-    return checkpoint
+    return _from_file(folder, weights, config, what, tokenizer_folder(folder))
 
 
 def tokenizer_folder(*folders: Path) -> Path | None:

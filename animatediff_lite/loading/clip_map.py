@@ -81,12 +81,9 @@ def _strip(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...], only_pr
     """Remove the first matching prefix of each key and the dropped keys; keep unprefixed keys unless only_prefixed."""
     out: StateDict = {}
     for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None and only_prefixed:
-            continue
-        name = key[len(prefix):] if prefix else key
-        if name != POSITION_IDS:
-            out[name] = value
+        prefix = next((p for p in prefixes if key.startswith(p)), None if only_prefixed else "")  # None: dropped
+        if prefix is not None and key[len(prefix):] != POSITION_IDS:
+            out[key[len(prefix):]] = value
     return out
 
 
@@ -124,35 +121,29 @@ def load_text_encoder(source: str | os.PathLike | Checkpoint, device: str | torc
     """
     part = read_checkpoint(source, WHAT).part("text_encoder", WHAT)
     where = part.where
-    if part.config:
-        if config is None:
-            with naming(part.path / "config.json", "not a readable CLIP text config"):
-                config = clip_config_from_transformers(part.config)
-        part.require_weights(WHAT)
-        state = clip_state_from_diffusers(part.state)
-    else:
-        ldm = part.layout == "ldm_single_file"  # else a bare text_encoder/model.safetensors
-        state = (clip_state_from_ldm(part.state) if ldm else clip_state_from_diffusers(part.state)) or {}
-        if TOKEN_EMBEDDING not in state:
-            raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
-                                  f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
-        if config is None:
-            with naming(where):
-                config = clip_config_from_state(state)
+    if part.config and config is None:
+        with naming(part.path / "config.json", "not a readable CLIP text config"):
+            config = clip_config_from_transformers(part.config)
+    part.require_weights(WHAT)
+    ldm = part.layout == "ldm_single_file"  # else a text_encoder/ folder or a bare transformers weights file
+    state = (clip_state_from_ldm(part.state) if ldm else clip_state_from_diffusers(part.state)) or {}
+    if not part.config and TOKEN_EMBEDDING not in state:
+        raise CheckpointError(f"{where}: no text encoder in this file, it {part.looks} (expected keys "
+                              f"{LDM_PREFIXES[0]}* or {LDM_PREFIXES[1]}*, the SD1.5 CLIP layout)")
+    if config is None:
+        with naming(where):
+            config = clip_config_from_state(state)
     with naming(where, "unusable text encoder config"), torch.device("meta"):
         model = TextEncoder(config).to(dtype)
-    load_strict(model, state, where, WHAT, device=device, file=part.file)
-    return model.to(device).eval()
+    return load_strict(model, state, where, WHAT, device=device, file=part.file).eval()  # every tensor on device
 
 
 def load_tokenizer(source: str | os.PathLike | Checkpoint | None = None) -> Tokenizer:
     """The tokenizer of a diffusers folder (``tokenizer/vocab.json`` + ``merges.txt``) or of a Checkpoint
     already read, else the shipped CLIP one. For a path only the tokenizer files are looked at (no weights)."""
-    if isinstance(source, Checkpoint):
-        folder = source.tokenizer
-    else:
-        folder = Path(source) if source is not None else None
-        folder = tokenizer_folder(folder / "tokenizer", folder) if folder and folder.is_dir() else None
+    folder = source.tokenizer if isinstance(source, Checkpoint) else None
+    if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+        folder = tokenizer_folder(Path(source) / "tokenizer", Path(source))
     if folder is None:
         return Tokenizer()
     try:

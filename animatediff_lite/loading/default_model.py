@@ -82,10 +82,9 @@ def save_default_model(path: str | os.PathLike, text_encoder: nn.Module, vae: nn
     :data:`DEFAULT_SAMPLE`); ``scheduler`` the DDIM settings the UNet was trained for (default AnimateDiff's);
     ``extra`` more metadata strings (the recipe command, a training summary).
     """
-    state = {}
-    for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True):
-        for key, value in module.state_dict().items():
-            state[f"{prefix}.{key}"] = value.detach().to(dtype)
+    state = {f"{prefix}.{key}": value.detach().to(dtype)
+             for prefix, module in zip(PARTS, (text_encoder, vae, unet), strict=True)
+             for key, value in module.state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(to_dict(config)),
                 "sample": json.dumps(dict(sample or DEFAULT_SAMPLE)), **dict(extra or {})}
     default = to_dict(DDIMConfig())
@@ -109,27 +108,21 @@ def read_default_model(path: str | os.PathLike | Checkpoint | None = None) -> tu
                               f"expected {FORMAT!r} with a 'config' entry ({WHAT})")
     with naming(where, "the 'config' metadata is not a model config"):
         config = from_dict(ModelConfig, json.loads(metadata["config"]))
-    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
-    for key, value in checkpoint.state.items():
-        prefix, _, rest = key.partition(".")
-        if prefix not in parts:
-            raise CheckpointError(f"{where}: unexpected key {key!r}; keys must start with one of {PARTS} ({WHAT})")
-        parts[prefix][rest] = value
+    stray = next((key for key in checkpoint.state if key.partition(".")[0] not in PARTS), None)
+    if stray is not None:
+        raise CheckpointError(f"{where}: unexpected key {stray!r}; keys must start with one of {PARTS} ({WHAT})")
+    parts = {p: {k[len(p) + 1:]: v for k, v in checkpoint.state.items() if k.startswith(p + ".")} for p in PARTS}
     return parts, config, metadata
 
 
 def sample_defaults(metadata: Mapping[str, str] | None = None) -> dict[str, float | int]:
     """Sampling defaults (num_frames, height, width, steps, guidance_scale) of a file's metadata."""
-    if metadata is None or "sample" not in metadata:
-        return dict(DEFAULT_SAMPLE)
-    return {**DEFAULT_SAMPLE, **json.loads(metadata["sample"])}
+    return {**DEFAULT_SAMPLE, **json.loads((metadata or {}).get("sample", "{}"))}
 
 
 def scheduler_config(metadata: Mapping[str, str] | None = None) -> DDIMConfig:
     """The DDIM settings of a file's metadata: AnimateDiff's, with the fields its ``scheduler`` entry changes."""
-    if metadata is None or "scheduler" not in metadata:
-        return DDIMConfig()
-    fields = json.loads(metadata["scheduler"])
+    fields = json.loads((metadata or {}).get("scheduler", "{}"))
     known = {f.name for f in dataclasses.fields(DDIMConfig)}
     if not isinstance(fields, dict) or not set(fields) <= known:
         raise CheckpointError(f"the 'scheduler' metadata must be a JSON object with keys among {sorted(known)}, "

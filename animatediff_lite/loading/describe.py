@@ -10,7 +10,7 @@ import json
 import os
 from collections import Counter
 
-from .checkpoint import Checkpoint, naming, read_checkpoint
+from .checkpoint import naming, read_checkpoint
 from .controlnet_map import CONTROLNET_LAYOUTS, describe_controlnet
 from .default_model import read_default_model
 from .detect import LORA_LAYOUTS, MOTION_LAYOUTS, unknown_error
@@ -52,15 +52,7 @@ def describe(path: str | os.PathLike) -> dict:
                     vae_channels=list(config.vae.block_out_channels))
         with naming(checkpoint.where, "the 'sample' metadata is not JSON"):
             info["sample_defaults"] = json.loads(metadata.get("sample", "{}"))
-    info.update(_counts(files))
+    tensors = [v for part in files for v in part.state.values()]
+    info.update(tensors=len(tensors), parameters=sum(v.numel() for v in tensors),  # shapes only: no data is read
+                dtypes=dict(Counter(str(v.dtype).replace("torch.", "") for v in tensors)))
     return info
-
-
-def _counts(files: list[Checkpoint]) -> dict:
-    dtypes: Counter = Counter()
-    tensors = parameters = 0
-    for part in files:
-        tensors += len(part.state)
-        parameters += sum(v.numel() for v in part.state.values())  # shapes only: no tensor data is read
-        dtypes.update(str(v.dtype).replace("torch.", "") for v in part.state.values())
-    return {"tensors": tensors, "parameters": parameters, "dtypes": dict(dtypes)}

@@ -74,8 +74,7 @@ def decide_layout(keys: Iterable[str], metadata: Mapping[str, str] | None = None
         return "diffusers_lora", "keys with .lora_A/.lora_B or .lora.down/.lora.up"
     if has("input_hint_block.") and has("zero_convs."):  # before LDM: old files also hold a whole SD model
         return "ldm_controlnet", "input_hint_block.* and zero_convs.* keys"
-    if any(k.startswith(LDM_PREFIXES) for k in keys):
-        found = sorted({p for p in LDM_PREFIXES for k in keys if k.startswith(p)})
+    if found := sorted({p for p in LDM_PREFIXES for k in keys if k.startswith(p)}):
         return "ldm_single_file", f"keys start with {', '.join(found)}"
     if class_name in CONFIG_CLASSES:
         return CONFIG_CLASSES[class_name], f"its config.json names {class_name}"

@@ -10,7 +10,6 @@ Every failure is a :class:`CheckpointError` naming the file and what was expecte
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import math
 import mmap
@@ -51,6 +50,7 @@ FILE_MAGIC: tuple[tuple[int, bytes, str, bool], ...] = (
     (0, b"[", "JSON text", False),
 )
 _MADV_DONTNEED = 4  # Linux; pages of a private file mapping that were not written are dropped, re-read on access
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # madvise
 
 
 @dataclass
@@ -74,19 +74,11 @@ class WeightsFile:
         The mapping is private and never written, so the pages are dropped and re-read from the file if
         touched again: peak memory stays near the model's own size while a large file is loaded.
         """
-        if not self.owns(tensor):
-            return
-        start = tensor.data_ptr()
-        page = mmap.PAGESIZE
-        lo = start - start % page
-        hi = -(-(start + tensor.numel() * tensor.element_size()) // page) * page
-        if sys.platform.startswith("linux"):
-            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+        if _LIBC is not None and self.owns(tensor):
+            start = tensor.data_ptr()
+            lo = start - start % mmap.PAGESIZE
+            hi = -(-(start + tensor.numel() * tensor.element_size()) // mmap.PAGESIZE) * mmap.PAGESIZE
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
 
 
 def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
@@ -96,7 +88,7 @@ def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file (expected {what})")
+        raise CheckpointError(f"{path}: no such file or folder (expected {what})")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a single file with {what}")
     with open(path, "rb") as f:
@@ -104,11 +96,8 @@ def read_file(path: str | os.PathLike, what: str = "weights") -> WeightsFile:
         if size == 0:
             raise CheckpointError(f"{path}: file is empty (expected {what})")
         head = f.read(9)
-        if path.suffix.lower() in SAFETENSORS_SUFFIXES or _is_safetensors_head(head):
-            weights = _read_safetensors(path, f, size, what)
-        else:
-            f.seek(0)
-            weights = _read_pickle(path, f, head, what)
+        safetensors = path.suffix.lower() in SAFETENSORS_SUFFIXES or _is_safetensors_head(head)
+        weights = _read_safetensors(path, f, size, what) if safetensors else _read_pickle(path, f, head, what)
     weights.state = unwrap_state_dict(weights.state, path, what)
     return weights
 
@@ -146,41 +135,34 @@ def _header(f, size: int) -> tuple[dict, int]:
 def _read_safetensors(path: Path, f, size: int, what: str) -> WeightsFile:
     try:
         header, body = _header(f, size)
-        specs = {k: v for k, v in header.items() if k != "__metadata__"}
-        for key, spec in specs.items():
-            _check_spec(key, spec, size - body)
+        metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        # A private writable mapping: tensors are views that read the file on first touch; writes (none
+        # are made while loading) would stay in this process.
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        state = {key: _tensor(buffer, key, spec, body, size) for key, spec in header.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file, truncated? ({e}); expected {what}") from e
-    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    # A private writable mapping: tensors are views that read the file on first touch; writes (none
-    # are made while loading) would stay in this process.
-    buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-    state: StateDict = {}
-    for key, spec in specs.items():
-        dtype, shape = SAFETENSORS_DTYPES[spec["dtype"]], spec["shape"]
-        begin, end = spec["data_offsets"]
-        count = (end - begin) // dtype.itemsize
-        if count == 0:
-            state[key] = torch.empty(shape, dtype=dtype)
-        else:
-            state[key] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=body + begin).view(shape)
     start = torch.frombuffer(buffer, dtype=torch.uint8, count=1).data_ptr()
     return WeightsFile(path, state, metadata, [(start, start + size)])
 
 
-def _check_spec(key: str, spec: Mapping, data_size: int) -> None:
+def _tensor(buffer: mmap.mmap, key: str, spec: Mapping, body: int, size: int) -> torch.Tensor:
+    """One tensor of a safetensors header, checked against the file's size, as a view of ``buffer``."""
     if spec.get("dtype") not in SAFETENSORS_DTYPES:
         raise ValueError(f"tensor {key!r} has unsupported dtype {spec.get('dtype')!r}")
-    begin, end = spec["data_offsets"]
-    numel = math.prod(int(s) for s in spec["shape"])
-    if not 0 <= begin <= end <= data_size:
-        raise ValueError(f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {data_size})")
-    if end - begin != numel * SAFETENSORS_DTYPES[spec["dtype"]].itemsize:
-        raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {spec['shape']} {spec['dtype']}")
+    dtype, shape, (begin, end) = SAFETENSORS_DTYPES[spec["dtype"]], spec["shape"], spec["data_offsets"]
+    if not 0 <= begin <= end <= size - body:
+        raise ValueError(f"tensor {key!r} lies outside the file (bytes {begin}..{end} of {size - body})")
+    if end - begin != math.prod(int(s) for s in shape) * dtype.itemsize:
+        raise ValueError(f"tensor {key!r}: {end - begin} bytes for shape {shape} {spec['dtype']}")
+    if begin == end:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=body + begin).view(shape)
 
 
 def _read_pickle(path: Path, f, head: bytes, what: str) -> WeightsFile:
     # From the already-open file: one open, one read (torch's mmap=True would need the path and open it again).
+    f.seek(0)
     try:
         obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here: UnpicklingError, RuntimeError, EOFError...
@@ -242,9 +224,7 @@ CAST_DTYPES: dict[str, torch.dtype | None] = {"keep": None, "fp32": torch.float3
 def cast_floating(state: Mapping[str, torch.Tensor], dtype: str | torch.dtype | None) -> StateDict:
     """Cast the floating-point tensors of ``state`` (a name of :data:`CAST_DTYPES` or a dtype; None keeps all)."""
     dtype = CAST_DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if dtype is None:
-        return dict(state)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in state.items()}
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str,

@@ -31,8 +31,7 @@ from ..errors import CheckpointError
 from .io import few
 from .unet_map import RESNET_LDM, ldm_block_table
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_KOHYA_KEY = re.compile(r"^lora_(?P<part>unet|te)_(?P<name>.+)\.(?:lora_(?P<role>down|up)\.weight|alpha)$")
 _PROCESSOR_KEY = re.compile(
     r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<dir>down|up)\.weight$")
 _PROCESSOR_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
@@ -72,19 +71,15 @@ def parse_lora(state: Mapping[str, torch.Tensor], source: str = "<memory>") -> l
     Raises CheckpointError naming ``source`` for keys of an unknown layout (LyCORIS LoHa/LoKr, DoRA,
     SDXL ``lora_te1_``...), a down without its up (or the reverse) and ranks that do not agree.
     """
-    groups: dict[tuple[str, str, str], dict[str, tuple[str, torch.Tensor]]] = {}
-    unknown: list[str] = []
-    for key, value in state.items():
-        found = _classify(key)
-        if found is None:
-            unknown.append(key)
-            continue
-        part, style, name, role = found
-        groups.setdefault((part, style, name), {})[role] = (key, value)
+    classified = {key: _classify(key) for key in state}
+    unknown = [key for key, found in classified.items() if found is None]
     if unknown:
         raise CheckpointError(f"{source}: {len(unknown)} keys are not in a supported LoRA layout (kohya lora_unet_/"
                               f"lora_te_ with lora_down/lora_up/alpha, or MotionLoRA ...processor.to_q_lora.down."
                               f"weight): {few(sorted(unknown), 5)}")
+    groups: dict[tuple[str, str, str], dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, (part, style, name, role) in classified.items():
+        groups.setdefault((part, style, name), {})[role] = (key, state[key])
     pairs = []
     for (part, style, name), roles in groups.items():
         keys = tuple(k for k, _ in roles.values())
@@ -102,14 +97,10 @@ def parse_lora(state: Mapping[str, torch.Tensor], source: str = "<memory>") -> l
 
 def _classify(key: str) -> tuple[str, str, str, str] | None:
     """(part, style, name, role) of one LoRA key, or None when it is not a known LoRA key."""
-    for prefix, part in KOHYA_PREFIXES.items():
-        if key.startswith(prefix):
-            for suffix, role in _KOHYA_SUFFIXES.items():
-                if key.endswith(suffix):
-                    return part, "kohya", key[len(prefix):-len(suffix)], role
-            return None
-    m = _PROCESSOR_KEY.match(key)
-    if m:
+    if m := _KOHYA_KEY.match(key):
+        part = "unet" if m["part"] == "unet" else "text_encoder"
+        return part, "kohya", m["name"], m["role"] or "alpha"
+    if m := _PROCESSOR_KEY.match(key):
         return "unet", "processor", f"{m['module']}.{_PROCESSOR_PROJ[m['proj']]}", m["dir"]
     return None
 
@@ -161,11 +152,8 @@ def resolve_target(pair: LoraPair, table: Mapping[str, str], config: UNetConfig 
         return pair.name if pair.name in table.values() else None
     if pair.name in table:
         return table[pair.name]
-    if pair.part == "unet" and config is not None:
-        flat = ldm_to_diffusers_flat(pair.name, config)
-        if flat is not None:
-            return table.get(flat)
-    return None
+    flat = ldm_to_diffusers_flat(pair.name, config) if pair.part == "unet" and config is not None else None
+    return table.get(flat)  # None when the name is not an LDM one either
 
 
 def lora_delta(pair: LoraPair, weight_shape: torch.Size, source: str = "<memory>") -> torch.Tensor:

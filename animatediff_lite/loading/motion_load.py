@@ -101,16 +101,13 @@ def read_motion_module(source: str | os.PathLike | Checkpoint,
     checkpoint = read_checkpoint(source, "a motion module")
     where = checkpoint.where
     if checkpoint.layout not in (*MOTION_LAYOUTS, "unknown"):  # unknown keys: parse_motion_state says what it missed
-        if checkpoint.layout in BASE_PARTS:
-            raise CheckpointError(f"{where}: is a base Stable Diffusion checkpoint, it {checkpoint.looks}; "
-                                  "not a motion module (expected *.motion_modules.* keys)")
-        raise CheckpointError(f"{where}: {checkpoint.looks}, not a motion module "
-                              "(expected an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
+        base = "is a base Stable Diffusion checkpoint, it " if checkpoint.layout in BASE_PARTS else ""
+        raise CheckpointError(f"{where}: {base}{checkpoint.looks}, not a motion module (expected *.motion_modules.* "
+                              "keys: an original AnimateDiff .ckpt/.safetensors, a diffusers MotionAdapter or an "
                               "animatediff-lite motion module)")
     path = checkpoint.path
-    name = path.name if path.is_dir() else path.stem
-    if name.startswith("diffusion_pytorch_model"):
-        name = path.parent.name  # a file inside a MotionAdapter folder: the folder names the model
+    named = path.parent if path.name.startswith("diffusion_pytorch_model") else path  # a MotionAdapter folder's file
+    name = named.name if named.is_dir() else named.stem
     native_config = None
     if checkpoint.metadata.get("format") == NATIVE_MOTION_FORMAT:
         with naming(where, "native motion-module metadata without a valid motion_config"):
@@ -233,12 +230,9 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
         logger.info("%s: ignoring %d non-motion keys (a full UNet checkpoint?)", where, len(spatial))
     weights, tables = split_pe(motion)
     stored = check_pe(tables, where)
-    if any(".temporal_transformer." in k for k in weights):
-        layout = "native" if native_config is not None else "original"
-        native = weights
-    else:
-        layout = "diffusers"
-        native = motion_state_from_diffusers(weights)
+    original = any(".temporal_transformer." in k for k in weights)  # else diffusers names
+    layout = ("native" if native_config is not None else "original") if original else "diffusers"
+    native = weights if original else motion_state_from_diffusers(weights)
     channels, mid = _structure(native, where)
     adapter, ours = adapter_config or {}, native_config or {}
     stated = adapter.get("motion_num_attention_heads") or ours.get("num_heads")
@@ -250,12 +244,11 @@ def parse_motion_state(state: StateDict, name: str = "", version: str | None = N
     if implied:
         reason += f"; an AnimateLCM module by its name: {implied} positions"
     floats = Counter(str(v.dtype).replace("torch.", "") for v in native.values() if v.is_floating_point())
-    info = MotionInfo(
+    return native, MotionInfo(
         path=where, version=ver, max_position_len=stored or implied or MOTION_VERSIONS[ver]["max_position_len"],
         mid_block=mid, channels=channels, num_parameters=sum(v.numel() for v in native.values()),
         layout=layout, dtype=floats.most_common(1)[0][0] if floats else "none", reason=reason,
         stored_pe_len=stored, num_heads=heads)
-    return native, info
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -296,11 +289,9 @@ def assign_motion_state(unet: torch.nn.Module, native: StateDict, info: MotionIn
     if info.stored_pe_len is not None and built.max_position_len > info.stored_pe_len:
         logger.warning("%s: UNet built for %d frames but the module was trained with a %d-row position table",
                        info.path, built.max_position_len, info.stored_pe_len)
-    spatial_weight = unet.conv_in.weight
-    if device is None:
-        device = spatial_weight.device if spatial_weight.device.type != "meta" else "cpu"
-    if dtype is None and spatial_weight.device.type != "meta":
-        dtype = spatial_weight.dtype
+    spatial = unet.conv_in.weight
+    if spatial.device.type != "meta":  # by default the motion modules follow the spatial weights
+        device, dtype = device or spatial.device, dtype or spatial.dtype
     expected = [k for k in unet.state_dict() if MOTION_TAG in k]
     load_strict(unet, native, info.path, f"the UNet's {built.version} motion modules", keys=expected, device=device,
                 dtype=dtype, file=file)
@@ -324,15 +315,12 @@ def motion_state_to_original(native: StateDict, with_pe: bool = True, max_len: i
     With ``with_pe`` each attention block gets ``pos_encoder.pe`` (1, max_len, C) in its weights' dtype,
     as in the published checkpoints (24 rows for v1, 32 for v2/v3).
     """
-    out = dict(native)
-    if with_pe:
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        for key, value in native.items():
-            if key.endswith(".to_q.weight") and ".attention_blocks." in key:
-                table = sinusoidal_table(max_len, value.shape[0]).to(value.dtype)
-                out[key[: -len("to_q.weight")] + ORIGINAL_PE] = table
-    return out
+    if with_pe and max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    tables = {key[: -len("to_q.weight")] + ORIGINAL_PE: sinusoidal_table(max_len, value.shape[0]).to(value.dtype)
+              for key, value in native.items()
+              if with_pe and key.endswith(".to_q.weight") and ".attention_blocks." in key}
+    return {**native, **tables}
 
 
 def save_motion_module(native: StateDict, path: str | os.PathLike, config: MotionConfig) -> None:

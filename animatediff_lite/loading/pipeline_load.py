@@ -98,8 +98,7 @@ def load_pipeline(base: str | os.PathLike | None = None, motion_module: str | os
     if db is not None:
         replace_from_checkpoint(db, unet, vae, text_encoder, device, dtype)
     pipe = Pipeline(tokenizer, text_encoder, vae, unet, DDIM(scheduler or DDIMConfig()), device, dtype)
-    if lora_ckpts or motion_lora_ckpts:
-        apply_loras(pipe, lora_ckpts, motion_lora_ckpts)
+    apply_loras(pipe, lora_ckpts, motion_lora_ckpts)  # nothing to do without any
     pipe.controlnets = [ControlUnit(controlnet_from_checkpoint(c, unet.config, device, dtype), scale, c.where)
                         for c, scale in control_ckpts]
     if sparse_ckpt is not None:  # its scale is set per call
@@ -159,9 +158,7 @@ def _load_video_unet(base: Checkpoint, motion: Checkpoint | None, version: str |
     The UNet is built once on the meta device with the motion settings read from the motion file
     (generation, PE length, heads) and the base's GroupNorm groups.
     """
-    native, info = None, None
-    if motion is not None:
-        native, info = read_motion_module(motion, version)  # info sizes the UNet
+    native, info = read_motion_module(motion, version) if motion is not None else (None, None)  # info sizes the UNet
     spatial, config, where = read_unet_source(base)
     motion_config = info.motion_config(norm_num_groups=config.norm_num_groups) if info is not None else None
     with torch.device("meta"):

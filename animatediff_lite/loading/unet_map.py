@@ -69,6 +69,10 @@ _UNSUPPORTED_DEFAULTS: dict[str, object] = {
     "resnet_out_scale_factor": 1.0, "mid_block_scale_factor": 1, "downsample_padding": 1,
 }
 
+# UNetConfig fields that a diffusers config.json spells the same way.
+_SAME_FIELDS = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+                "norm_eps", "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
+
 # SD1.5-shaped models: 8 heads per spatial transformer. The head count is not visible in the tensors
 # (q/k/v are plain (C, C) matrices), so unet_config_from_state assumes it; a diffusers config.json
 # states it (as "attention_head_dim", a diffusers naming quirk).
@@ -115,29 +119,20 @@ def unet_config_from_diffusers(cfg: Mapping) -> UNetConfig:
     if len(channels) != len(down):
         raise ValueError(f"unet config has {len(channels)} block_out_channels but {len(down)} down_block_types")
     heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", DEFAULT_HEADS)  # a diffusers quirk
-    same = ("in_channels", "out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups", "norm_eps",
-            "transformer_layers_per_block", "use_linear_projection", "flip_sin_to_cos", "freq_shift")
     # Each value converted to the type of its default (int, float or bool).
     return UNetConfig(block_out_channels=channels, down_cross_attention=down,
                       attention_head_dim=int(_uniform("attention_head_dim", heads)),
-                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in same})
+                      **{f: type(getattr(d, f))(_uniform(f, cfg.get(f, getattr(d, f)))) for f in _SAME_FIELDS})
 
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """The diffusers ``unet/config.json`` dict of a :class:`UNetConfig` (inverse of the above)."""
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.down_cross_attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.down_cross_attention[::-1]]
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-        "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
-        "mid_block_type": "UNetMidBlock2DCrossAttn", "layers_per_block": cfg.layers_per_block,
-        "cross_attention_dim": cfg.cross_attention_dim, "attention_head_dim": cfg.attention_head_dim,
-        "norm_num_groups": cfg.norm_num_groups, "norm_eps": cfg.norm_eps,
-        "transformer_layers_per_block": cfg.transformer_layers_per_block,
-        "use_linear_projection": cfg.use_linear_projection, "flip_sin_to_cos": cfg.flip_sin_to_cos,
-        "freq_shift": cfg.freq_shift, "act_fn": "silu", "center_input_sample": False,
-    }
+    same = {f: getattr(cfg, f) for f in (*_SAME_FIELDS, "attention_head_dim")}
+    return {"_class_name": "UNet2DConditionModel", **same,
+            "block_out_channels": list(cfg.block_out_channels), "down_block_types": down, "up_block_types": up,
+            "mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu", "center_input_sample": False}
 
 
 def unet_config_from_state(state: Mapping[str, torch.Tensor]) -> UNetConfig:
@@ -168,13 +163,11 @@ def block_sizes(state: Mapping[str, torch.Tensor]) -> dict:
     if any(k.startswith("input_blocks.") for k in state):
         sizes, attn = ldm_levels(state), "middle_block.1."
     else:
-        levels = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks."))
-        sizes = dict(block_out_channels=tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
-                                              for i in range(levels)),
-                     down_cross_attention=tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state)
-                                                for i in range(levels)),
-                     layers_per_block=1 + max(int(k.split(".")[3]) for k in state
-                                              if k.startswith("down_blocks.0.resnets.")))
+        levels = range(1 + max(int(k.split(".")[1]) for k in state if k.startswith("down_blocks.")))
+        widths = tuple(state[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in levels)
+        cross = tuple(any(k.startswith(f"down_blocks.{i}.attentions.") for k in state) for i in levels)
+        layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("down_blocks.0.resnets."))
+        sizes = dict(block_out_channels=widths, down_cross_attention=cross, layers_per_block=layers)
         attn = "mid_block.attentions.0."
     depth = 1 + max(int(k[len(attn):].split(".")[1]) for k in state if k.startswith(attn + "transformer_blocks."))
     return dict(sizes, cross_attention_dim=state[attn + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
@@ -203,27 +196,24 @@ def ldm_block_table(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
     n, layers = len(cfg.block_out_channels), cfg.layers_per_block
     rows = [("time_embedding.linear_1", "time_embed.0", False), ("time_embedding.linear_2", "time_embed.2", False),
             ("conv_in", "input_blocks.0.0", False)]
-    k = 1
     for i in range(n):
+        first = 1 + i * (layers + 1)  # level i: L blocks of a resnet (+ attention), then the downsampler's block
         for j in range(layers):
-            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", True))
+            rows.append((f"down_blocks.{i}.resnets.{j}", f"input_blocks.{first + j}.0", True))
             if cfg.down_cross_attention[i]:
-                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", False))
-            k += 1
+                rows.append((f"down_blocks.{i}.attentions.{j}", f"input_blocks.{first + j}.1", False))
         if i < n - 1:
-            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{k}.0.op", False))
-            k += 1
+            rows.append((f"down_blocks.{i}.downsamplers.0.conv", f"input_blocks.{first + layers}.0.op", False))
     rows += [("mid_block.resnets.0", "middle_block.0", True), ("mid_block.attentions.0", "middle_block.1", False),
              ("mid_block.resnets.1", "middle_block.2", True)]
-    k = 0
     for i, cross in enumerate(cfg.down_cross_attention[::-1]):
         for j in range(layers + 1):  # one more resnet per up level: it also takes the skip of the downsampler
+            k = i * (layers + 1) + j
             rows.append((f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", True))
             if cross:
                 rows.append((f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", False))
             if i < n - 1 and j == layers:
                 rows.append((f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{k}.{2 if cross else 1}.conv", False))
-            k += 1
     rows += [("conv_norm_out", "out.0", False), ("conv_out", "out.2", False)]
     return rows
 
@@ -242,22 +232,15 @@ def map_keys(state: Mapping[str, torch.Tensor], rows: list[tuple[str, str, bool]
     ``to_ldm`` else LDM -> native, each name behind ``prefix``; the keys that fit no row, motion keys always)."""
     table = {(nat if to_ldm else ldm): (ldm if to_ldm else nat, res) for nat, ldm, res in rows}
     names = RESNET_LDM if to_ldm else RESNET_NATIVE
-    depth = max(block.count(".") + 1 for block in table)
-    out: StateDict = {}
-    unmapped = []
-    for key, value in state.items():
-        name = None if MOTION_TAG in key else _rename(key, table, depth, names)
-        if name is None:
-            unmapped.append(key)
-        else:
-            out[prefix + name] = value
-    return out, unmapped
+    renamed = {key: None if MOTION_TAG in key else _rename(key, table, names) for key in state}
+    out = {prefix + name: state[key] for key, name in renamed.items() if name is not None}
+    return out, [key for key, name in renamed.items() if name is None]
 
 
-def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: Mapping[str, str]) -> str | None:
+def _rename(key: str, table: Mapping[str, tuple[str, bool]], names: Mapping[str, str]) -> str | None:
     """``key`` with its longest block prefix in ``table`` renamed, and a resnet's inner layer by ``names``."""
     parts = key.split(".")
-    for n in range(min(depth, len(parts) - 1), 0, -1):
+    for n in range(len(parts) - 1, 0, -1):
         block = table.get(".".join(parts[:n]))
         if block is None:
             continue
@@ -270,15 +253,6 @@ def _rename(key: str, table: Mapping[str, tuple[str, bool]], depth: int, names: 
     return None
 
 
-def _note_ignored(keys: list[str], source: str) -> None:
-    ema = [k for k in keys if k.startswith("model_ema.")]
-    parts = {k.split(".")[0] for k in keys if not k.startswith("model_ema.")}
-    if ema:
-        logger.info("%s: ignoring %d EMA keys (model_ema.*); the UNet uses model.diffusion_model.*", source, len(ema))
-    if parts:
-        logger.info("%s: ignoring %d non-UNet keys under %s", source, len(keys) - len(ema), sorted(parts))
-
-
 def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, source: str = "<memory>") -> StateDict:
     """Map an LDM state (``model.diffusion_model.*`` or bare) to native/diffusers UNet keys, for a UNet of config
     ``cfg`` (see :func:`unet_config_from_state`).
@@ -287,7 +261,9 @@ def unet_state_from_ldm(state: Mapping[str, torch.Tensor], cfg: UNetConfig, sour
     note. A UNet key that the table does not cover raises CheckpointError naming ``source``.
     """
     ldm, ignored = _strip_ldm(state)
-    _note_ignored(ignored, source)
+    if ignored:
+        logger.info("%s: ignoring %d keys outside model.diffusion_model. (VAE, text encoder, EMA...: %s)", source,
+                    len(ignored), sorted({k.split(".")[0] for k in ignored}))
     out, unmapped = map_keys(ldm, ldm_block_table(cfg), to_ldm=False)
     if unmapped:
         raise CheckpointError(f"{source}: {len(unmapped)} LDM UNet keys do not fit the UNet config "
@@ -311,8 +287,7 @@ def unet_state_to_ldm(native: Mapping[str, torch.Tensor], cfg: UNetConfig) -> St
 def split_motion(state: Mapping[str, torch.Tensor]) -> tuple[StateDict, StateDict]:
     """(spatial, motion) parts of a native UNet3D state: motion keys contain ``.motion_modules.``."""
     spatial = {k: v for k, v in state.items() if MOTION_TAG not in k}
-    motion = {k: v for k, v in state.items() if MOTION_TAG in k}
-    return spatial, motion
+    return spatial, {k: v for k, v in state.items() if k not in spatial}
 
 
 # ---------------------------------------------------------------------------------------------- loading

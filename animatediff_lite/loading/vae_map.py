@@ -90,9 +90,7 @@ def _conv_to_linear(w: torch.Tensor) -> torch.Tensor:
 def _split_vae(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     """The VAE tensors of a file with their prefix removed; None if there are none."""
     for prefix in VAE_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if prefix == "":
-            sub = {k: v for k, v in sub.items() if not k.startswith(DROP_PREFIXES)}
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(DROP_PREFIXES)}
         if any(_LDM_LAYOUT.match(k) or _DIFFUSERS_LAYOUT.match(k) for k in sub):
             return sub
     return None
@@ -104,10 +102,8 @@ def vae_state_from_ldm(state: Mapping[str, torch.Tensor]) -> StateDict | None:
     Accepts a whole SD single file (``first_stage_model.*``, or ``vae.*``) or a standalone VAE file
     (bare ``encoder.down.0.block.0...``); other parts of a single file are ignored.
     """
-    sub = _split_vae(state)
-    if sub is None or not any(_LDM_LAYOUT.match(k) for k in sub):
-        return None
-    return vae_state_to_native(state)
+    ldm = any(_LDM_LAYOUT.match(k) for k in _split_vae(state) or ())
+    return vae_state_to_native(state) if ldm else None
 
 
 def vae_state_to_ldm(native: Mapping[str, torch.Tensor], prefix: str = "first_stage_model.") -> StateDict:
