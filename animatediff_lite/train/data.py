@@ -116,11 +116,8 @@ def read_csv_index(csv_path: str | os.PathLike, root: str | os.PathLike | None =
         for row_no, row in enumerate(reader, start=2):  # line 1 is the header
             where = f"{csv_path.name} row {row_no}"
             videoid, caption = (row.get("videoid") or "").strip(), (row.get("name") or "").strip()
-            if not videoid:
-                problems.append(f"{where}: empty videoid, skipped")
-                continue
-            if not caption:
-                problems.append(f"{where} (videoid {videoid}): empty caption, skipped")
+            if not videoid or not caption:
+                problems.append(f"{where} (videoid {videoid}): empty {'caption' if videoid else 'videoid'}, skipped")
                 continue
             path = root / (row.get("page_dir") or "").strip() / f"{videoid}{suffix}"
             items.append(VideoItem(str(path), caption, where))
@@ -224,11 +221,8 @@ class VideoDataset(SeededSamples):
     :class:`SeededSamples` describes, with ``video``."""
 
     def __init__(self, items: list[VideoItem], frames: int = 16, stride: int = 4, size: int = 256, seed: int = 0):
-        if not items:
+        if not items:  # (frames, stride and size are checked with the config)
             raise ValueError("the dataset has no usable videos (see the warnings above)")
-        for name, value in (("frames", frames), ("stride", stride), ("size", size)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
         super().__init__([item.caption for item in items], seed)
         self.items, self.frames, self.stride, self.size = items, frames, stride, size
         self._warned: set[str] = set()
@@ -281,7 +275,7 @@ class SyntheticClips(SeededSamples):
         specs = S.split_specs()[0] if which == "train" else S.all_specs()
         moving = [s for s in specs if s.motion in S.DIRECTIONS]
         other = [s for s in specs if s.motion not in S.DIRECTIONS]
-        n_moving = round(direction_share * n_clips) if direction_share > 0 else 0
+        n_moving = round(direction_share * n_clips)
         self.specs, self.render_seeds = [], []
         for i in range(n_clips):
             group = specs if direction_share == 0 else moving if i < n_moving else other
