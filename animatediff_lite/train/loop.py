@@ -243,9 +243,8 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         latents, t, ids, noise = prepare(batch, run)
         run.skipped += int(batch["skipped"].sum())
         target = noise if cfg.noise.prediction_type == "epsilon" else run.noise_sched.velocity(latents, noise, t)
-        weight = None
-        if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
-            weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
+        cap = cfg.noise.loss_weight_cap  # > 0: truncated v-like weighting, errors at the noisiest steps count
+        weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cap) if cap > 0 else None
         last_micro = i == len(batches) - 1  # DDP syncs the gradients once, on the last micro-batch
         with run.model.no_sync() if (run.world > 1 and not last_micro) else nullcontext():
             with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -253,8 +252,7 @@ def train_step(run: Run, batches: list[dict]) -> dict:
             run.scaler.scale(loss / len(batches)).backward()
         micro_losses.append(loss.detach())
     run.scaler.unscale_(run.optimizer)
-    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.train.max_grad_norm or float("inf"))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -341,19 +339,17 @@ def validate(run: Run) -> None:
     if not v.prompts:
         return
     unet, text_encoder = run.unet, run.text_encoder
-    was_training = (unet.training, text_encoder.training)
+    modes = unet.training, text_encoder.training  # (an error here ends the run: no need to restore on raise)
     unet.eval()
     text_encoder.eval()
-    try:
-        with _ema_weights(run):
-            pipe = Pipeline(run.tokenizer, text_encoder, run.vae, unet, noise_schedule(run.cfg), device=run.device)
-            size = v.size or run.cfg.data.size
-            video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
-                         guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
-        save_video(video, run.out / "validation" / f"step_{run.step:08d}.gif", fps=v.fps)
-    finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+    with _ema_weights(run):
+        pipe = Pipeline(run.tokenizer, text_encoder, run.vae, unet, noise_schedule(run.cfg), device=run.device)
+        size = v.size or run.cfg.data.size
+        video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
+                     guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
+    unet.train(modes[0])
+    text_encoder.train(modes[1])
+    save_video(video, run.out / "validation" / f"step_{run.step:08d}.gif", fps=v.fps)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
