@@ -270,9 +270,7 @@ class SyntheticClips(SeededSamples):
 
     def __init__(self, which: str, n_clips: int, frames: int, size: int, direction_share: float = 0.0,
                  seed: int = 0):
-        if which not in ("train", "all"):
-            raise ValueError(f"data.synthetic must be 'train' or 'all', got {which!r}")
-        specs = S.split_specs()[0] if which == "train" else S.all_specs()
+        specs = S.split_specs()[0] if which == "train" else S.all_specs()  # (the config checks data.synthetic)
         moving = [s for s in specs if s.motion in S.DIRECTIONS]
         other = [s for s in specs if s.motion not in S.DIRECTIONS]
         n_moving = round(direction_share * n_clips)
