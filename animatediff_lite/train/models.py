@@ -1,8 +1,5 @@
-"""The models a training run builds and what it trains: presets, fresh motion modules, MotionLoRA, the loss module.
-
-``build_models`` gives fp32 parts on the device; ``select_trainable`` freezes all but the trained part
-(``train.modules``); ``Trainee`` is what DDP wraps (the loss is its forward); ``export_weights`` names the
-files a checkpoint holds, in layouts other tools load.
+"""The models a training run builds (fp32, on its device) and what it trains (``train.modules``): presets, fresh
+motion modules, MotionLoRA, the loss module DDP wraps, and the weight files a checkpoint exports.
 """
 
 from __future__ import annotations
