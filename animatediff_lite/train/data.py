@@ -135,12 +135,10 @@ def read_folder_index(folder: str | os.PathLike) -> tuple[list[VideoItem], list[
     items, problems = [], []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
         txt = path.with_suffix(".txt")
-        if not txt.is_file():
-            problems.append(f"{path}: no caption file {txt.name}, skipped")
-            continue
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
         if not caption:
-            problems.append(f"{txt}: empty caption file, skipped")
+            problems.append(f"{path}: no caption file {txt.name}, skipped" if caption is None
+                            else f"{txt}: empty caption file, skipped")
             continue
         items.append(VideoItem(str(path), caption, str(txt)))
     return items, problems
