@@ -82,9 +82,8 @@ class MotionLoRA(nn.Module):
         self.names: list[str] = []
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         self._hooks = []
-        for name, module in unet.named_modules():
-            if MOTION_TAG in f".{name}" and isinstance(module, nn.Linear) and name.endswith(LORA_TARGETS) \
-                    and ".attention_blocks." in name:
+        for name, module in unet.named_modules():  # (only motion modules have attention_blocks)
+            if isinstance(module, nn.Linear) and ".attention_blocks." in name and name.endswith(LORA_TARGETS):
                 self.names.append(name)
                 self.down.append(nn.Parameter(torch.randn(rank, module.in_features) / rank))
                 self.up.append(nn.Parameter(torch.zeros(module.out_features, rank)))
