@@ -222,13 +222,12 @@ def train(cfg: TrainConfig) -> dict:
 def micro_batches(run: Run) -> Iterator[dict]:
     """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
     bs = run.cfg.train.batch_size
-    loader_kw = dict(batch_size=bs, sampler=run.sampler, drop_last=True,
-                     num_workers=run.cfg.data.num_workers, pin_memory=run.device.type == "cuda")
     while True:
         run.sampler.set_epoch(run.epoch)
         run.dataset.set_epoch(run.epoch)
         run.sampler.start = run.pos * bs  # past the epoch's end (a resume there): no batches, the next epoch
-        for batch in DataLoader(run.dataset, **loader_kw):
+        for batch in DataLoader(run.dataset, bs, sampler=run.sampler, drop_last=True,
+                                num_workers=run.cfg.data.num_workers, pin_memory=run.device.type == "cuda"):
             run.pos += 1
             yield batch
         run.epoch, run.pos = run.epoch + 1, 0
