@@ -74,7 +74,6 @@ def train_vae(args) -> Path:
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
     rng = np.random.default_rng([args.seed, 1])
     gen = torch.Generator().manual_seed(args.seed + 1)
-    vae.train().requires_grad_(True)
     for step in range(1, args.steps + 1):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
         opt.param_groups[0]["lr"] = lr  # (one group)
