@@ -48,7 +48,7 @@ class DataSection:
     latent_std: float = 0.0  # > 0: rescale the cached latents to this std and store the factor in the VAE config
     reverse_share: float = 0.0  # share of samples played backwards with the words of reverse_words swapped
     reverse_words: list = field(default_factory=list)  # "moving left:moving right" pairs, swapped both ways
-    synthetic: str = ""  # or: procedural clips (animatediff_lite.synthetic): "train" (held-out combos left out), "all"
+    synthetic: str = ""  # or: procedural clips (toy.synthetic): "train" (held-out combos left out), "all"
     synthetic_clips: int = 3000  # clips in the synthetic pool (fixed renders)
     synthetic_direction_share: float = 0.0  # > 0: this share of the pool moves left/right/up/down; 0: uniform
 
