@@ -298,26 +298,21 @@ def save(run: Run) -> None:
     # No global RNG state: nothing after setup draws from one (every draw of a step comes from its sample's seed).
     if run.main:
         state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.world,
-                 "trainable": cpu_copy(run.params),
-                 "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
-                 "scaler": run.scaler.state_dict()}
+                 "trainable": cpu_copy(run.params), "optimizer": run.optimizer.state_dict(),
+                 "lr_schedule": run.lr_sched.state_dict(), "scaler": run.scaler.state_dict()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
         if run.cfg.text_stage.steps > 0:  # frozen after the stage: a resume loads it instead of running the stage
             state["text_encoder"] = cpu_copy(run.text_encoder.state_dict())
         with _ema_weights(run):
             weights = export_weights(run.cfg, run.unet, run.text_encoder, run.lora)
-        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, file_metadata(run))
+        # Every exported file says what its weights predict, from which step, EMA or raw, and the configs.
+        meta = {"format": FILE_FORMAT, "prediction_type": run.cfg.noise.prediction_type, "step": str(run.step),
+                "weights": "ema" if run.ema is not None else "raw", "train_config": to_json(run.cfg)}
+        if run.model_cfg is not None:
+            meta["model_config"] = json.dumps(to_dict(run.model_cfg))
+        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, meta)
     _barrier()
-
-
-def file_metadata(run: Run) -> dict[str, str]:
-    """Metadata of every exported weight file: what the weights predict, which step, EMA or raw, the configs."""
-    meta = {"format": FILE_FORMAT, "prediction_type": run.cfg.noise.prediction_type, "step": str(run.step),
-            "weights": "ema" if run.ema is not None else "raw", "train_config": to_json(run.cfg)}
-    if run.model_cfg is not None:
-        meta["model_config"] = json.dumps(to_dict(run.model_cfg))
-    return meta
 
 
 def _ema_weights(run: Run):
