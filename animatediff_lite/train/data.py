@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from ..atomic import atomic_write
 from ..loading.io import save_state_dict
 from ..toy import synthetic as S  # the one import of the procedural clip generator in train/
-from .config import TrainConfig
+from .config import DataSection, TrainConfig
 
 log = logging.getLogger("animatediff_lite.train")
 
@@ -242,18 +242,17 @@ class VideoDataset(SeededSamples):
                            "are unreadable; check the data (see the warnings above)")
 
 
-def build_video_dataset(csv_path: str = "", root: str = "", folder: str = "", suffix: str = ".mp4",
-                        frames: int = 16, stride: int = 4, size: int = 256, seed: int = 0) -> VideoDataset:
-    """A :class:`VideoDataset` from a CSV (``csv_path`` + ``root``) or a folder; logs index problems."""
-    if bool(csv_path) == bool(folder):
+def build_video_dataset(data: DataSection, seed: int = 0) -> VideoDataset:
+    """A :class:`VideoDataset` from ``data.csv`` (+ ``root``, ``suffix``) or ``data.folder``; logs index problems."""
+    if bool(data.csv) == bool(data.folder):
         raise ValueError("set exactly one of data.csv (WebVid-style CSV) and data.folder (videos + .txt captions)")
-    items, problems = read_csv_index(csv_path, root, suffix) if csv_path else read_folder_index(folder)
+    items, problems = read_csv_index(data.csv, data.root, data.suffix) if data.csv else read_folder_index(data.folder)
     for p in problems[:20]:
         log.warning("%s", p)
     if len(problems) > 20:
         log.warning("... and %d more index problems", len(problems) - 20)
     log.info("dataset: %d videos (%d skipped at indexing)", len(items), len(problems))
-    return VideoDataset(items, frames, stride, size, seed)
+    return VideoDataset(items, data.frames, data.stride, data.size, seed)
 
 
 class SyntheticClips(SeededSamples):
@@ -395,8 +394,7 @@ def build_dataset(cfg: TrainConfig, vae: nn.Module, device: torch.device, main: 
                                 data.synthetic_direction_share, seed=cfg.train.seed)
         log.info("dataset: %d synthetic clips (%s combinations)", len(source), data.synthetic)
     else:
-        source = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
-                                     frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
+        source = build_video_dataset(data, seed=cfg.train.seed)
     dataset = _latent_cache(cfg, source, vae, device, main, barrier) if data.latent_cache else source
     if data.reverse_share > 0:
         dataset = TimeReversed(dataset, data.reverse_share, data.reverse_words, seed=cfg.train.seed)
