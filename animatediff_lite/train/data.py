@@ -117,7 +117,8 @@ def read_csv_index(csv_path: str | os.PathLike, root: str | os.PathLike | None =
             where = f"{csv_path.name} row {row_no}"
             videoid, caption = (row.get("videoid") or "").strip(), (row.get("name") or "").strip()
             if not videoid or not caption:
-                problems.append(f"{where} (videoid {videoid}): empty {'caption' if videoid else 'videoid'}, skipped")
+                problems.append(f"{where} (videoid {videoid or '-'}): empty {'caption' if videoid else 'videoid'}"
+                                ", skipped")
                 continue
             path = root / (row.get("page_dir") or "").strip() / f"{videoid}{suffix}"
             items.append(VideoItem(str(path), caption, where))
