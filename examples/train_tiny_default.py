@@ -63,13 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def log(work: Path, **row) -> None:
-    line = json.dumps(row)
-    with open(work / "log.jsonl", "a") as f:
-        f.write(line + "\n")
-    print(line, flush=True)
-
-
 def train_vae(args) -> Path:
     """Stage 1; returns the path of the VAE weights."""
     work = Path(args.work)
@@ -81,7 +74,6 @@ def train_vae(args) -> Path:
     opt = torch.optim.Adam(vae.parameters(), lr=args.lr)
     rng = np.random.default_rng([args.seed, 1])
     gen = torch.Generator().manual_seed(args.seed + 1)
-    vae.train().requires_grad_(True)
     for step in range(1, args.steps + 1):
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
         opt.param_groups[0]["lr"] = lr  # (one group)
@@ -103,8 +95,11 @@ def train_vae(args) -> Path:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == args.steps:
-            log(work, stage="vae", step=step, loss=round(loss.item(), 5), l1=round(l1.item(), 5),
-                kl=round(kl.item(), 3), lr=round(lr, 6))
+            line = json.dumps({"stage": "vae", "step": step, "loss": round(loss.item(), 5), "l1": round(l1.item(), 5),
+                               "kl": round(kl.item(), 3), "lr": round(lr, 6)})
+            with open(work / "log.jsonl", "a") as f:
+                print(line, file=f)
+            print(line, flush=True)
     save_state_dict(vae.state_dict(), work / "vae.safetensors")
     return work / "vae.safetensors"
 

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from animatediff_lite.toy import synthetic as S
 from animatediff_lite.train import data as D
+from animatediff_lite.train.config import DataSection
 from tests.toy_files import write_dataset, write_video_file
 
 
@@ -19,7 +20,7 @@ def csv_set(tmp_path_factory):
 
 
 def test_csv_dataset_samples(csv_set):
-    ds = D.build_video_dataset(csv_path=str(csv_set), frames=4, stride=2, size=32, seed=1)
+    ds = D.build_video_dataset(DataSection(csv=str(csv_set), frames=4, stride=2, size=32), seed=1)
     assert len(ds) == 6
     s = ds[2]
     assert s["video"].shape == (3, 4, 32, 32) and s["video"].dtype == torch.float32
@@ -38,7 +39,7 @@ def test_csv_dataset_samples(csv_set):
 
 
 def test_workers_match_main_process(csv_set):
-    ds = D.build_video_dataset(csv_path=str(csv_set), frames=4, stride=2, size=16, seed=0)
+    ds = D.build_video_dataset(DataSection(csv=str(csv_set), frames=4, stride=2, size=16), seed=0)
     main = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=0)]
     work = [b["video"] for b in DataLoader(ds, batch_size=3, num_workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(main, work, strict=True))
@@ -49,7 +50,7 @@ def test_folder_of_gifs_and_empty_caption(tmp_path, caplog):
     (folder / "clip_000001.txt").write_text("  \n")
     (folder / "clip_000002.txt").unlink()
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
-        ds = D.build_video_dataset(folder=str(folder), frames=6, stride=1, size=24)
+        ds = D.build_video_dataset(DataSection(folder=str(folder), frames=6, stride=1, size=24))
     assert len(ds) == 1 and ds[0]["caption"] == S.all_specs()[0].caption
     assert "clip_000001.txt: empty caption file" in caplog.text
     assert "clip_000002.gif: no caption file clip_000002.txt" in caplog.text
@@ -77,7 +78,7 @@ def test_missing_and_corrupt_videos_are_skipped_and_counted(tmp_path, caplog):
     csv_path = write_dataset(tmp_path, S.all_specs()[:4], frames=6, size=16, fmt="mp4")
     (tmp_path / "000" / "000001.mp4").unlink()
     (tmp_path / "000" / "000002.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4)
-    ds = D.build_video_dataset(csv_path=str(csv_path), frames=4, stride=1, size=16)
+    ds = D.build_video_dataset(DataSection(csv=str(csv_path), frames=4, stride=1, size=16))
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
         loader = DataLoader(ds, batch_size=4)
         batch = next(iter(loader))
@@ -100,17 +101,17 @@ def test_csv_missing_column_names_it(tmp_path, missing):
     cols = [c for c in D.CSV_COLUMNS if c != missing]
     (tmp_path / "v.csv").write_text(",".join(cols) + "\n" + ",".join("x" for _ in cols) + "\n")
     with pytest.raises(ValueError, match=f"v.csv: missing column\\(s\\) '{missing}'"):
-        D.build_video_dataset(csv_path=str(tmp_path / "v.csv"))
+        D.build_video_dataset(DataSection(csv=str(tmp_path / "v.csv")))
 
 
 def test_csv_empty_caption_row_is_named(tmp_path, caplog):
     (tmp_path / "v.csv").write_text("videoid,name,page_dir\n1,a cat,d\n2,,d\n")
     with caplog.at_level(logging.WARNING, logger="animatediff_lite.train"):
-        ds = D.build_video_dataset(csv_path=str(tmp_path / "v.csv"))
+        ds = D.build_video_dataset(DataSection(csv=str(tmp_path / "v.csv")))
     assert len(ds) == 1 and "v.csv row 3 (videoid 2): empty caption" in caplog.text
     assert ds.items[0].path == str(tmp_path / "d" / "1.mp4")
     with pytest.raises(ValueError, match="exactly one"):
-        D.build_video_dataset()
+        D.build_video_dataset(DataSection())
 
 
 def test_resize_and_centre_crop():

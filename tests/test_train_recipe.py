@@ -134,7 +134,7 @@ def test_high_t_share_draws_from_the_noisier_half():
 
     def timesteps(share):
         cfg = load_config(None, ["--model.preset", "tiny", "--data.folder", "x", "--noise.high_t_share", str(share)])
-        run = SimpleNamespace(cfg=cfg, d=SimpleNamespace(device=torch.device("cpu")),
+        run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"),
                               tokenizer=lambda caps: torch.zeros(len(caps), 77, dtype=torch.long))
         return prepare(batch, run)[1]
 

@@ -27,7 +27,6 @@ def dominant_colour(video: np.ndarray | torch.Tensor) -> str | None:
 
     video: (F, 3, H, W) in [0, 1]. None when no pixel is saturated.
     """
-
     v = np.asarray(video, dtype=np.float32)
     w = shape_mask(v)
     if w.sum() <= 0:
@@ -36,32 +35,22 @@ def dominant_colour(video: np.ndarray | torch.Tensor) -> str | None:
     return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - mean) ** 2)))
 
 
-def centroid_shift(video: np.ndarray | torch.Tensor, edge_frames: int = 2) -> np.ndarray | None:
-    """(dx, dy) in pixels of the shape's centroid from the first to the last ``edge_frames`` frames, or None.
+def motion_direction(video: np.ndarray | torch.Tensor, min_fraction: float = 0.15) -> str | None:
+    """The synthetic direction ("moving left", ...) the shape's centroid moves in, or None (also when some frame
+    has no saturated pixel). video: (F, 3, H, W) in [0, 1]; y grows downwards.
 
-    video: (F, 3, H, W) in [0, 1]; y grows downwards. None when some frame has no saturated pixel.
+    The centroid's shift from the first to the last frames must be along that direction's axis more than along
+    the other one and at least ``min_fraction`` of the frame size (the synthetic clips travel 40-55% of it).
     """
-    w = shape_mask(video)
+    w = shape_mask(video)  # (F, H, W)
     mass = w.sum(axis=(1, 2))  # (F,)
     if np.any(mass <= 0):
         return None
     ys, xs = np.mgrid[0:w.shape[1], 0:w.shape[2]]
     c = np.stack([(w * xs).sum(axis=(1, 2)), (w * ys).sum(axis=(1, 2))], axis=1) / mass[:, None]  # (F, 2): x, y
-    k = min(edge_frames, len(mass) // 2) or 1
-    return c[-k:].mean(axis=0) - c[:k].mean(axis=0)
-
-
-def motion_direction(video: np.ndarray | torch.Tensor, min_fraction: float = 0.15) -> str | None:
-    """The synthetic direction ("moving left", ...) the shape's centroid moves in, or None.
-
-    The shift must be along that direction's axis more than along the other one and at least
-    ``min_fraction`` of the frame size (the synthetic clips travel 40-55% of it).
-    """
-
-    shift = centroid_shift(video)
-    if shift is None:
-        return None
-    size = min(np.asarray(video).shape[-2:])
+    k = min(2, len(mass) // 2) or 1  # average the first and the last two frames (one each for short clips)
+    shift = c[-k:].mean(axis=0) - c[:k].mean(axis=0)
+    size = min(w.shape[1:])
     best = max(DIRECTIONS, key=lambda name: float(np.dot(DIRECTIONS[name], shift)))
     along = float(np.dot(DIRECTIONS[best], shift))
     return best if along >= min_fraction * size else None

@@ -1,6 +1,4 @@
-"""Training: config (train.config), data (train.data), models and what trains (train.models), the text stage
-(train.text_stage), LR schedule and EMA (train.schedule), the loop (train.loop: setup, train_step, save) and
-checkpoints (train.checkpoint). docs/training.md describes them.
+"""Training (config, data, models, text stage, LR schedule and EMA, the loop, checkpoints; docs/training.md).
 
 ``main(argv)`` is the ``animatediff-lite train CONFIG [--section.key value ...]`` entry point.
 """

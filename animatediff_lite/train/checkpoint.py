@@ -1,11 +1,9 @@
 """Training checkpoints: one folder per saved step, written atomically, the last K kept.
 
-``{out}/checkpoints/step_00000500/`` holds the weights in formats other tools load (the motion module in
-the original AnimateDiff layout, a MotionLoRA in the original processor layout, or whole-model native
-files) and ``training_state.pt`` (trainable tensors, optimiser, LR schedule, grad scaler, EMA, step, data
-position) for an exact resume: every random draw of a step comes from its sample's seed, so no global RNG
-state is needed. The folder is filled under a temporary name and renamed when complete, so a killed run never
-leaves a half-written checkpoint that a resume would pick up.
+``{out}/checkpoints/step_00000500/`` holds the exported weight files (``train.models.export_weights``) and
+``training_state.pt`` (trainable tensors, optimiser, LR schedule, grad scaler, EMA, step, data position) for
+an exact resume: no global RNG state, since every draw of a step comes from its sample's seed. The folder is
+filled under a temporary name and renamed when complete, so a resume never picks up a half-written one.
 """
 
 from __future__ import annotations
@@ -30,10 +28,8 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
 def save_checkpoint(out_dir: str | os.PathLike, step: int, weights: Mapping[str, Mapping[str, torch.Tensor]],
                     training_state: dict, keep_last: int, metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``weights`` (file name -> state dict, with safetensors ``metadata``) and ``training_state`` as
-    checkpoint ``step``.
-
-    Also copies each weights file to ``out_dir`` itself (the latest result, replaced atomically), then
-    deletes all but the newest ``keep_last`` checkpoint folders. Returns the checkpoint folder.
+    checkpoint ``step``, copy each weights file to ``out_dir`` itself (the latest result, replaced atomically),
+    keep the newest ``keep_last`` checkpoint folders; returns the checkpoint folder.
     """
     final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")

@@ -28,7 +28,7 @@ CHOICES = {"train.modules": ("motion", "motion_lora", "unet", "all"), "train.pre
 AT_LEAST = {"train.lora_rank": 1, "train.max_steps": 1, "train.batch_size": 1, "train.grad_accum": 1,
             "output.save_every": 1, "output.keep_last": 1, "output.log_every": 1, "data.frames": 1, "data.stride": 1,
             "data.size": 8, "data.synthetic_clips": 1, "data.latent_std": 0, "optim.warmup_steps": 0,
-            "optim.decay_steps": 0, "text_stage.steps": 0, "text_stage.batch_size": 1}
+            "optim.decay_steps": 0, "text_stage.steps": 0, "text_stage.batch_size": 1, "train.max_grad_norm": 0}
 SHARES = ("train.caption_dropout", "data.synthetic_direction_share", "data.reverse_share", "optim.min_lr_ratio",
           "noise.high_t_share")
 BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -48,7 +48,7 @@ class DataSection:
     latent_std: float = 0.0  # > 0: rescale the cached latents to this std and store the factor in the VAE config
     reverse_share: float = 0.0  # share of samples played backwards with the words of reverse_words swapped
     reverse_words: list = field(default_factory=list)  # "moving left:moving right" pairs, swapped both ways
-    synthetic: str = ""  # or: procedural clips (animatediff_lite.synthetic): "train" (held-out combos left out), "all"
+    synthetic: str = ""  # or: procedural clips (toy.synthetic): "train" (held-out combos left out), "all"
     synthetic_clips: int = 3000  # clips in the synthetic pool (fixed renders)
     synthetic_direction_share: float = 0.0  # > 0: this share of the pool moves left/right/up/down; 0: uniform
 
@@ -226,16 +226,14 @@ def _read_file(path: Path) -> dict:
 
 def _pairs(args: list[str]) -> Iterator[tuple[str, str]]:
     """``["--a.b", "1", "--c.d=2"]`` -> ("a.b", "1"), ("c.d", "2")."""
-    rest = list(args)
-    while rest:
-        arg = rest.pop(0)
+    rest = iter(args)
+    for arg in rest:
         if not arg.startswith("--") or "." not in arg:
             raise ValueError(f"override {arg!r} must look like --section.key VALUE (e.g. --optim.lr 3e-4)")
         key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if not rest:
-                raise ValueError(f"override {arg} needs a value")
-            value = rest.pop(0)
+        value = value if eq else next(rest, None)  # "--a.b=1" or "--a.b 1"
+        if value is None:
+            raise ValueError(f"override {arg} needs a value")
         yield key, value
 
 

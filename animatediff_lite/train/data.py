@@ -41,7 +41,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from ..atomic import atomic_write
 from ..loading.io import save_state_dict
 from ..toy import synthetic as S  # the one import of the procedural clip generator in train/
-from .config import TrainConfig
+from .config import DataSection, TrainConfig
 
 log = logging.getLogger("animatediff_lite.train")
 
@@ -116,11 +116,9 @@ def read_csv_index(csv_path: str | os.PathLike, root: str | os.PathLike | None =
         for row_no, row in enumerate(reader, start=2):  # line 1 is the header
             where = f"{csv_path.name} row {row_no}"
             videoid, caption = (row.get("videoid") or "").strip(), (row.get("name") or "").strip()
-            if not videoid:
-                problems.append(f"{where}: empty videoid, skipped")
-                continue
-            if not caption:
-                problems.append(f"{where} (videoid {videoid}): empty caption, skipped")
+            if not videoid or not caption:
+                problems.append(f"{where} (videoid {videoid or '-'}): empty {'caption' if videoid else 'videoid'}"
+                                ", skipped")
                 continue
             path = root / (row.get("page_dir") or "").strip() / f"{videoid}{suffix}"
             items.append(VideoItem(str(path), caption, where))
@@ -138,12 +136,10 @@ def read_folder_index(folder: str | os.PathLike) -> tuple[list[VideoItem], list[
     items, problems = [], []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
         txt = path.with_suffix(".txt")
-        if not txt.is_file():
-            problems.append(f"{path}: no caption file {txt.name}, skipped")
-            continue
-        caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+        caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else None
         if not caption:
-            problems.append(f"{txt}: empty caption file, skipped")
+            problems.append(f"{path}: no caption file {txt.name}, skipped" if caption is None
+                            else f"{txt}: empty caption file, skipped")
             continue
         items.append(VideoItem(str(path), caption, str(txt)))
     return items, problems
@@ -224,11 +220,8 @@ class VideoDataset(SeededSamples):
     :class:`SeededSamples` describes, with ``video``."""
 
     def __init__(self, items: list[VideoItem], frames: int = 16, stride: int = 4, size: int = 256, seed: int = 0):
-        if not items:
+        if not items:  # (frames, stride and size are checked with the config)
             raise ValueError("the dataset has no usable videos (see the warnings above)")
-        for name, value in (("frames", frames), ("stride", stride), ("size", size)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {value}")
         super().__init__([item.caption for item in items], seed)
         self.items, self.frames, self.stride, self.size = items, frames, stride, size
         self._warned: set[str] = set()
@@ -250,18 +243,17 @@ class VideoDataset(SeededSamples):
                            "are unreadable; check the data (see the warnings above)")
 
 
-def build_video_dataset(csv_path: str = "", root: str = "", folder: str = "", suffix: str = ".mp4",
-                        frames: int = 16, stride: int = 4, size: int = 256, seed: int = 0) -> VideoDataset:
-    """A :class:`VideoDataset` from a CSV (``csv_path`` + ``root``) or a folder; logs index problems."""
-    if bool(csv_path) == bool(folder):
+def build_video_dataset(data: DataSection, seed: int = 0) -> VideoDataset:
+    """A :class:`VideoDataset` from ``data.csv`` (+ ``root``, ``suffix``) or ``data.folder``; logs index problems."""
+    if bool(data.csv) == bool(data.folder):
         raise ValueError("set exactly one of data.csv (WebVid-style CSV) and data.folder (videos + .txt captions)")
-    items, problems = read_csv_index(csv_path, root, suffix) if csv_path else read_folder_index(folder)
+    items, problems = read_csv_index(data.csv, data.root, data.suffix) if data.csv else read_folder_index(data.folder)
     for p in problems[:20]:
         log.warning("%s", p)
     if len(problems) > 20:
         log.warning("... and %d more index problems", len(problems) - 20)
     log.info("dataset: %d videos (%d skipped at indexing)", len(items), len(problems))
-    return VideoDataset(items, frames, stride, size, seed)
+    return VideoDataset(items, data.frames, data.stride, data.size, seed)
 
 
 class SyntheticClips(SeededSamples):
@@ -276,12 +268,10 @@ class SyntheticClips(SeededSamples):
 
     def __init__(self, which: str, n_clips: int, frames: int, size: int, direction_share: float = 0.0,
                  seed: int = 0):
-        if which not in ("train", "all"):
-            raise ValueError(f"data.synthetic must be 'train' or 'all', got {which!r}")
-        specs = S.split_specs()[0] if which == "train" else S.all_specs()
+        specs = S.split_specs()[0] if which == "train" else S.all_specs()  # (the config checks data.synthetic)
         moving = [s for s in specs if s.motion in S.DIRECTIONS]
         other = [s for s in specs if s.motion not in S.DIRECTIONS]
-        n_moving = round(direction_share * n_clips) if direction_share > 0 else 0
+        n_moving = round(direction_share * n_clips)
         self.specs, self.render_seeds = [], []
         for i in range(n_clips):
             group = specs if direction_share == 0 else moving if i < n_moving else other
@@ -405,8 +395,7 @@ def build_dataset(cfg: TrainConfig, vae: nn.Module, device: torch.device, main: 
                                 data.synthetic_direction_share, seed=cfg.train.seed)
         log.info("dataset: %d synthetic clips (%s combinations)", len(source), data.synthetic)
     else:
-        source = build_video_dataset(csv_path=data.csv, root=data.root, folder=data.folder, suffix=data.suffix,
-                                     frames=data.frames, stride=data.stride, size=data.size, seed=cfg.train.seed)
+        source = build_video_dataset(data, seed=cfg.train.seed)
     dataset = _latent_cache(cfg, source, vae, device, main, barrier) if data.latent_cache else source
     if data.reverse_share > 0:
         dataset = TimeReversed(dataset, data.reverse_share, data.reverse_words, seed=cfg.train.seed)

@@ -53,22 +53,13 @@ FILE_FORMAT = "animatediff-lite-train/1"
 
 
 @dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class Run:
     """What ``setup`` builds and each ``train_step`` advances (step, epoch, position in the epoch)."""
 
     cfg: TrainConfig
-    d: Dist
+    world: int  # processes (torchrun ranks)
+    device: torch.device
+    main: bool  # rank 0: logs, validates, saves
     out: Path
     tokenizer: object
     text_encoder: nn.Module
@@ -95,8 +86,8 @@ class Run:
 
 # ----------------------------------------------------------------------------------------------- setup
 
-def setup_distributed(device: str) -> Dist:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
+def setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); joins the torchrun process group when WORLD_SIZE > 1 (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     # default: this process's GPU (torchrun sets LOCAL_RANK), else the CPU
@@ -105,31 +96,32 @@ def setup_distributed(device: str) -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, dev)
+    return rank, world, dev
 
 
 def setup(cfg: TrainConfig) -> Run:
     """Build everything a run needs, in order, and restore the latest checkpoint when resuming."""
     cfg.validate()
-    d = setup_distributed(cfg.train.device)
+    rank, world, device = setup_distributed(cfg.train.device)
+    main = rank == 0
     out = Path(cfg.output.dir)
-    if d.main:  # (atomic_write makes the folder)
+    if main:  # (atomic_write makes the folder)
         atomic_write(out / "config.json", lambda p: Path(p).write_text(to_json(cfg)))
     # Seeds what setup draws (a fresh motion module, the LoRA's init); the steps draw from per-sample seeds only.
-    torch.manual_seed(cfg.train.seed + d.rank)
-    if cfg.train.precision == "fp16" and d.device.type != "cuda":
+    torch.manual_seed(cfg.train.seed + rank)
+    if cfg.train.precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision = 'fp16' needs a CUDA device (GradScaler); use 'bf16' or 'fp32' on CPU")
     amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.precision]
     resume = _resume_folder(cfg, out)
     state = ckpt.load_training_state(resume) if resume is not None else None
 
-    tokenizer, text_encoder, vae, unet, model_cfg = build_models(cfg, d.device)
+    tokenizer, text_encoder, vae, unet, model_cfg = build_models(cfg, device)
     # data.latent_std may set vae.config.scaling_factor
-    dataset = build_dataset(cfg, vae, d.device, d.main, barrier=lambda: _barrier(d))
+    dataset = build_dataset(cfg, vae, device, main, barrier=_barrier)
     if model_cfg is not None:
         model_cfg = replace(model_cfg, vae=vae.config)
-    _text_stage(cfg, d, out, tokenizer, text_encoder, dataset, state)
-    if d.main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
+    _text_stage(cfg, device, main, out, tokenizer, text_encoder, dataset, state)
+    if main and model_cfg is not None:  # random-init preset: keep the frozen base so the result is usable
         _save_base(out, model_cfg, unet, text_encoder, vae)
     params, trainee = select_trainable(cfg, unet, text_encoder, vae)
     unet.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -137,14 +129,14 @@ def setup(cfg: TrainConfig) -> Run:
     text_encoder.train(cfg.train.modules == "all")
     vae.eval()
 
-    sampler = ResumableSampler(dataset, d.world, d.rank, cfg.train.seed)
+    sampler = ResumableSampler(dataset, world, rank, cfg.train.seed)
     if sampler.num_samples < cfg.train.batch_size:
-        raise ValueError(f"{len(dataset)} clips over {d.world} ranks give {sampler.num_samples} per rank per epoch, "
+        raise ValueError(f"{len(dataset)} clips over {world} ranks give {sampler.num_samples} per rank per epoch, "
                          f"fewer than train.batch_size={cfg.train.batch_size}")
-    model = trainee.to(d.device)  # moves the LoRA (its parameters stay the same objects)
-    if d.world > 1:
+    model = trainee.to(device)  # moves the LoRA (its parameters stay the same objects)
+    if world > 1:
         model = nn.parallel.DistributedDataParallel(
-            trainee, device_ids=[d.device.index] if d.device.type == "cuda" else None, broadcast_buffers=False)
+            trainee, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     o = cfg.optim
     optimizer = torch.optim.AdamW(list(params.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay)
@@ -152,8 +144,8 @@ def setup(cfg: TrainConfig) -> Run:
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
     ema = EMA(params, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-    run = Run(cfg, d, out, tokenizer, text_encoder, vae, unet, trainee.lora, params, model, optimizer, lr_sched, scaler,
-              noise_schedule(cfg), ema, dataset, sampler, model_cfg, amp_dtype)
+    run = Run(cfg, world, device, main, out, tokenizer, text_encoder, vae, unet, trainee.lora, params, model, optimizer,
+              lr_sched, scaler, noise_schedule(cfg), ema, dataset, sampler, model_cfg, amp_dtype)
     if state is not None:
         _restore(run, state, resume)
     return run
@@ -166,8 +158,8 @@ def noise_schedule(cfg: TrainConfig) -> DDIM:
                            beta_schedule=n.beta_schedule, prediction_type=n.prediction_type))
 
 
-def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: nn.Module, dataset,
-                state: dict | None) -> None:
+def _text_stage(cfg: TrainConfig, device: torch.device, main: bool, out: Path, tokenizer, text_encoder: nn.Module,
+                dataset, state: dict | None) -> None:
     """Run the text stage, or take its frozen encoder from the checkpoint being resumed (which skips the stage)."""
     ts = cfg.text_stage
     if ts.steps > 0 and state is not None and "text_encoder" in state:
@@ -175,8 +167,8 @@ def _text_stage(cfg: TrainConfig, d: Dist, out: Path, tokenizer, text_encoder: n
         text_encoder.requires_grad_(False)
     elif ts.steps > 0:
         records = pretrain_text_encoder(text_encoder, tokenizer, dataset.captions, ts.groups, ts.steps, ts.lr,
-                                        ts.batch_size, seed=cfg.train.seed, device=d.device)
-        if d.main:
+                                        ts.batch_size, seed=cfg.train.seed, device=device)
+        if main:
             _append_log(out, records)
             log.info("text stage: %s", records[-1])
 
@@ -189,7 +181,7 @@ def _restore(run: Run, state: dict, folder: Path) -> None:
     if run.ema is not None:
         run.ema.load_state_dict(state.get("ema", {}), str(folder))
     run.step, run.epoch, run.pos = state["step"], state["epoch"], state["position"]
-    if run.d.main:
+    if run.main:
         log.info("resumed from %s at step %d", folder, run.step)
 
 
@@ -203,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
     raw weights) and ``ema`` (name -> averaged tensor, or None).
     """
     run = setup(cfg)
-    pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.d.main)
+    pbar = tqdm(total=cfg.train.max_steps, initial=run.step, desc="train", dynamic_ncols=True, disable=not run.main)
     batches = micro_batches(run)
     losses, last = [], {}
     while run.step < cfg.train.max_steps:
@@ -211,16 +203,16 @@ def train(cfg: TrainConfig) -> dict:
         losses.append(last["loss"])
         pbar.update(1)
         pbar.set_postfix(loss=f"{last['loss']:.4f}")
-        if run.d.main and (run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps):
+        if run.main and (run.step % cfg.output.log_every == 0 or run.step == cfg.train.max_steps):
             _append_log(run.out, [last])
         if run.step % cfg.output.save_every == 0 or run.step == cfg.train.max_steps:
             save(run)
-        if cfg.validation.every and run.step % cfg.validation.every == 0 and run.d.main:
+        if cfg.validation.every and run.step % cfg.validation.every == 0 and run.main:
             validate(run)
     pbar.close()
     if run.lora is not None:
         run.lora.remove()
-    _barrier(run.d)
+    _barrier()
     # The models come back too, so scripts (the default-model export, tests) can use them in-process.
     return {"steps": run.step, "losses": losses, "last": last, "output": str(run.out), "unet": run.unet,
             "text_encoder": run.text_encoder, "vae": run.vae, "tokenizer": run.tokenizer,
@@ -230,13 +222,12 @@ def train(cfg: TrainConfig) -> dict:
 def micro_batches(run: Run) -> Iterator[dict]:
     """This rank's batches, epoch after epoch, from the run's position on (``run.epoch``, ``run.pos``)."""
     bs = run.cfg.train.batch_size
-    loader_kw = dict(batch_size=bs, sampler=run.sampler, drop_last=True,
-                     num_workers=run.cfg.data.num_workers, pin_memory=run.d.device.type == "cuda")
     while True:
         run.sampler.set_epoch(run.epoch)
         run.dataset.set_epoch(run.epoch)
         run.sampler.start = run.pos * bs  # past the epoch's end (a resume there): no batches, the next epoch
-        for batch in DataLoader(run.dataset, **loader_kw):
+        for batch in DataLoader(run.dataset, bs, sampler=run.sampler, drop_last=True,
+                                num_workers=run.cfg.data.num_workers, pin_memory=run.device.type == "cuda"):
             run.pos += 1
             yield batch
         run.epoch, run.pos = run.epoch + 1, 0
@@ -244,25 +235,23 @@ def micro_batches(run: Run) -> Iterator[dict]:
 
 def train_step(run: Run, batches: list[dict]) -> dict:
     """One optimiser step over ``batches`` (gradient accumulation); returns the step's log record."""
-    cfg, d = run.cfg, run.d
+    cfg = run.cfg
     lr = run.optimizer.param_groups[0]["lr"]
     micro_losses = []
     for i, batch in enumerate(batches):
         latents, t, ids, noise = prepare(batch, run)
         run.skipped += int(batch["skipped"].sum())
         target = noise if cfg.noise.prediction_type == "epsilon" else run.noise_sched.velocity(latents, noise, t)
-        weight = None
-        if cfg.noise.loss_weight_cap > 0:  # truncated v-like weighting: errors at the noisiest steps count
-            weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cfg.noise.loss_weight_cap)
+        cap = cfg.noise.loss_weight_cap  # > 0: truncated v-like weighting, errors at the noisiest steps count
+        weight = (1 / run.noise_sched.alphas_cumprod.to(device=t.device)[t]).clamp(max=cap) if cap > 0 else None
         last_micro = i == len(batches) - 1  # DDP syncs the gradients once, on the last micro-batch
-        with run.model.no_sync() if (d.world > 1 and not last_micro) else nullcontext():
-            with torch.autocast(d.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        with run.model.no_sync() if (run.world > 1 and not last_micro) else nullcontext():
+            with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
                 loss = run.model(run.noise_sched.add_noise(latents, noise, t), t, ids, target, weight)
             run.scaler.scale(loss / len(batches)).backward()
         micro_losses.append(loss.detach())
     run.scaler.unscale_(run.optimizer)
-    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(run.params.values()), cfg.train.max_grad_norm or float("inf"))
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
@@ -272,18 +261,18 @@ def train_step(run: Run, batches: list[dict]) -> dict:
         run.ema.update(run.params, run.step)
 
     stats = torch.stack([torch.stack(micro_losses).mean().float().cpu(), torch.tensor(float(run.skipped))])
-    if d.world > 1:
-        stats = stats.to(d.device)
+    if run.world > 1:
+        stats = stats.to(run.device)
         dist.all_reduce(stats)
-        stats = stats.cpu() / torch.tensor([d.world, 1.0])
-    samples = run.step * cfg.train.batch_size * cfg.train.grad_accum * d.world
+        stats = stats.cpu() / torch.tensor([run.world, 1.0])
+    samples = run.step * cfg.train.batch_size * cfg.train.grad_accum * run.world
     return {"step": run.step, "loss": float(stats[0]), "lr": lr, "grad_norm": float(grad_norm), "epoch": run.epoch,
             "skipped_videos": int(stats[1]), "samples": samples, "elapsed_s": round(time.time() - run.t0, 3)}
 
 
 def prepare(batch: dict, run: Run):
     """Latents, timesteps, token ids (with caption dropout) and noise for a batch, each sample from its seed."""
-    cfg, device = run.cfg, run.d.device
+    cfg, device = run.cfg, run.device
     gens = [torch.Generator().manual_seed(int(s)) for s in batch["sample_seed"]]
     with torch.no_grad():
         if "latents" in batch:
@@ -307,28 +296,23 @@ def prepare(batch: dict, run: Run):
 def save(run: Run) -> None:
     """Checkpoint ``run.step``: exported weights (the EMA when kept) and the full training state, on rank 0."""
     # No global RNG state: nothing after setup draws from one (every draw of a step comes from its sample's seed).
-    if run.d.main:
-        state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.d.world,
-                 "trainable": cpu_copy(run.params),
-                 "optimizer": run.optimizer.state_dict(), "lr_schedule": run.lr_sched.state_dict(),
-                 "scaler": run.scaler.state_dict()}
+    if run.main:
+        state = {"step": run.step, "epoch": run.epoch, "position": run.pos, "world": run.world,
+                 "trainable": cpu_copy(run.params), "optimizer": run.optimizer.state_dict(),
+                 "lr_schedule": run.lr_sched.state_dict(), "scaler": run.scaler.state_dict()}
         if run.ema is not None:
             state["ema"] = run.ema.state_dict()
         if run.cfg.text_stage.steps > 0:  # frozen after the stage: a resume loads it instead of running the stage
             state["text_encoder"] = cpu_copy(run.text_encoder.state_dict())
         with _ema_weights(run):
             weights = export_weights(run.cfg, run.unet, run.text_encoder, run.lora)
-        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, file_metadata(run))
-    _barrier(run.d)
-
-
-def file_metadata(run: Run) -> dict[str, str]:
-    """Metadata of every exported weight file: what the weights predict, which step, EMA or raw, the configs."""
-    meta = {"format": FILE_FORMAT, "prediction_type": run.cfg.noise.prediction_type, "step": str(run.step),
-            "weights": "ema" if run.ema is not None else "raw", "train_config": to_json(run.cfg)}
-    if run.model_cfg is not None:
-        meta["model_config"] = json.dumps(to_dict(run.model_cfg))
-    return meta
+        # Every exported file says what its weights predict, from which step, EMA or raw, and the configs.
+        meta = {"format": FILE_FORMAT, "prediction_type": run.cfg.noise.prediction_type, "step": str(run.step),
+                "weights": "ema" if run.ema is not None else "raw", "train_config": to_json(run.cfg)}
+        if run.model_cfg is not None:
+            meta["model_config"] = json.dumps(to_dict(run.model_cfg))
+        ckpt.save_checkpoint(run.out, run.step, weights, state, run.cfg.output.keep_last, meta)
+    _barrier()
 
 
 def _ema_weights(run: Run):
@@ -349,19 +333,17 @@ def validate(run: Run) -> None:
     if not v.prompts:
         return
     unet, text_encoder = run.unet, run.text_encoder
-    was_training = (unet.training, text_encoder.training)
+    modes = unet.training, text_encoder.training  # (an error here ends the run: no need to restore on raise)
     unet.eval()
     text_encoder.eval()
-    try:
-        with _ema_weights(run):
-            pipe = Pipeline(run.tokenizer, text_encoder, run.vae, unet, noise_schedule(run.cfg), device=run.d.device)
-            size = v.size or run.cfg.data.size
-            video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
-                         guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
-        save_video(video, run.out / "validation" / f"step_{run.step:08d}.gif", fps=v.fps)
-    finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+    with _ema_weights(run):
+        pipe = Pipeline(run.tokenizer, text_encoder, run.vae, unet, noise_schedule(run.cfg), device=run.device)
+        size = v.size or run.cfg.data.size
+        video = pipe(list(v.prompts), num_frames=v.frames, height=size, width=size, steps=v.steps,
+                     guidance_scale=v.guidance_scale, seed=v.seed, progress=False)
+    unet.train(modes[0])
+    text_encoder.train(modes[1])
+    save_video(video, run.out / "validation" / f"step_{run.step:08d}.gif", fps=v.fps)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -379,8 +361,8 @@ def _resume_folder(cfg: TrainConfig, out: Path) -> Path | None:
     return None if r in ("", "none") else Path(r)
 
 
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
+def _barrier() -> None:
+    if dist.is_initialized():  # (setup joins a process group only when there are several ranks)
         dist.barrier()
 
 

@@ -1,8 +1,5 @@
-"""The models a training run builds and what it trains: presets, fresh motion modules, MotionLoRA, the loss module.
-
-``build_models`` gives fp32 parts on the device; ``select_trainable`` freezes all but the trained part
-(``train.modules``); ``Trainee`` is what DDP wraps (the loss is its forward); ``export_weights`` names the
-files a checkpoint holds, in layouts other tools load.
+"""The models a training run builds (fp32, on its device) and what it trains (``train.modules``): presets, fresh
+motion modules, MotionLoRA, the loss module DDP wraps, and the weight files a checkpoint exports.
 """
 
 from __future__ import annotations
@@ -85,9 +82,8 @@ class MotionLoRA(nn.Module):
         self.names: list[str] = []
         self.down, self.up = nn.ParameterList(), nn.ParameterList()
         self._hooks = []
-        for name, module in unet.named_modules():
-            if MOTION_TAG in f".{name}" and isinstance(module, nn.Linear) and name.endswith(LORA_TARGETS) \
-                    and ".attention_blocks." in name:
+        for name, module in unet.named_modules():  # (only motion modules have attention_blocks)
+            if isinstance(module, nn.Linear) and ".attention_blocks." in name and name.endswith(LORA_TARGETS):
                 self.names.append(name)
                 self.down.append(nn.Parameter(torch.randn(rank, module.in_features) / rank))
                 self.up.append(nn.Parameter(torch.zeros(module.out_features, rank)))

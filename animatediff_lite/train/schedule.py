@@ -17,14 +17,11 @@ def lr_factor(schedule: str, warmup_steps: int, decay_steps: int, min_ratio: flo
     """The multiplier of the base LR before optimiser step ``s`` (0-based), for ``LambdaLR``.
 
     Warm-up: linear, ``(s + 1) / warmup_steps`` up to 1. ``"constant"``: 1 afterwards. ``"cosine"``: a half
-    cosine over ``decay_steps`` from 1 down to ``min_ratio``, i.e. ``min_ratio + (1 - min_ratio) * (1 + cos(pi *
-    s / decay_steps)) / 2``, multiplied with the warm-up (the two overlap, as in the default-model recipe),
-    and held at ``min_ratio`` past ``decay_steps``.
+    cosine over ``decay_steps`` (>= 1) from 1 down to ``min_ratio``, multiplied with the warm-up (the two
+    overlap, as in the default-model recipe), and held at ``min_ratio`` past ``decay_steps``.
     """
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {schedule!r}")
-    if schedule == "cosine" and decay_steps < 1:
-        raise ValueError(f"a cosine schedule needs decay_steps >= 1, got {decay_steps}")
 
     def factor(s: int) -> float:
         warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0

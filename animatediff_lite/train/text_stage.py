@@ -21,13 +21,13 @@ from torch import nn
 
 def word_labels(captions: Sequence[str], groups: Sequence[Sequence[str]]) -> torch.Tensor:
     """(N, G) long: index of the first word of group g found in caption n (whole words), -1 when none is."""
-    patterns = [[re.compile(rf"\b{re.escape(w)}\b") for w in group] for group in groups]
+    # One alternation per group, a capture group per word: the leftmost match wins, ties go to the earlier word.
+    patterns = [re.compile("|".join(rf"(\b{re.escape(w)}\b)" for w in group)) for group in groups]
     labels = torch.full((len(captions), len(groups)), -1, dtype=torch.long)
     for n, caption in enumerate(captions):
-        for g, group in enumerate(patterns):
-            hits = [(m.start(), k) for k, p in enumerate(group) if (m := p.search(caption))]
-            if hits:
-                labels[n, g] = min(hits)[1]
+        for g, pattern in enumerate(patterns):
+            if m := pattern.search(caption):
+                labels[n, g] = m.lastindex - 1
     return labels
 
 
