@@ -206,18 +206,9 @@ def test_two_gloo_ranks_share_the_jobs_and_match_one_process(tmp_path):
 
 def test_model_keys_reach_load_pipeline_like_the_cli_flags(tiny_models, tmp_path):
     """A job with base, motion_module, loras and motion_loras gives the video of the same generate flags."""
-    from safetensors.torch import save_file
-
     sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
     mm = tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt"
-    g = torch.Generator().manual_seed(0)
-    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
-    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
-               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(tmp_path / "l.safetensors"))
-    mkey = ("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
-            ".processor.to_v_lora")
-    torch.save({f"{mkey}.down.weight": torch.randn(4, 32, generator=g),
-                f"{mkey}.up.weight": torch.randn(32, 4, generator=g)}, tmp_path / "ml.ckpt")
+    test_cli.write_tiny_loras(tmp_path)
     (tmp_path / "jobs.toml").write_text(
         f'[defaults]\nbase = "{sd}"\nmotion_module = "{mm}"\nframes = 2\nheight = 16\nwidth = 16\nsteps = 1\n'
         'seed = 3\n[[jobs]]\nid = "plain"\nprompt = "a corgi"\n[[jobs]]\nid = "lora"\nprompt = "a corgi"\n'

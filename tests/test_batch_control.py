@@ -17,9 +17,11 @@ from animatediff_lite.cli import main
 from animatediff_lite.video import load_video_frames, save_video
 
 require_oracle("diffusers")  # the fixtures below build their random models with diffusers
+from tests import test_app  # noqa: E402
 from tests import test_controlnet as tc  # noqa: E402
 from tests import test_pipeline as tp  # noqa: E402
 from tests import test_sparsectrl as ts  # noqa: E402
+from tests.test_cli import use_presets  # noqa: E402
 from tests.test_controlnet import _frames  # noqa: E402
 from tests.test_pipeline import FRAMES, H, W  # noqa: E402
 from tests.test_sparsectrl import _image  # noqa: E402
@@ -115,8 +117,6 @@ def test_defaults_may_hold_the_control_model_and_jobs_their_inputs(tmp_path):
 @pytest.fixture
 def sparse_preset(models, sc, tmp_path, monkeypatch):
     """A tiny v3 SparseCtrl preset (file and key frame under a models folder) as the shipped presets file."""
-    import animatediff_lite.presets as presets_mod
-
     root = tmp_path / "models"
     (root / "StableDiffusion").mkdir(parents=True)
     (root / "StableDiffusion" / "sd").symlink_to(models.sd)
@@ -124,12 +124,11 @@ def sparse_preset(models, sc, tmp_path, monkeypatch):
     (root / "SparseCtrl").mkdir()
     (root / "SparseCtrl" / "sc.ckpt").symlink_to(sc.root / "v3_sd15_sparsectrl_rgb.ckpt")
     _image(9).save(root / "key.png")
-    (tmp_path / "presets.toml").write_text(
+    use_presets(tmp_path, monkeypatch,
         '[Tiny]\nbase = "StableDiffusion/sd"\nmotion_modules = ["mm"]\ndreambooth = ""\nlora_scale = 1.0\n'
         f'width = {W}\nheight = {H}\nframes = {FRAMES}\nfps = 8\nsteps = {STEPS}\nguidance_scale = 8.5\n'
         'sparsectrl = "SparseCtrl/sc.ckpt"\ncontrol_images = [{ frame = 2, path = "key.png" }]\n'
         'seeds = ["3"]\nprompts = ["a boat"]\nnegative_prompts = ["worst quality"]\n')
-    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
     return root
 
 
@@ -179,5 +178,5 @@ def test_app_passes_a_sparsectrl_presets_file_and_key_frames(models, sc, sparse_
         studio.generate({**form, "control_images": "key.png"})
     with pytest.raises(ValueError, match="control_images needs the model key 'sparsectrl'"):
         studio.generate({**form, "sparsectrl": NONE})
-    ui = pytest.importorskip("animatediff_lite.app.ui")  # the page binds the two fields and a preset fills them
+    ui = test_app.app_ui()  # the page binds the two fields and a preset fills them
     assert {"sparsectrl", "control_images"} <= set(ui.PRESET_KEYS) <= set(ui.FORM)

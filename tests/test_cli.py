@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,6 +168,29 @@ def test_convert_motion_keeps_v1_pe_length_and_native_config(tmp_path):
     assert read_motion_module(tmp_path / "mm.safetensors")[1].version == "v1"  # from the native metadata
 
 
+def use_presets(tmp_path: Path, monkeypatch, text: str) -> Path:
+    """Write ``text`` as tmp_path/presets.toml and make it the presets file the CLI reads."""
+    import animatediff_lite.presets as presets_mod
+
+    path = tmp_path / "presets.toml"
+    path.write_text(text)
+    monkeypatch.setattr(presets_mod, "PRESETS_FILE", path)
+    return path
+
+
+def write_tiny_loras(tmp_path: Path) -> tuple[Path, Path]:
+    """A kohya LoRA (l.safetensors) and a MotionLoRA (ml.ckpt) on one projection each of the tiny models."""
+    g = torch.Generator().manual_seed(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
+    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(tmp_path / "l.safetensors"))
+    mkey = ("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
+            ".processor.to_v_lora")
+    torch.save({f"{mkey}.down.weight": torch.randn(4, 32, generator=g),
+                f"{mkey}.up.weight": torch.randn(32, 4, generator=g)}, tmp_path / "ml.ckpt")
+    return tmp_path / "l.safetensors", tmp_path / "ml.ckpt"
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A tiny SD folder saved by diffusers/transformers plus an original-layout v2 motion module, laid out
@@ -252,14 +276,12 @@ def test_per_prompt_needs_a_seed(tiny_models, tmp_path, capsys):
 
 
 def test_generate_preset_writes_gif_per_prompt_and_grid(tiny_models, tmp_path, monkeypatch):
-    import animatediff_lite.presets as presets_mod
 
     text = ('[defaults]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\n'
             'fps = 8\nsteps = 1\nguidance_scale = 7.5\nlora_scale = 0.8\n\n[Tiny]\n'
             'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt"]\ndreambooth = ""\n'
             'seeds = ["18339859844376517918", "5"]\nprompts = ["a/b c", "d"]\nnegative_prompts = [""]\n')
-    (tmp_path / "presets.toml").write_text(text)
-    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    use_presets(tmp_path, monkeypatch, text)
     out = tmp_path / "samples"
     assert main(["generate", "--preset", "Tiny", "--models-dir", str(tiny_models), "-o", str(out), "--device", "cpu",
                  "--no-progress"]) == 0
@@ -304,15 +326,13 @@ def test_preset_split_over_torchrun_ranks(tiny_models, tmp_path):
 def test_generate_preset_with_video_takes_the_videos_frames_and_size(tiny_models, tmp_path, monkeypatch):
     """--preset with --video: the preset's frames / height / width must not be passed (they clashed with the input's:
     'the input has num_frames=3 but num_frames=2 was passed', with no way to leave them out)."""
-    import animatediff_lite.presets as presets_mod
     from animatediff_lite.video import load_video_frames, save_video
 
     text = ('[defaults]\nbase = "StableDiffusion/stable-diffusion-v1-5"\nwidth = 16\nheight = 16\nframes = 2\n'
             'fps = 8\nsteps = 2\nguidance_scale = 7.5\nlora_scale = 0.8\n\n[Tiny]\n'
             'motion_modules = ["Motion_Module/mm_tiny_v2.ckpt"]\ndreambooth = ""\n'
             'seeds = ["5"]\nprompts = ["d"]\nnegative_prompts = [""]\n')
-    (tmp_path / "presets.toml").write_text(text)
-    monkeypatch.setattr(presets_mod, "PRESETS_FILE", tmp_path / "presets.toml")
+    use_presets(tmp_path, monkeypatch, text)
     save_video(torch.rand(1, 3, 3, 24, 24), tmp_path / "in.gif")
     out = tmp_path / "samples"
     assert main(["generate", "--preset", "Tiny", "--models-dir", str(tiny_models), "-o", str(out), "--device", "cpu",
@@ -344,14 +364,7 @@ def test_generate_with_lora_and_motion_lora(tiny_models, tmp_path):
 
     sd = tiny_models / "StableDiffusion" / "stable-diffusion-v1-5"
     mm = tiny_models / "Motion_Module" / "mm_tiny_v2.ckpt"
-    g = torch.Generator().manual_seed(0)
-    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v"
-    save_file({f"{key}.lora_down.weight": torch.randn(4, 32, generator=g),
-               f"{key}.lora_up.weight": torch.randn(32, 4, generator=g)}, str(tmp_path / "l.safetensors"))
-    mkey = ("down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0"
-            ".processor.to_v_lora")
-    torch.save({f"{mkey}.down.weight": torch.randn(4, 32, generator=g),
-                f"{mkey}.up.weight": torch.randn(32, 4, generator=g)}, tmp_path / "ml.ckpt")
+    write_tiny_loras(tmp_path)
     common = ["a corgi", "--base", str(sd), "--motion-module", str(mm), "--frames", "2", "--height", "16",
               "--width", "16", "--steps", "1", "--seed", "3", "--device", "cpu", "--no-progress", "-o"]
     videos = {}

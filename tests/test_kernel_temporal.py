@@ -87,7 +87,7 @@ def test_fused_block_matches_reference(n, f, heads, c, dtype, atol, rtol, kernel
 
 def test_reference_is_the_motion_module_block():
     """The functional reference equals `x = attn(norm(x)) + x` of the motion module (8 heads, PE, LayerNorm)."""
-    motion = pytest.importorskip("animatediff_lite.motion")
+    import animatediff_lite.motion as motion
     c, f = 64, 12
     attn = motion.TemporalAttention(c, 8, 24)
     norm = torch.nn.LayerNorm(c)
